@@ -1,0 +1,1 @@
+"""Lightning callbacks: :class:`StableLR` (controls the lr) and :class:`StabilityMonitor` (observes)."""
