@@ -1,0 +1,111 @@
+"""The three-point line model of the loss along the last update (pure: floats only).
+
+Given the loss at three points on the line through the update Δθ that the optimizer just made,
+
+    L0 = L(θ),   L+ = L(θ + Δθ),   L- = L(θ - Δθ),
+
+the quadratic through them is ``L(θ + sΔθ) ≈ L0 + a·s + ½·c·s²`` with
+
+    a = (L+ - L-) / 2          ≈ ∇L(θ)ᵀΔθ       (exact for a quadratic loss)
+    c = L+ + L- - 2·L0         ≈ ΔθᵀHΔθ         (exact for a quadratic loss)
+
+It predicts a decrease of the loss for step scales ``s`` in ``(0, s_max)`` with
+
+    s_max = -2a / c    if a < 0 and c > 0   (the model has a minimum at -a/c)
+          = +inf       if a < 0 and c <= 0  (descent direction with no positive curvature)
+          = 0.0        if a >= 0            (not a descent direction: no s > 0 decreases the model)
+
+The step actually taken is ``s = 1``; ``s_max`` is the *step margin* logged as
+``stablelr/step_margin`` and ``lyapunov/step_margin``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["LineModel", "line_model"]
+
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class LineModel:
+    """Coefficients of the quadratic line model (see the module docstring for the formulas).
+
+    Attributes:
+        first_order: ``a = (L+ - L-)/2``, approximately ``gᵀΔθ``.
+        curvature: ``c = L+ + L- - 2·L0``, approximately ``ΔθᵀHΔθ``.
+        step_margin: ``s_max`` (``-2a/c``, ``+inf`` or ``0.0``); NaN when an input loss is not finite.
+        taylor_error: relative error of the model, see :func:`line_model`; NaN when not finite.
+    """
+
+    first_order: float
+    curvature: float
+    step_margin: float
+    taylor_error: float
+
+    @property
+    def finite(self) -> bool:
+        """True when ``a``, ``c`` and ``taylor_error`` are finite and ``s_max`` is not NaN (``+inf`` is valid)."""
+        return (
+            math.isfinite(self.first_order)
+            and math.isfinite(self.curvature)
+            and not math.isnan(self.step_margin)
+            and math.isfinite(self.taylor_error)
+        )
+
+    @property
+    def predicts_decrease(self) -> bool:
+        """True when the model predicts ``L(θ + Δθ) < L0``, i.e. the full step ``s = 1`` is inside ``(0, s_max)``."""
+        return self.finite and self.first_order < 0 and self.step_margin > 1.0
+
+
+def line_model(
+    loss_before: float,
+    loss_plus: float,
+    loss_minus: float,
+    *,
+    directional_derivative: float | None = None,
+    eps: float = _EPS,
+) -> LineModel:
+    """Fit the quadratic line model through ``(0, L0)``, ``(1, L+)``, ``(-1, L-)``.
+
+    Args:
+        loss_before: ``L0 = L(θ)``.
+        loss_plus: ``L+ = L(θ + Δθ)`` (the loss after the step).
+        loss_minus: ``L- = L(θ - Δθ)`` (the mirrored point).
+        directional_derivative: optional exact ``gᵀΔθ`` (for example ``-lr·‖g‖²`` for plain SGD). When
+            given, the Taylor error measures the odd higher-order terms: ``|a - gᵀΔθ| / max(|gᵀΔθ|, eps)``.
+        eps: floor of the denominators.
+
+    Returns:
+        A :class:`LineModel`. Without ``directional_derivative`` the Taylor error is
+        ``|L+ - (L0 + a + c/2)| / max(|L+ - L0|, eps)``. Three points determine the quadratic, so this is
+        zero up to floating-point round-off: it is a consistency check of the inputs, not a measure of the
+        cubic terms. If any loss (or the derivative) is not finite, ``step_margin`` and ``taylor_error``
+        are NaN and :attr:`LineModel.finite` is False.
+    """
+    l0, lp, lm = float(loss_before), float(loss_plus), float(loss_minus)
+    first_order = (lp - lm) / 2.0
+    curvature = lp + lm - 2.0 * l0
+    inputs = [l0, lp, lm]
+    if directional_derivative is not None:
+        inputs.append(float(directional_derivative))
+    if not all(math.isfinite(value) for value in inputs):
+        return LineModel(first_order, curvature, math.nan, math.nan)
+
+    if first_order >= 0:
+        step_margin = 0.0
+    elif curvature > 0:
+        step_margin = -2.0 * first_order / curvature
+    else:
+        step_margin = math.inf
+
+    if directional_derivative is None:
+        predicted = l0 + first_order + 0.5 * curvature
+        taylor_error = abs(lp - predicted) / max(abs(lp - l0), eps)
+    else:
+        exact = float(directional_derivative)
+        taylor_error = abs(first_order - exact) / max(abs(exact), eps)
+    return LineModel(first_order, curvature, step_margin, taylor_error)

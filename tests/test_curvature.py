@@ -1,0 +1,92 @@
+"""The three-point line model against an exact quadratic, where every coefficient is known in closed form."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_stablelr.curvature import LineModel, line_model
+
+
+def _quadratic(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    n = 6
+    root = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    hessian = root @ root.T + 0.5 * torch.eye(n, dtype=torch.float64)
+    linear = torch.randn(n, generator=generator, dtype=torch.float64)
+    theta = torch.randn(n, generator=generator, dtype=torch.float64)
+
+    def loss(point: torch.Tensor) -> float:
+        return float(0.5 * point @ hessian @ point + linear @ point)
+
+    return hessian, linear, theta, loss
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_quadratic_gives_exact_coefficients(seed: int) -> None:
+    hessian, linear, theta, loss = _quadratic(seed)
+    gradient = hessian @ theta + linear
+    update = -0.05 * gradient  # a gradient step: a descent direction, so a < 0 and c > 0
+    model = line_model(loss(theta), loss(theta + update), loss(theta - update))
+
+    expected_a = float(gradient @ update)
+    expected_c = float(update @ hessian @ update)
+    assert expected_a < 0 < expected_c
+    assert abs(model.first_order - expected_a) / abs(expected_a) < 1e-12
+    assert abs(model.curvature - expected_c) / expected_c < 1e-12
+    expected_margin = -2.0 * expected_a / expected_c
+    assert abs(model.step_margin - expected_margin) / expected_margin < 1e-12
+    assert model.taylor_error < 1e-12
+    assert model.finite
+
+
+def test_exact_quadratic_with_directional_derivative_has_zero_taylor_error() -> None:
+    hessian, linear, theta, loss = _quadratic(3)
+    gradient = hessian @ theta + linear
+    update = -0.1 * gradient
+    model = line_model(
+        loss(theta),
+        loss(theta + update),
+        loss(theta - update),
+        directional_derivative=float(gradient @ update),
+    )
+    assert model.taylor_error < 1e-12
+
+
+def test_cubic_term_shows_up_in_taylor_error_with_directional_derivative() -> None:
+    # L(s) = -s + s^2 + s^3 along the line: a = (L(1) - L(-1))/2 = -1 + 1 = 0 vs the exact slope -1.
+    def along(s: float) -> float:
+        return -s + s**2 + s**3
+
+    model = line_model(along(0.0), along(1.0), along(-1.0), directional_derivative=-1.0)
+    assert model.first_order == 0.0
+    assert model.curvature == 2.0
+    assert model.taylor_error == 1.0
+
+
+def test_step_margin_cases() -> None:
+    # a < 0, c > 0: L(s) = 1 - 2 s + s^2 -> a = -2, c = 2, s_max = 2.
+    assert line_model(1.0, 0.0, 4.0) == LineModel(-2.0, 2.0, 2.0, 0.0)
+    # a < 0, c <= 0: concave along the line -> no upper limit.
+    concave = line_model(1.0, 0.0, 1.0)
+    assert (concave.first_order, concave.curvature, concave.step_margin) == (-0.5, -1.0, math.inf)
+    assert concave.finite and concave.predicts_decrease
+    # a >= 0: not a descent direction.
+    ascent = line_model(1.0, 2.0, 0.5)
+    assert ascent.first_order == 0.75
+    assert ascent.step_margin == 0.0
+    assert not ascent.predicts_decrease
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_non_finite_loss_gives_non_finite_model(bad: float, position: int) -> None:
+    losses = [1.0, 0.5, 2.0]
+    losses[position] = bad
+    model = line_model(*losses)
+    assert math.isnan(model.step_margin)
+    assert math.isnan(model.taylor_error)
+    assert not model.finite
+    assert not model.predicts_decrease
