@@ -1,0 +1,258 @@
+"""Evaluate the training objective at arbitrary parameters, deterministically and with no side effects.
+
+Pure module: no ``lightning`` import, so plain PyTorch and Fabric users can probe their own
+``nn.Module`` the same way (duck typing on ``probe_loss`` / ``training_step``).
+
+.. code-block:: python
+
+    probe = ObjectiveProbe(model)
+    theta = probe.parameters()                       # detached references
+    doubled = {name: 2 * p for name, p in theta.items()}
+    loss_here, loss_there = probe.losses(batch, [theta, doubled], seed=step)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["ObjectiveProbe", "ProbeError"]
+
+_SILENCED = ("log", "log_dict")
+_MISSING = object()
+
+
+class ProbeError(RuntimeError):
+    """The module offers no way to compute its training loss at given parameters."""
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _accepts_batch_idx(training_step: Callable[..., Any]) -> bool:
+    """Mirror Lightning's rule: ``batch_idx`` is passed when named, or when the step takes >= 2 arguments."""
+    try:
+        parameters = inspect.signature(training_step).parameters.values()
+    except (TypeError, ValueError):  # builtins or C callables: be generous
+        return True
+    positional = 0
+    for parameter in parameters:
+        if parameter.name == "batch_idx" or parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            return True
+        if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            positional += 1
+    return positional >= 2
+
+
+@contextlib.contextmanager
+def _silenced_logging(module: nn.Module) -> Iterator[None]:
+    """Shadow ``module.log``/``module.log_dict`` on the instance, then restore what was there before.
+
+    A probe is not a training step: its ``self.log`` calls must not reach the trainer's results.
+    """
+    saved = {name: module.__dict__.get(name, _MISSING) for name in _SILENCED}
+    try:
+        for name in _SILENCED:
+            object.__setattr__(module, name, _noop)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is _MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                object.__setattr__(module, name, value)
+
+
+@contextlib.contextmanager
+def _fixed_rng(seed: int) -> Iterator[None]:
+    """Seed torch (CPU and initialised CUDA devices), ``random`` and numpy; restore all states afterwards.
+
+    ``torch.manual_seed`` is avoided on purpose: when CUDA is not initialised it queues a lazy
+    re-seed that would fire at CUDA initialisation, long after the probe, and change the user's run.
+    """
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    try:
+        torch.random.default_generator.manual_seed(seed)
+        if cuda_states is not None:
+            torch.cuda.manual_seed_all(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+@contextlib.contextmanager
+def _restored_training_flags(module: nn.Module) -> Iterator[None]:
+    """A user's ``training_step`` may toggle ``.train()/.eval()``; the probe must leave the modes as found."""
+    flags = [(submodule, submodule.training) for submodule in module.modules()]
+    try:
+        yield
+    finally:
+        for submodule, training in flags:
+            submodule.training = training
+
+
+def _training_loss(module: nn.Module, batch: Any, batch_idx: int) -> Tensor:
+    """The loss source: ``probe_loss(batch)`` if defined, else the silenced ``training_step``'s loss."""
+    probe_loss = getattr(module, "probe_loss", None)
+    if callable(probe_loss):
+        loss = probe_loss(batch)
+        source = "probe_loss"
+    else:
+        training_step = getattr(module, "training_step", None)
+        if not callable(training_step):
+            raise ProbeError(
+                f"{type(module).__name__} has neither `probe_loss` nor `training_step`, so its objective cannot"
+                " be probed. Implement `probe_loss(self, batch) -> Tensor` returning the scalar training loss."
+            )
+        if getattr(module, "automatic_optimization", True) is False:
+            # Running a manual-optimization step would call optimizer.step() on the real weights.
+            raise ProbeError(
+                f"{type(module).__name__} uses manual optimization, so its `training_step` cannot be replayed"
+                " as a probe. Implement `probe_loss(self, batch) -> Tensor` returning the scalar training loss."
+            )
+        with _silenced_logging(module):
+            output = (
+                training_step(batch, batch_idx) if _accepts_batch_idx(training_step) else training_step(batch)
+            )
+        loss = output.get("loss") if isinstance(output, Mapping) else output
+        source = "training_step"
+    if not isinstance(loss, Tensor):
+        raise ProbeError(
+            f"{type(module).__name__}.{source} returned {type(loss).__name__}, not a loss Tensor (or a dict with"
+            " a 'loss' Tensor). Implement `probe_loss(self, batch) -> Tensor` returning the scalar training loss."
+        )
+    if loss.numel() != 1:
+        raise ProbeError(
+            f"{type(module).__name__}.{source} returned a loss of shape {tuple(loss.shape)}; the probe needs a"
+            " scalar. Reduce it, or implement `probe_loss(self, batch) -> Tensor` returning a scalar."
+        )
+    return loss.reshape(())
+
+
+class _LossSource(nn.Module):
+    """Holds the module so that ``functional_call`` can reparametrise it and still run ``training_step``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: Any, batch_idx: int) -> Tensor:
+        return _training_loss(self.module, batch, batch_idx)
+
+
+class ObjectiveProbe:
+    """The training loss L(θ) on a batch at any parameters θ, with zero observer effect.
+
+    ``loss(batch, params)`` returns ``float32(L(θ = params))`` where L is ``module.probe_loss(batch)`` if
+    defined, else the loss of ``module.training_step(batch, batch_idx)`` (a Tensor or ``out["loss"]``)
+    with ``self.log``/``self.log_dict`` silenced. Parameters missing from ``params`` (and frozen ones)
+    are the module's own.
+
+    Contract, for every call:
+
+    - the module's parameters, buffers, ``.grad`` and ``.training`` flags are unchanged afterwards
+      (buffers are passed as clones, so BatchNorm running statistics never move);
+    - the torch (CPU + initialised CUDA), ``random`` and numpy RNG states are unchanged, and the probe
+      itself runs under a fixed ``seed``: the same seed at the same θ gives the same loss, and every
+      point of one probe sees the same dropout masks;
+    - it runs under ``torch.no_grad()`` unless ``create_graph=True``, in which case the result is
+      differentiable w.r.t. the given ``params`` (use ``torch.autograd.grad``, never ``.backward()``,
+      so that no ``.grad`` is written);
+    - ``forward_context`` (e.g. a precision plugin's ``forward_context``) wraps the computation.
+
+    Pass the unwrapped module (``trainer.lightning_module``), never a DDP wrapper: nothing must be
+    broadcast or synchronised by a probe.
+
+    Args:
+        module: the model; a LightningModule or any ``nn.Module`` with ``probe_loss`` or ``training_step``.
+        forward_context: optional factory of a context manager entered around every evaluation.
+    """
+
+    def __init__(
+        self, module: nn.Module, forward_context: Callable[[], AbstractContextManager[Any]] | None = None
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise ValueError(
+                f"`module` must be a torch.nn.Module, got {type(module).__name__}. Pass the LightningModule itself."
+            )
+        if forward_context is not None and not callable(forward_context):
+            raise ValueError(
+                f"`forward_context` must be a callable returning a context manager, or None, got {forward_context!r}."
+            )
+        self.module = module
+        self.forward_context = forward_context
+        self._source = _LossSource(module)
+
+    def parameters(self) -> dict[str, Tensor]:
+        """Detached references (no copy) to the module's trainable parameters, keyed by name."""
+        return {name: p.detach() for name, p in self.module.named_parameters() if p.requires_grad}
+
+    def _call_arguments(self, params: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        known = dict(self.module.named_parameters())
+        if params is None:
+            params = {name: p.detach() for name, p in known.items()}
+        else:
+            unknown = set(params) - set(known)
+            if unknown:
+                raise ValueError(
+                    f"params has names that are not parameters of {type(self.module).__name__}: "
+                    f"{sorted(unknown)[:5]}. Build them from ObjectiveProbe.parameters()."
+                )
+        arguments = {f"module.{name}": tensor for name, tensor in params.items()}
+        for name, buffer in self.module.named_buffers():
+            # A clone, so in-place updates (BatchNorm running stats, num_batches_tracked) hit a throwaway copy.
+            arguments[f"module.{name}"] = buffer.detach().clone()
+        return arguments
+
+    def loss(
+        self,
+        batch: Any,
+        params: Mapping[str, Tensor] | None = None,
+        *,
+        batch_idx: int = 0,
+        seed: int = 0,
+        create_graph: bool = False,
+    ) -> Tensor:
+        """The fp32 scalar loss on ``batch`` at ``params`` (the module's current parameters when None)."""
+        arguments = self._call_arguments(params)
+        grad_mode = contextlib.nullcontext() if create_graph else torch.no_grad()
+        context = self.forward_context() if self.forward_context is not None else contextlib.nullcontext()
+        with _fixed_rng(seed), _restored_training_flags(self.module), grad_mode, context:
+            loss = functional_call(self._source, arguments, (batch, batch_idx))
+        return loss.float()
+
+    def losses(
+        self,
+        batch: Any,
+        points: Sequence[Mapping[str, Tensor]],
+        *,
+        batch_idx: int = 0,
+        seed: int = 0,
+    ) -> list[float]:
+        """``[L(θ) for θ in points]`` on one batch with one seed (same dropout masks at every point).
+
+        One host synchronisation for all points, not one per point.
+        """
+        if not points:
+            return []
+        values = [self.loss(batch, point, batch_idx=batch_idx, seed=seed) for point in points]
+        return torch.stack(values).tolist()

@@ -1,0 +1,207 @@
+"""ObjectiveProbe: exact losses at given parameters, and zero observer effect."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_stablelr.probe import ObjectiveProbe, ProbeError
+from tests.helpers import TinyClassifier, TinyRegression, regression_data
+
+
+def _state(model: nn.Module) -> dict[str, object]:
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "modes": [m.training for m in model.modules()],
+    }
+
+
+def _assert_same_state(before: dict, after: dict) -> None:
+    for kind in ("params", "buffers"):
+        assert before[kind].keys() == after[kind].keys()
+        for name in before[kind]:
+            assert torch.equal(before[kind][name], after[kind][name]), f"{kind} {name} changed"
+    for name, grad in before["grads"].items():
+        assert torch.equal(grad, after["grads"][name]), f"grad {name} changed"
+    assert before["modes"] == after["modes"]
+
+
+def test_probe_has_no_side_effects_on_dropout_batchnorm_model():
+    model = TinyClassifier(dropout=0.5)
+    model.train()
+    model.net[3].eval()  # a mixed-mode module: the flags must come back exactly as they were
+    x, y = TinyClassifier.batch()
+    nn.functional.cross_entropy(model(x), y).backward()  # populated .grad that must survive
+    log_calls: list[tuple] = []
+    model.log = lambda *args, **kwargs: log_calls.append(args)  # instance attribute the probe must restore
+    before = _state(model)
+    assert before["buffers"]["net.1.num_batches_tracked"].item() == 1
+    torch.manual_seed(7)
+    random.seed(7)
+    np.random.seed(7)
+    rng_before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+
+    probe = ObjectiveProbe(model)
+    theta = probe.parameters()
+    shifted = {name: p + 0.1 for name, p in theta.items()}
+    losses = probe.losses((x, y), [theta, shifted], seed=3)
+    probe.loss((x, y), shifted, seed=4)
+
+    _assert_same_state(before, _state(model))
+    assert torch.equal(torch.get_rng_state(), rng_before[0])
+    assert random.getstate() == rng_before[1]
+    assert np.array_equal(np.random.get_state()[1], rng_before[2])
+    assert log_calls == []
+    model.log(1)
+    assert log_calls == [(1,)], "the user's instance attribute `log` was not restored"
+    assert model.training_step_calls == 3
+    assert losses[0] != losses[1]
+    del model.log
+    probe.loss((x, y), seed=0)
+    assert "log" not in model.__dict__ and "log_dict" not in model.__dict__
+
+
+def test_probe_matches_a_plain_training_step_under_the_same_seed():
+    model = TinyClassifier(dropout=0.5)
+    x, y = TinyClassifier.batch()
+    reference = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        expected = nn.functional.cross_entropy(reference(x), y)
+    got = ObjectiveProbe(model).loss((x, y), seed=11)
+    assert got.dtype == torch.float32 and got.shape == ()
+    assert torch.equal(got, expected)
+
+
+def test_same_seed_gives_identical_loss_with_dropout_and_another_seed_does_not():
+    model = TinyClassifier(dropout=0.5)
+    batch = TinyClassifier.batch()
+    probe = ObjectiveProbe(model)
+    first = probe.loss(batch, seed=5)
+    torch.rand(100)  # moving the global RNG must not matter
+    second = probe.loss(batch, seed=5)
+    third = probe.loss(batch, seed=6)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, third)
+
+
+def test_given_parameters_are_used_linear_model_by_hand():
+    model = TinyRegression(in_features=4, seed=1)
+    with torch.no_grad():
+        model.layer.bias.fill_(0.25)
+    x, y = regression_data(8, 4, seed=2).tensors
+    probe = ObjectiveProbe(model)
+    doubled = {name: 2 * p for name, p in probe.parameters().items()}
+    w, b = model.layer.weight.detach(), model.layer.bias.detach()
+    by_hand_here = ((x @ w.T + b - y) ** 2).mean()
+    by_hand_doubled = ((x @ (2 * w).T + 2 * b - y) ** 2).mean()
+    assert probe.loss((x, y)).item() == pytest.approx(by_hand_here.item(), rel=1e-6)
+    assert probe.loss((x, y), doubled).item() == pytest.approx(by_hand_doubled.item(), rel=1e-6)
+    assert by_hand_doubled.item() != pytest.approx(by_hand_here.item(), rel=1e-3)
+    # A partial mapping replaces only what it names: the bias stays the module's own.
+    only_weight = {"layer.weight": 2 * w}
+    by_hand_partial = ((x @ (2 * w).T + b - y) ** 2).mean()
+    assert probe.loss((x, y), only_weight).item() == pytest.approx(by_hand_partial.item(), rel=1e-6)
+
+
+def test_create_graph_gives_the_analytic_gradient_and_leaves_grad_untouched():
+    model = TinyRegression(in_features=3, seed=4)
+    x, y = regression_data(6, 3, seed=5).tensors
+    probe = ObjectiveProbe(model)
+    params = {name: p.clone().requires_grad_(True) for name, p in probe.parameters().items()}
+    loss = probe.loss((x, y), params, create_graph=True)
+    grad_w, grad_b = torch.autograd.grad(loss, [params["layer.weight"], params["layer.bias"]])
+    residual = x @ model.layer.weight.detach().T + model.layer.bias.detach() - y
+    assert torch.allclose(grad_w, 2 * (residual * x).mean(0, keepdim=True), atol=1e-6)
+    assert torch.allclose(grad_b, 2 * residual.mean(0), atol=1e-6)
+    assert model.layer.weight.grad is None and model.layer.bias.grad is None
+    assert not probe.loss((x, y)).requires_grad
+
+
+def test_probe_loss_method_takes_precedence_over_training_step():
+    class WithProbeLoss(TinyRegression):
+        def probe_loss(self, batch):
+            return torch.tensor(42.0, dtype=torch.float64)
+
+    batch = regression_data(4, 4).tensors
+    loss = ObjectiveProbe(WithProbeLoss()).loss(batch)
+    assert loss.dtype == torch.float32 and loss.item() == 42.0
+
+
+def test_dict_output_and_training_step_without_batch_idx():
+    class DictNoIndex(TinyRegression):
+        def training_step(self, batch):
+            return {"loss": 3 * self.objective(batch), "other": 1}
+
+    model = DictNoIndex()
+    batch = regression_data(4, 4).tensors
+    assert ObjectiveProbe(model).loss(batch).item() == pytest.approx(
+        3 * model.objective(batch).item(), rel=1e-6
+    )
+
+
+def test_training_step_that_switches_modes_is_undone():
+    class Switcher(TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            self.eval()
+            return super().training_step(batch, batch_idx)
+
+    model = Switcher()
+    model.train()
+    ObjectiveProbe(model).loss(TinyClassifier.batch())
+    assert all(m.training for m in model.modules())
+
+
+def test_errors_name_the_fix():
+    class ReturnsNone(TinyRegression):
+        def training_step(self, batch, batch_idx):
+            return None
+
+    class Manual(TinyRegression):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    class VectorLoss(TinyRegression):
+        def training_step(self, batch, batch_idx):
+            return torch.ones(3)
+
+    batch = regression_data(4, 4).tensors
+    with pytest.raises(
+        ProbeError, match=r"ReturnsNone.training_step returned NoneType.*Implement `probe_loss"
+    ):
+        ObjectiveProbe(ReturnsNone()).loss(batch)
+    with pytest.raises(
+        ProbeError, match=r"Manual uses manual optimization.*Implement `probe_loss\(self, batch\)"
+    ):
+        ObjectiveProbe(Manual()).loss(batch)
+    with pytest.raises(ProbeError, match=r"loss of shape \(3,\); the probe needs a scalar"):
+        ObjectiveProbe(VectorLoss()).loss(batch)
+    with pytest.raises(ProbeError, match="neither `probe_loss` nor `training_step`"):
+        ObjectiveProbe(nn.Linear(2, 2)).loss(batch)
+    with pytest.raises(ValueError, match=r"not parameters of TinyRegression: \['nope'\]"):
+        ObjectiveProbe(TinyRegression()).loss(batch, {"nope": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"`module` must be a torch\.nn\.Module, got str"):
+        ObjectiveProbe("model")
+
+
+def test_forward_context_wraps_every_evaluation():
+    entered: list[int] = []
+
+    class Counting:
+        def __enter__(self):
+            entered.append(1)
+
+        def __exit__(self, *exc):
+            return False
+
+    probe = ObjectiveProbe(TinyRegression(), forward_context=Counting)
+    probe.losses(regression_data(4, 4).tensors, [probe.parameters()] * 3)
+    assert len(entered) == 3
