@@ -206,7 +206,9 @@ class ObjectiveProbe:
         """Detached references (no copy) to the module's trainable parameters, keyed by name."""
         return {name: p.detach() for name, p in self.module.named_parameters() if p.requires_grad}
 
-    def _call_arguments(self, params: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    def _call_arguments(
+        self, params: Mapping[str, Tensor] | None, buffers: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         known = dict(self.module.named_parameters())
         if params is None:
             params = {name: p.detach() for name, p in known.items()}
@@ -218,9 +220,21 @@ class ObjectiveProbe:
                     f"{sorted(unknown)[:5]}. Build them from ObjectiveProbe.parameters()."
                 )
         arguments = {f"module.{name}": tensor for name, tensor in params.items()}
-        for name, buffer in self.module.named_buffers():
-            # A clone, so in-place updates (BatchNorm running stats, num_batches_tracked) hit a throwaway copy.
-            arguments[f"module.{name}"] = buffer.detach().clone()
+        own_buffers = dict(self.module.named_buffers())
+        if buffers:
+            unknown = set(buffers) - set(own_buffers)
+            if unknown:
+                raise ValueError(
+                    f"buffers has names that are not buffers of {type(self.module).__name__}: "
+                    f"{sorted(unknown)[:5]}. Use names from module.named_buffers()."
+                )
+        for name, buffer in own_buffers.items():
+            if buffers and name in buffers:
+                # The caller's tensor itself: in-place updates (BatchNorm recalibration) are meant to land in it.
+                arguments[f"module.{name}"] = buffers[name]
+            else:
+                # A clone, so in-place updates (BatchNorm running stats, num_batches_tracked) hit a throwaway copy.
+                arguments[f"module.{name}"] = buffer.detach().clone()
         return arguments
 
     def loss(
@@ -231,12 +245,27 @@ class ObjectiveProbe:
         batch_idx: int = 0,
         seed: int = 0,
         create_graph: bool = False,
+        buffers: Mapping[str, Tensor] | None = None,
+        training: bool | None = None,
     ) -> Tensor:
-        """The fp32 scalar loss on ``batch`` at ``params`` (the module's current parameters when None)."""
-        arguments = self._call_arguments(params)
+        """The fp32 scalar loss on ``batch`` at ``params`` (the module's current parameters when None).
+
+        Optional, for probes that need another mode than the training step's (e.g. connectivity
+        probes in eval mode with recalibrated BatchNorm statistics):
+
+        - ``buffers``: named buffers (names from ``module.named_buffers()``) used *as given*, not
+          cloned, so in-place updates made by the forward pass (BatchNorm running statistics in train
+          mode) land in these tensors; the module's own buffers still never change. Buffers not named
+          are cloned as usual.
+        - ``training``: ``True``/``False`` runs the call with ``module.train(training)``; ``None`` (default)
+          keeps the modules' current flags. The flags are restored afterwards either way.
+        """
+        arguments = self._call_arguments(params, buffers)
         grad_mode = contextlib.nullcontext() if create_graph else torch.no_grad()
         context = self.forward_context() if self.forward_context is not None else contextlib.nullcontext()
         with _fixed_rng(seed), _restored_training_flags(self.module), grad_mode, context:
+            if training is not None:
+                self.module.train(bool(training))
             loss = functional_call(self._source, arguments, (batch, batch_idx))
         return loss.float()
 
@@ -247,12 +276,13 @@ class ObjectiveProbe:
         *,
         batch_idx: int = 0,
         seed: int = 0,
+        training: bool | None = None,
     ) -> list[float]:
         """``[L(θ) for θ in points]`` on one batch with one seed (same dropout masks at every point).
 
-        One host synchronisation for all points, not one per point.
+        One host synchronisation for all points, not one per point. ``training`` as in :meth:`loss`.
         """
         if not points:
             return []
-        values = [self.loss(batch, point, batch_idx=batch_idx, seed=seed) for point in points]
+        values = [self.loss(batch, point, batch_idx=batch_idx, seed=seed, training=training) for point in points]
         return torch.stack(values).tolist()
