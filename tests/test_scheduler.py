@@ -1,0 +1,278 @@
+"""StableLRScheduler: exact lr trajectories, param-group ratios, resume, and the guard through a closure."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from lightning_stablelr.controller import StableLRController
+from lightning_stablelr.scheduler import StableLRScheduler
+
+
+def _regression(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(32, 3, generator=generator)
+    targets = inputs @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1 * torch.randn(32, 1, generator=generator)
+    loader = [(inputs[i : i + 8], targets[i : i + 8]) for i in range(0, 32, 8)]
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 1)
+    return model, loader
+
+
+def test_readme_example_trains_and_follows_the_closed_form() -> None:
+    model, loader = _regression()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = torch.nn.functional.mse_loss
+
+    def evaluate(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(sum(loss_fn(model(x), y) for x, y in loader) / len(loader))
+
+    seen, train_losses = [], []
+    # The docstring's example, verbatim apart from the two recording lines.
+    scheduler = StableLRScheduler(optimizer, steps_per_epoch=len(loader))
+    for _epoch in range(3):
+        for x, y in loader:
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            scheduler.observe(train_loss=loss.item())
+            scheduler.step()
+            train_losses.append(loss.item())
+        scheduler.observe(val_loss=evaluate(model))  # once per validation: updates G
+
+    # The model is still far from overfitting (train and validation data coincide), so G stays 1.
+    assert scheduler.controller.gap_factor == 1.0
+    assert seen == [max(0.001, 0.1 * math.exp(-0.03 * (step / 4))) for step in range(12)]
+    assert scheduler.get_last_lr() == [0.1 * math.exp(-0.03 * (12 / 4))]
+    assert train_losses[-1] < 0.5 * train_losses[0]
+
+
+def test_exact_trajectory_with_warmup_decay_floor_and_epoch_interval() -> None:
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([parameter], lr=0.4)
+    scheduler = StableLRScheduler(
+        optimizer, steps_per_epoch=5, decay_rate=0.7, warmup_steps=3, min_lr_ratio=0.05
+    )
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == [
+        max(0.4 * 0.05, 0.4 * (min(1.0, (k + 1) / 3) * math.exp(-0.7 * (k / 5)))) for k in range(40)
+    ]
+    assert lrs[0] == 0.4 / 3 and lrs[-1] == 0.4 * 0.05
+    assert scheduler.last_epoch == 40 and scheduler.base_lrs == [0.4]
+
+    optimizer = torch.optim.SGD([parameter], lr=0.4)
+    scheduler = StableLRScheduler(
+        optimizer, steps_per_epoch=5, decay_rate=0.7, interval="epoch", min_lr_ratio=0.0
+    )
+    lrs = []
+    for _ in range(12):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == [0.4] * 5 + [0.4 * math.exp(-0.7)] * 5 + [0.4 * math.exp(-1.4)] * 2
+
+
+def test_param_groups_keep_their_ratios() -> None:
+    first, second = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [first], "lr": 0.1}, {"params": [second], "lr": 0.01}], lr=0.5)
+    scheduler = StableLRScheduler(optimizer, steps_per_epoch=2, decay_rate=0.3, min_lr_ratio=0.1)
+    for step in range(30):
+        optimizer.step()
+        scheduler.step()
+        if step == 5:
+            scheduler.observe_nonfinite()
+        high, low = scheduler.get_last_lr()
+        assert high / low == pytest.approx(10.0, rel=1e-12)
+        assert [group["lr"] for group in optimizer.param_groups] == [high, low]
+    assert scheduler.get_last_lr() == pytest.approx([0.01, 0.001], rel=1e-12)  # both floored
+
+
+def _scripted_run(
+    scheduler: StableLRScheduler, optimizer: torch.optim.Optimizer, steps: range
+) -> list[float]:
+    lrs = []
+    for step in steps:
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.observe(train_loss=0.1 + 0.01 * (step % 3))
+        if step % 4 == 3:
+            scheduler.observe(val_loss=1.0 + 0.02 * step)  # gets worse: overfitting
+        if step in (2, 9):
+            scheduler.observe_line(1.0, 0.9, 1.5)  # a = -0.3, c = 0.4, s_max = 1.5: shrink by 0.5 * 1.5 / 2
+        if step == 13:
+            scheduler.observe_line(1.0, 0.0, 2.0)  # c = 0: s_max = inf, recovery
+        scheduler.step()
+    return lrs
+
+
+def test_state_dict_resume_gives_identical_trajectory() -> None:
+    def build():
+        parameter = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.SGD([parameter], lr=0.2, momentum=0.9)
+        scheduler = StableLRScheduler(
+            optimizer, steps_per_epoch=4, decay_rate=0.1, warmup_steps=2, gap_patience=2
+        )
+        return optimizer, scheduler
+
+    optimizer, scheduler = build()
+    uninterrupted = _scripted_run(scheduler, optimizer, range(24))
+    assert scheduler.controller.gap_factor < 1.0 and scheduler.controller.checks == 3
+
+    optimizer, scheduler = build()
+    first_half = _scripted_run(scheduler, optimizer, range(11))
+    buffer = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)  # primitives only: the safe loader accepts it
+    optimizer, scheduler = build()
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    second_half = _scripted_run(scheduler, optimizer, range(11, 24))
+    assert first_half + second_half == uninterrupted
+
+
+def test_guard_restores_parameters_bit_exactly_and_shrinks_a_too_large_step() -> None:
+    # L(θ) = ½ θᵀAθ with A = diag(1, 10): SGD diverges along the stiff axis for lr > 2/10.
+    hessian = torch.tensor([1.0, 10.0], dtype=torch.float64)
+    theta = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    dropout_like = torch.nn.Dropout(p=0.5)
+    optimizer = torch.optim.SGD([theta], lr=0.3)
+    scheduler = StableLRScheduler(optimizer, steps_per_epoch=100, decay_rate=0.0)
+
+    def loss() -> torch.Tensor:
+        return 0.5 * (hessian * theta**2).sum()
+
+    calls = []
+
+    def closure() -> torch.Tensor:
+        calls.append(torch.rand(1).item())  # the forked RNG: the same draw at all three points
+        return loss()
+
+    optimizer.zero_grad()
+    loss().backward()
+    gradient = theta.grad.clone()
+    scheduler.snapshot()
+    optimizer.step()
+    after = theta.detach().clone()
+    torch.manual_seed(123)
+    expected_next_random = torch.rand(1)
+    torch.manual_seed(123)
+    line = scheduler.check_step(closure)
+
+    assert torch.equal(theta.detach(), after)
+    assert torch.equal(theta.grad, gradient)
+    assert torch.equal(torch.rand(1), expected_next_random)  # the caller's random stream is untouched
+    assert len(set(calls)) == 1 and len(calls) == 3
+    assert dropout_like.training
+
+    update = -0.3 * hessian  # Δθ = -lr · Aθ at θ = (1, 1)
+    expected_a = float((hessian * update).sum())  # gᵀΔθ = -0.3 · 101
+    expected_c = float((hessian * update**2).sum())  # ΔθᵀAΔθ = 0.09 · 1001
+    assert line.first_order == pytest.approx(expected_a, rel=1e-12)
+    assert line.curvature == pytest.approx(expected_c, rel=1e-12)
+    margin = -2.0 * expected_a / expected_c  # 0.6727 < 2: the step overshoots
+    assert line.step_margin == pytest.approx(margin, rel=1e-12)
+    shrink = 0.5 * margin  # clip(safety · s_max, 0.1, 0.5)
+    assert scheduler.controller.stability_factor == pytest.approx(shrink, rel=1e-12)
+    assert scheduler.get_last_lr() == pytest.approx([0.3 * shrink], rel=1e-12)
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.3 * shrink, rel=1e-12)
+
+
+def test_guard_keeps_a_diverging_quadratic_finite() -> None:
+    def run(guard: bool) -> float:
+        hessian = torch.tensor([1.0, 10.0], dtype=torch.float64)
+        theta = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+        optimizer = torch.optim.SGD([theta], lr=0.3)
+        scheduler = StableLRScheduler(optimizer, steps_per_epoch=10, decay_rate=0.0, recovery=1.0)
+        for _ in range(60):
+            optimizer.zero_grad()
+            loss = 0.5 * (hessian * theta**2).sum()
+            loss.backward()
+            if guard:
+                scheduler.snapshot()
+            optimizer.step()
+            if guard:
+                scheduler.check_step(lambda: 0.5 * (hessian * theta**2).sum())
+            scheduler.step()
+        return float(0.5 * (hessian * theta.detach() ** 2).sum())
+
+    assert run(guard=False) > 1e10  # |1 - 0.3·10| = 2 per step on the stiff axis
+    assert run(guard=True) < 1e-3
+
+
+def test_check_step_restores_even_when_the_closure_raises() -> None:
+    theta = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    optimizer = torch.optim.SGD([theta], lr=0.1)
+    scheduler = StableLRScheduler(optimizer, steps_per_epoch=1)
+    theta.grad = torch.tensor([1.0, 1.0])
+    scheduler.snapshot()
+    optimizer.step()
+    after = theta.detach().clone()
+    calls = []
+
+    def closure() -> float:
+        calls.append(theta.detach().clone())
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return 0.0
+
+    with pytest.raises(RuntimeError, match="boom"):
+        scheduler.check_step(closure)
+    assert torch.equal(theta.detach(), after)
+    assert torch.equal(calls[1], torch.tensor([1.0, 2.0]))  # L0 is evaluated at θ_before
+    with pytest.raises(RuntimeError, match=r"^check_step\(\) needs the parameters before the step"):
+        scheduler.check_step(closure)
+
+
+def test_nonfinite_train_loss_halves_the_stability_factor() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = StableLRScheduler(optimizer, steps_per_epoch=1, decay_rate=0.0)
+    scheduler.observe(train_loss=torch.tensor(float("nan")))
+    scheduler.observe(train_loss=2.0)
+    assert scheduler.controller.nonfinite_steps == 1
+    assert scheduler.get_last_lr() == [0.5]
+    assert scheduler.controller.train_loss_mean == 2.0
+
+
+def test_controller_and_scheduler_agree() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
+    scheduler = StableLRScheduler(optimizer, steps_per_epoch=3, half_life=2.0, warmup_steps=4)
+    controller = StableLRController(half_life=2.0, warmup_steps=4)
+    for step in range(20):
+        assert scheduler.get_last_lr() == [controller.lr(0.3, step, step / 3)]
+        optimizer.step()
+        scheduler.step()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps_per_epoch": 0}, "`steps_per_epoch` must be an integer >= 1, got 0."),
+        ({"steps_per_epoch": 2.5}, "`steps_per_epoch` must be an integer >= 1, got 2.5."),
+        ({"steps_per_epoch": 4, "decay_rate": -1.0}, "`decay_rate` must be a finite number >= 0, got -1.0."),
+        (
+            {"steps_per_epoch": 4, "interval": "batch"},
+            "`interval` must be one of 'step', 'epoch', got 'batch'.",
+        ),
+        (
+            {"steps_per_epoch": 4, "min_lr_ratio": 2.0},
+            "`min_lr_ratio` must be a finite number in [0, 1], got 2.0.",
+        ),
+    ],
+)
+def test_bad_arguments(kwargs, message: str) -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError) as info:
+        StableLRScheduler(optimizer, **kwargs)
+    assert str(info.value).startswith(message)
