@@ -36,7 +36,7 @@ from lightning_stablelr.schedule import (
     warmup_factor,
 )
 
-__all__ = ["GapDecision", "StableLRConfig", "StableLRController"]
+__all__ = ["GapDecision", "StableLRConfig", "StableLRController", "config_field_names"]
 
 INTERVALS = ("step", "epoch")
 
