@@ -93,6 +93,11 @@ class FiniteDifferenceHessian:
     grows like ε² and the rounding error like u/ε, so ε ∝ u^{1/3} balances them; the ``1 + ||θ||``
     factor makes the step relative to the parameters' scale. For a quadratic the truncation error
     is exactly zero. Two gradient evaluations per product.
+
+    Measured on a 64-512-512-10 MLP in fp32 (batch 128): with tanh the error on ``H v`` is 3e-5
+    relative, and this step is the best of 1e-2 ... 3e-5; with ReLU the difference also picks up the
+    gradient's jumps at every kink the perturbation crosses, an error of 25-75 % of λ_max at any
+    usable fp32 step. ReLU supports double backward, so ``"auto"`` never lands here for it.
     """
 
     method = "finite_difference"

@@ -124,7 +124,9 @@ def hessian_vector_product(
     ``(g(θ + εv) - g(θ - εv)) / (2ε)`` (step documented in ``_hessian.FiniteDifferenceHessian``: exact up to
     rounding on a quadratic, O(ε²) otherwise). ``method="auto"`` (default) uses autograd and falls
     back to finite differences when double backward raises or a gradient carries no graph.
-    ``params`` and their ``.grad`` are never modified. Raises ``ValueError`` for bad arguments.
+    Finite differences are accurate for smooth losses only: across ReLU kinks they are not (measured
+    in ``_hessian.FiniteDifferenceHessian``). ``params`` and their ``.grad`` are never modified.
+    Raises ``ValueError`` for bad arguments.
     """
     check_choice("method", method, METHODS)
     _check_params(params)

@@ -396,3 +396,20 @@ def test_bad_arguments_raise_value_errors_that_name_them(quadratic):
         stability_threshold(0.1, momentum=1.0)
     with pytest.raises(ValueError, match="`nesterov=True` needs `momentum` > 0"):
         stability_threshold(0.1, nesterov=True)
+
+
+def test_preconditioned_sharpness_from_a_real_adam_state(quadratic):
+    a, loss_fn, theta = quadratic
+    params = {k: torch.nn.Parameter(t.clone()) for k, t in theta.items()}
+    optimizer = torch.optim.Adam(params.values(), lr=1e-2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss_fn(params).backward()
+        optimizer.step()
+    preconditioner = adam_preconditioner(optimizer, params)
+    estimate = preconditioned_sharpness(loss_fn, params, preconditioner, iters=500, tol=1e-9)
+    scale = _flat(preconditioner).rsqrt()
+    eigenvalues = torch.linalg.eigvalsh(scale[:, None] * a * scale[None, :])
+    assert estimate.value == pytest.approx(float(eigenvalues[eigenvalues.abs().argmax()]), rel=1e-2)
+    threshold = optimizer_stability_threshold(optimizer)
+    assert threshold.preconditioned and threshold.threshold == pytest.approx(3.8 / (0.1 * 1e-2))
