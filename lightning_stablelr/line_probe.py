@@ -1,0 +1,149 @@
+"""The three-point probe of the loss along the update the optimizer just made (pure: no Lightning).
+
+With ``θ`` the parameters before the step, ``θ + Δθ`` after it and one batch, one seed:
+
+    L0 = L(θ),   L+ = L(θ + Δθ),   L- = L(θ - Δθ)
+
+and :func:`lightning_stablelr.curvature.line_model` turns them into ``a ≈ gᵀΔθ``, ``c ≈ ΔθᵀHΔθ`` and
+the step margin ``s_max``. Three forward passes, any optimizer (the update is read off the weights).
+
+.. code-block:: python
+
+    before = {n: p.detach().clone() for n, p in probe.parameters().items()}
+    optimizer.step()
+    result = three_point_probe(probe, batch, before, probe.parameters(), step=step, seed=step)
+    result.line.step_margin
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_stablelr.curvature import LineModel, line_model
+from lightning_stablelr.probe import ObjectiveProbe
+
+__all__ = ["LineProbeResult", "line_points", "three_point_losses", "three_point_probe"]
+
+
+@dataclass(frozen=True)
+class LineProbeResult:
+    """The three losses of one probe, the squared update norm and the line model built from them.
+
+    Attributes:
+        step: the optimizer step whose update ``Δθ`` was probed (``global_step`` before that step).
+        loss_before: ``L0 = L(θ)``.
+        loss_after: ``L+ = L(θ + Δθ)``.
+        loss_mirror: ``L- = L(θ - Δθ)``.
+        update_norm_sq: ``‖Δθ‖²`` (fp32 sum over all probed tensors).
+        line: ``line_model(L0, L+, L-)``.
+        finite: the three losses and the line model are finite (False also when the probe failed).
+        failed: the probe raised (on some rank): no information about the loss, unlike a NaN loss.
+    """
+
+    step: int
+    loss_before: float
+    loss_after: float
+    loss_mirror: float
+    update_norm_sq: float
+    line: LineModel
+    finite: bool
+    failed: bool = False
+
+    @classmethod
+    def from_losses(
+        cls, step: int, losses: Sequence[float], update_norm_sq: float, *, failed: bool = False
+    ) -> LineProbeResult:
+        """Build the result from ``[L0, L+, L-]``; ``failed=True`` forces ``finite=False``."""
+        loss_before, loss_after, loss_mirror = (float(value) for value in losses)
+        line = line_model(loss_before, loss_after, loss_mirror)
+        finite = (
+            not failed
+            and all(math.isfinite(value) for value in (loss_before, loss_after, loss_mirror))
+            and line.finite
+        )
+        return cls(
+            int(step), loss_before, loss_after, loss_mirror, float(update_norm_sq), line, finite, bool(failed)
+        )
+
+    @classmethod
+    def unavailable(cls, step: int) -> LineProbeResult:
+        """A result that carries no information (every loss NaN, ``finite=False``)."""
+        return cls.from_losses(step, (math.nan, math.nan, math.nan), math.nan, failed=True)
+
+
+def line_points(
+    theta_before: Mapping[str, Tensor], theta_after: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], Tensor]:
+    """``(θ - Δθ, ‖Δθ‖²)`` with ``Δθ = θ_after - θ_before``.
+
+    The arithmetic runs in fp32 (so that bf16/fp16 weights do not lose the small update), and the
+    mirrored point is cast back to each parameter's dtype. ``‖Δθ‖²`` is a 0-d fp32 tensor on the
+    device of the first parameter (no host synchronisation here).
+    """
+    if set(theta_before) != set(theta_after):
+        missing = sorted(set(theta_before) ^ set(theta_after))
+        raise ValueError(
+            f"theta_before and theta_after must name the same parameters, got a difference in {missing[:5]}."
+            " Take both from ObjectiveProbe.parameters()."
+        )
+    mirror: dict[str, Tensor] = {}
+    squares: list[Tensor] = []
+    for name, before in theta_before.items():
+        before32 = before.detach().float()
+        delta = theta_after[name].detach().float() - before32
+        mirror[name] = (before32 - delta).to(before.dtype)
+        squares.append(delta.pow(2).sum())
+    if not squares:
+        return mirror, torch.zeros(())
+    device = squares[0].device
+    norm_sq = torch.stack([square.to(device) for square in squares]).sum()
+    return mirror, norm_sq
+
+
+def three_point_losses(
+    probe: ObjectiveProbe,
+    batch: Any,
+    theta_before: Mapping[str, Tensor],
+    theta_after: Mapping[str, Tensor],
+    *,
+    batch_idx: int = 0,
+    seed: int = 0,
+) -> Tensor:
+    """``[L0, L+, L-, ‖Δθ‖²]`` as one fp32 tensor on the loss device (one probe, one seed, no sync).
+
+    Kept as a tensor so that a distributed caller can all-reduce it in a single collective.
+    """
+    mirror, norm_sq = line_points(theta_before, theta_after)
+    losses = [
+        probe.loss(batch, point, batch_idx=batch_idx, seed=seed)
+        for point in (theta_before, theta_after, mirror)
+    ]
+    device = losses[0].device
+    return torch.stack([*losses, norm_sq.to(device)])
+
+
+def three_point_probe(
+    probe: ObjectiveProbe,
+    batch: Any,
+    theta_before: Mapping[str, Tensor],
+    theta_after: Mapping[str, Tensor],
+    *,
+    step: int,
+    batch_idx: int = 0,
+    seed: int = 0,
+) -> LineProbeResult:
+    """Probe ``L0 = L(θ_before)``, ``L+ = L(θ_after)``, ``L- = L(θ_before - Δθ)`` and fit the line model.
+
+    ``Δθ = θ_after - θ_before``; all three passes use the same ``batch``, ``batch_idx`` and ``seed`` (the
+    same dropout masks), through :class:`~lightning_stablelr.probe.ObjectiveProbe`, so the module is
+    left exactly as it was. Exceptions of the loss source propagate.
+    """
+    values = three_point_losses(probe, batch, theta_before, theta_after, batch_idx=batch_idx, seed=seed)
+    loss_before, loss_after, loss_mirror, norm_sq = values.tolist()
+    return LineProbeResult.from_losses(step, (loss_before, loss_after, loss_mirror), norm_sq)
