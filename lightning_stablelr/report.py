@@ -147,6 +147,11 @@ def load_run(run_dir: str | Path) -> RunScalars:
     return RunScalars(run_dir=path, event_files=tuple(files), scalars=scalars)
 
 
+def _same(a: float, b: float) -> bool:
+    # NaN == NaN here: a run of NaN gaps is one value, not a change at every step.
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
 def _first_present(run: RunScalars, candidates: Sequence[str]) -> str | None:
     return next((tag for tag in candidates if tag in run.scalars), None)
 
@@ -165,7 +170,8 @@ def summarize(run: RunScalars) -> dict[str, Any]:
     """Summarize a run into a plain, JSON-ready dict; a missing tag gives ``None``, never an error.
 
     Keys: ``lr`` ({tag: {start, end}} for ``stablelr/lr*``), ``max_stable_lr`` (last), ``gap`` (last,
-    values), ``gap_factor`` (last, changes [{step, from, to}]), ``stability_factor`` (min, last),
+    history [{step, value}] where the value changed: StableLR repeats the last validation's gap at
+    every logging step, so a new value marks a new validation), ``gap_factor`` (last, changes [{step, from, to}]), ``stability_factor`` (min, last),
     ``certified_rate`` (last, mean), ``barrier`` (worst consecutive barrier and its step),
     ``superlevel_dip`` (max, last), ``equiconnectedness`` (last, max), ``sharpness`` (last sharpness,
     last stability threshold, max eos ratio), ``overhead`` (last ``monitor/overhead``, last
@@ -174,9 +180,12 @@ def summarize(run: RunScalars) -> dict[str, Any]:
     """
     lr = {tag: {"start": run.first(tag), "end": run.last(tag)} for tag in run.tags() if _LR_TAG.match(tag)}
 
+    gap = run.scalars.get("stablelr/gap", ())
+    history = [{"step": step, "value": value} for index, (step, value) in enumerate(gap)
+               if index == 0 or not _same(value, gap[index - 1][1])]
     factor = run.scalars.get("stablelr/gap_factor", ())
     changes = [{"step": step, "from": before, "to": after}
-               for (_, before), (step, after) in pairwise(factor) if after != before]
+               for (_, before), (step, after) in pairwise(factor) if not _same(after, before)]
 
     barriers = run.scalars.get("connectivity/barrier", ())
     finite_barriers = [(value, step) for step, value in barriers if math.isfinite(value)]
@@ -193,7 +202,7 @@ def summarize(run: RunScalars) -> dict[str, Any]:
         "last_step": max(all_steps) if all_steps else None,
         "lr": lr,
         "max_stable_lr": {"last": run.last("lyapunov/max_stable_lr")},
-        "gap": {"last": run.last("stablelr/gap"), "values": run.values("stablelr/gap")},
+        "gap": {"last": run.last("stablelr/gap"), "history": history},
         "gap_factor": {"last": run.last("stablelr/gap_factor"), "changes": changes},
         "stability_factor": {"min": min(stability) if stability else None,
                              "last": run.last("stablelr/stability_factor")},
@@ -249,7 +258,7 @@ def format_table(summary: dict[str, Any]) -> str:
                  for tag, entry in summary["lr"].items()]
     else:
         rows.append(("lr start -> end [stablelr/lr]", "\u2014"))
-    gap_values = summary["gap"]["values"]
+    gap_values = [entry["value"] for entry in summary["gap"]["history"]]
     gap_factor = summary["gap_factor"]
     rows += [
         ("max stable lr (last)", _fmt(summary["max_stable_lr"]["last"])),

@@ -44,7 +44,8 @@ def _expected_summary(run_dir: Path) -> dict:
         "lr": {"stablelr/lr-0": {"start": 0.5, "end": 0.03125},  # end: the resumed value wins
                "stablelr/lr-head": {"start": 1.0, "end": 0.125}},
         "max_stable_lr": {"last": 0.125},
-        "gap": {"last": 0.5, "values": [0.125, 0.375, 0.5]},
+        "gap": {"last": 0.5, "history": [{"step": 10, "value": 0.125}, {"step": 20, "value": 0.375},
+                                         {"step": 30, "value": 0.5}]},
         "gap_factor": {"last": 0.5, "changes": [{"step": 20, "from": 1.0, "to": 0.75},
                                                 {"step": 30, "from": 0.75, "to": 0.5}]},
         "stability_factor": {"min": 0.5, "last": 0.75},
@@ -107,6 +108,23 @@ def test_summarize_shows_missing_tags_as_none_and_the_table_as_dashes(tmp_path):
     assert rows["worst consecutive barrier"] == DASH
     assert rows["final val_loss"] == "nan"
     assert json.loads(summary_to_json(summary))["val_loss"] is None
+
+
+def test_gap_history_keeps_only_new_values_because_stablelr_repeats_the_last_gap(tmp_path):
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    for step, gap in enumerate([0.5, 0.5, 0.5, 0.25, 0.25, 0.5]):
+        writer.add_scalar("stablelr/gap", gap, global_step=step)
+    for step, factor in enumerate([1.0, 1.0, 0.5, 0.5, 0.5, 0.25]):
+        writer.add_scalar("stablelr/gap_factor", factor, global_step=step)
+    writer.close()
+    summary = summarize(load_run(tmp_path))
+    assert summary["gap"] == {"last": 0.5, "history": [{"step": 0, "value": 0.5}, {"step": 3, "value": 0.25},
+                                                       {"step": 5, "value": 0.5}]}
+    assert summary["gap_factor"]["changes"] == [{"step": 2, "from": 1.0, "to": 0.5},
+                                                {"step": 5, "from": 0.5, "to": 0.25}]
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in format_table(summary).splitlines()[3:])
+    assert rows["gap (last; validations)"] == "0.5 (3 values, min 0.25, max 0.5)"
+    assert rows["gap_factor changes"] == "2: step 2: 1 -> 0.5; step 5: 0.5 -> 0.25"
 
 
 def test_format_table_is_aligned_and_contains_the_numbers(documented_run):
