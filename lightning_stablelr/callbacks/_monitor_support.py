@@ -1,0 +1,160 @@
+"""Helpers of :class:`~lightning_stablelr.StabilityMonitor` that need no Lightning import.
+
+- :func:`isolated_rng`: every data access and probe of the monitor runs inside it, so the global
+  random streams (torch CPU and initialised CUDA, ``random``, numpy) are exactly as before, even when
+  the block raises. Creating a DataLoader iterator alone draws from the torch generator.
+- :func:`detached_copy`: batches cached by the monitor are copies, on the snapshot device.
+- :func:`measure_sharpness`: λ_max (or Adam's preconditioned sharpness) and the optimizer's threshold.
+- argument checks specific to the monitor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_stablelr.probe import ObjectiveProbe
+from lightning_stablelr.sharpness import (
+    OptimizerThreshold,
+    adam_preconditioner,
+    optimizer_stability_threshold,
+    preconditioned_sharpness,
+    top_hessian_eigenvalue,
+)
+
+__all__ = [
+    "SharpnessReading",
+    "check_device",
+    "check_max_overhead",
+    "detached_copy",
+    "isolated_rng",
+    "measure_sharpness",
+]
+
+
+@contextlib.contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Save torch (CPU + initialised CUDA), ``random`` and numpy RNG states; restore them on exit, always."""
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def detached_copy(data: Any, device: torch.device | str) -> Any:
+    """A copy of every tensor in a (nested) batch, detached, on ``device``; other leaves are kept."""
+    if isinstance(data, Tensor):
+        return data.detach().to(device, copy=True)
+    if isinstance(data, Mapping):
+        return type(data)((key, detached_copy(value, device)) for key, value in data.items())  # type: ignore[call-arg]
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
+        return type(data)(*(detached_copy(value, device) for value in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(detached_copy(value, device) for value in data)
+    return data
+
+
+def check_max_overhead(value: Any) -> float:
+    """``max_overhead`` is a number > 0; ``math.inf`` switches the governor off."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or math.isnan(value)
+        or value <= 0
+    ):
+        raise ValueError(
+            f"`max_overhead` must be a number > 0 (a fraction of training time, e.g. 0.05; math.inf turns the "
+            f"governor off), got {value!r}."
+        )
+    return float(value)
+
+
+def check_device(value: Any) -> torch.device:
+    """``snapshot_device`` must name a torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``)."""
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"`snapshot_device` must be a torch device such as 'cpu' or 'cuda:0', got {value!r}."
+        ) from error
+
+
+@dataclass(frozen=True)
+class SharpnessReading:
+    """One sharpness measurement on this rank.
+
+    Attributes:
+        sharpness: λ_max of the Hessian (SGD and unknown optimizers) or of Adam's preconditioned Hessian
+            ``P^{-1/2} H P^{-1/2}`` when ``preconditioned``.
+        threshold: the optimizer's stability threshold for that quantity (NaN when unknown).
+        lr: the learning rate of param group 0.
+        preconditioned: whether ``sharpness`` is Adam's preconditioned sharpness.
+        vector: the power-iteration vector, to warm-start the next measurement.
+    """
+
+    sharpness: float
+    threshold: float
+    lr: float
+    preconditioned: bool
+    vector: dict[str, Tensor]
+
+
+def measure_sharpness(
+    probe: ObjectiveProbe,
+    optimizer: torch.optim.Optimizer,
+    batch: Any,
+    *,
+    seed: int,
+    iters: int,
+    tol: float,
+    init: Mapping[str, Tensor] | None,
+    init_preconditioned: bool,
+) -> SharpnessReading:
+    """Warm-started power iteration on the probe's Hessian at the module's current parameters.
+
+    ``loss(θ) = probe.loss(batch, θ, seed=seed, create_graph=True)`` (fixed batch, fixed dropout masks).
+    For Adam/AdamW with state, the dominant eigenvalue of ``P^{-1/2} H P^{-1/2}`` with
+    ``P = sqrt(v̂) + eps`` is measured against ``(2 + 2β1)/((1 - β1)·lr)``; for SGD, λ_max(H) against
+    ``(2 + 2β)/lr`` (see :func:`lightning_stablelr.sharpness.optimizer_stability_threshold`); for other
+    optimizers λ_max(H) with a NaN threshold. ``init`` warm-starts only when it was measured in the same
+    coordinates (``init_preconditioned`` matches).
+    """
+    params = probe.parameters()
+
+    def loss_fn(theta: dict[str, Tensor]) -> Tensor:
+        return probe.loss(batch, theta, seed=seed, create_graph=True)
+
+    try:
+        reading = optimizer_stability_threshold(optimizer)
+    except ValueError:  # lr == 0 (e.g. the first warmup step): no threshold, the sharpness still counts
+        lr = float(optimizer.param_groups[0]["lr"])
+        reading = OptimizerThreshold("unknown", math.nan, lr, 0.0, preconditioned=False)
+    preconditioner = None
+    if reading.preconditioned:
+        own = {name: p for name, p in probe.module.named_parameters() if p.requires_grad}
+        preconditioner = adam_preconditioner(optimizer, own)
+    preconditioned = preconditioner is not None
+    start = init if init is not None and init_preconditioned == preconditioned else None
+    if preconditioner is not None:
+        estimate = preconditioned_sharpness(loss_fn, params, preconditioner, iters=iters, tol=tol, init=start)
+        threshold = reading.threshold
+    else:
+        estimate = top_hessian_eigenvalue(loss_fn, params, iters=iters, tol=tol, init=start)
+        threshold = math.nan if reading.preconditioned else reading.threshold
+    return SharpnessReading(estimate.value, threshold, reading.lr, preconditioned, estimate.vector)

@@ -1,0 +1,454 @@
+"""StabilityMonitor: measures how stable training is and writes it to every logger; never changes training."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_stablelr._validation import check_in_range, check_int_at_least, check_non_negative
+from lightning_stablelr.callbacks._connectivity_probe import ConnectivityReport, ConnectivityTracker, EvalLoss
+from lightning_stablelr.callbacks._governor import ProbeGovernor
+from lightning_stablelr.callbacks._monitor_support import (
+    check_device,
+    check_max_overhead,
+    detached_copy,
+    isolated_rng,
+    measure_sharpness,
+)
+from lightning_stablelr.callbacks._shared import line_probe_session, probe_seed, put_callback_metrics
+from lightning_stablelr.certificates import CertificateWindow, LossEMA, ValidationTrend, certificate
+from lightning_stablelr.probe import ObjectiveProbe
+
+__all__ = ["StabilityMonitor"]
+
+# Fixed, so that the endpoint loss of an old snapshot, measured when it was new, stays comparable.
+_CONNECTIVITY_SEED = 0xC0DE
+_RUNTIME = ("_probe", "_writer", "_eval_batches", "_tracker", "_sharpness_vector", "last_report")
+
+
+def _log_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's own logging and ``LearningRateMonitor`` write at."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+class StabilityMonitor(Callback):
+    r"""Observe training and log Lyapunov certificates, sharpness and connectivity; never change training.
+
+    Every number goes to every logger at ``trainer.global_step`` and into ``trainer.callback_metrics``;
+    figures and the custom-scalars layout go only to a TensorBoard logger, on rank 0. All probes are
+    evaluated at parameters of the monitor's choosing through :class:`~lightning_stablelr.ObjectiveProbe`
+    (``probe_loss`` if the module defines it, else its silenced ``training_step``): weights, gradients,
+    BatchNorm statistics, ``.training`` flags and the random streams are left exactly as they were.
+
+    - **Certificates**, every ``certificate_every_n_steps`` optimizer steps, from the three-point line
+      probe ``L0 = L(θ)``, ``L+ = L(θ + Δθ)``, ``L- = L(θ - Δθ)`` on the step's batch (shared with
+      :class:`~lightning_stablelr.StableLR`, computed once): ``lyapunov/delta_v = L+ - L0``,
+      ``decrease = [delta_v <= 0]``, ``first_order = (L+ - L-)/2``, ``curvature = (L+ + L- - 2 L0)/‖Δθ‖²``,
+      ``step_margin = s_max``, ``taylor_error``; over the last ``certificate_window`` certificates
+      ``certified_rate`` and ``ema_decrease`` (the training-loss EMA went down); ``val_decrease`` at
+      each validation.
+    - **Sharpness**, every ``sharpness_every_n_steps`` steps, on the first training batch (cached):
+      ``lyapunov/sharpness`` (λ_max of the Hessian; for Adam/AdamW the preconditioned sharpness
+      λ_max(P^-1/2 H P^-1/2)), ``stability_threshold`` ((2 + 2β)/lr for SGD, (2 + 2β1)/((1 - β1) lr) for
+      Adam), ``eos_ratio = sharpness / threshold`` and ``max_stable_lr = lr / eos_ratio``.
+    - **Connectivity**, at the end of every ``probe_every_n_epochs`` epochs: a snapshot of θ, and the
+      loss along the segments to each of the previous ``snapshot_window`` snapshots, in eval mode on
+      ``probe_batches`` cached validation batches, BatchNorm recalibrated at every point on
+      ``bn_recalibration_batches`` training batches: ``connectivity/barrier``, ``sublevel_excess``,
+      ``superlevel_dip``, ``connected`` (latest consecutive pair), ``equiconnectedness`` (largest
+      barrier in the window), and the figures ``connectivity/path`` and ``connectivity/pairwise``.
+    - **Governor**: a probe runs only while the monitor's time stays within ``max_overhead`` of the
+      training time; the others are skipped and counted in ``monitor/deferred_probes``.
+      ``monitor/overhead`` is the ratio measured on this rank (rank 0's is the one written).
+
+    Under DDP every rank calls every collective: each rank probes its own batches, the numbers are
+    averaged across ranks (identical everywhere) and a probe failing on one rank is reported and
+    skipped everywhere (``monitor/failed_probes``), never a hang.
+
+    Args:
+        certificate_every_n_steps: optimizer steps between certificates; 0 turns them off.
+        window: default length of both windows below.
+        certificate_window: certificates in ``certified_rate`` and ``ema_decrease`` (None: ``window``).
+        snapshot_window: previous snapshots compared with the newest (None: ``window``).
+        sharpness_every_n_steps: optimizer steps between sharpness measurements; 0 turns them off.
+        sharpness_iters: most Hessian-vector products per measurement (warm-started, so few are needed).
+        sharpness_tol: relative tolerance that stops the power iteration early.
+        probe_every_n_epochs: epochs between connectivity probes; 0 turns them off.
+        probe_points: points per segment, endpoints included (>= 3).
+        probe_batches: validation batches the connectivity probes use (cached once; the first training
+            batches when there is no validation loader).
+        connected_tol: ``connected`` is ``sublevel_excess <= connected_tol`` (absolute, loss units).
+        bn_recalibration_batches: training batches for the BatchNorm statistics at each point (0 keeps
+            the module's running statistics); unused without BatchNorm.
+        ema_decay: decay per training batch of the loss EMA behind ``ema_decrease``.
+        val_monitor: the validation loss key in ``callback_metrics`` for ``val_decrease``.
+        max_overhead: allowed probe time as a fraction of training time; ``math.inf`` runs every probe.
+        snapshot_device: where snapshots and cached batches are kept.
+        log_figures: write the connectivity figures (TensorBoard only).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[StableLR(), StabilityMonitor(sharpness_every_n_steps=200)])
+    """
+
+    def __init__(
+        self,
+        certificate_every_n_steps: int = 32,
+        window: int = 16,
+        certificate_window: int | None = None,
+        snapshot_window: int | None = None,
+        sharpness_every_n_steps: int = 500,
+        sharpness_iters: int = 20,
+        sharpness_tol: float = 1e-3,
+        probe_every_n_epochs: int = 1,
+        probe_points: int = 7,
+        probe_batches: int = 4,
+        connected_tol: float = 1e-3,
+        bn_recalibration_batches: int = 4,
+        ema_decay: float = 0.98,
+        val_monitor: str = "val_loss",
+        max_overhead: float = 0.05,
+        snapshot_device: str | torch.device = "cpu",
+        log_figures: bool = True,
+    ) -> None:
+        super().__init__()
+        self.certificate_every_n_steps = check_int_at_least(
+            "certificate_every_n_steps", certificate_every_n_steps, 0, "Use 0 to turn certificates off."
+        )
+        self.window = check_int_at_least("window", window, 1)
+        self.certificate_window = check_int_at_least(
+            "certificate_window", window if certificate_window is None else certificate_window, 1
+        )
+        self.snapshot_window = check_int_at_least(
+            "snapshot_window", window if snapshot_window is None else snapshot_window, 1
+        )
+        self.sharpness_every_n_steps = check_int_at_least(
+            "sharpness_every_n_steps", sharpness_every_n_steps, 0, "Use 0 to turn sharpness off."
+        )
+        self.sharpness_iters = check_int_at_least("sharpness_iters", sharpness_iters, 1)
+        self.sharpness_tol = check_non_negative("sharpness_tol", sharpness_tol)
+        self.probe_every_n_epochs = check_int_at_least(
+            "probe_every_n_epochs", probe_every_n_epochs, 0, "Use 0 to turn connectivity probes off."
+        )
+        self.probe_points = check_int_at_least(
+            "probe_points", probe_points, 3, "A segment needs a point between its endpoints."
+        )
+        self.probe_batches = check_int_at_least("probe_batches", probe_batches, 1)
+        self.connected_tol = check_non_negative("connected_tol", connected_tol)
+        self.bn_recalibration_batches = check_int_at_least("bn_recalibration_batches", bn_recalibration_batches, 0)
+        self.ema_decay = check_in_range("ema_decay", ema_decay, 0.0, 1.0, high_inclusive=False)
+        if not isinstance(val_monitor, str) or not val_monitor:
+            raise ValueError(f"`val_monitor` must be a non-empty metric name, got {val_monitor!r}.")
+        self.val_monitor = val_monitor
+        self.max_overhead = check_max_overhead(max_overhead)
+        self.snapshot_device = check_device(snapshot_device)
+        if not isinstance(log_figures, bool):
+            raise ValueError(f"`log_figures` must be True or False, got {log_figures!r}.")
+        self.log_figures = log_figures
+
+        self._window = CertificateWindow(self.certificate_window)
+        self._ema = LossEMA(self.ema_decay)
+        self._val_trend = ValidationTrend()
+        self._governor = ProbeGovernor(self.max_overhead)
+        self.failed_probes = 0
+        self._certificate_step: int | None = None
+        self._last_step_seen = -1
+        self._reset_runtime()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            certificate_every_n_steps=self.certificate_every_n_steps,
+            sharpness_every_n_steps=self.sharpness_every_n_steps,
+            probe_every_n_epochs=self.probe_every_n_epochs,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Primitives only: the certificate window, loss EMA, last validation loss and counters."""
+        return {
+            "version": 1,
+            "window": self._window.state_dict(),
+            "ema": self._ema.state_dict(),
+            "val_trend": self._val_trend.state_dict(),
+            "governor": self._governor.state_dict(),
+            "failed_probes": self.failed_probes,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; missing keys keep their defaults (snapshots are not checkpointed)."""
+        self._window.load_state_dict(state_dict.get("window", {}))
+        self._ema.load_state_dict(state_dict.get("ema", {}))
+        self._val_trend.load_state_dict(state_dict.get("val_trend", {}))
+        self._governor.load_state_dict(state_dict.get("governor", {}))
+        self.failed_probes = int(state_dict.get("failed_probes", 0))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Runtime caches (module references, batches, snapshots) never travel with a pickled callback.
+        state = self.__dict__.copy()
+        for name in _RUNTIME:
+            state[name] = None
+        state["_train_batches"] = []
+        return state
+
+    def _reset_runtime(self) -> None:
+        self._probe: ObjectiveProbe | None = None
+        self._writer: Any = None
+        self._train_batches: list[Any] = []
+        self._eval_batches: list[Any] | None = None
+        self._tracker: ConnectivityTracker | None = None
+        self._sharpness_vector: tuple[bool, dict[str, Tensor]] | None = None
+        #: The latest connectivity probe (segments, pairwise barrier matrix), None before the first.
+        self.last_report: ConnectivityReport | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._reset_runtime()
+        self._probe = ObjectiveProbe(pl_module, forward_context=trainer.precision_plugin.forward_context)
+        self._tracker = ConnectivityTracker(
+            self.snapshot_window, self.probe_points, self.connected_tol, self.snapshot_device
+        )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._governor.start()
+        self._last_step_seen = trainer.global_step
+        from lightning_stablelr.tensorboard import find_tensorboard_writer, write_layout_once
+
+        self._writer = find_tensorboard_writer(trainer)
+        if self._writer is not None:
+            write_layout_once(self._writer)
+        elif self.log_figures and self.probe_every_n_epochs:
+            rank_zero_info(
+                "StabilityMonitor: no TensorBoardLogger, so the figures connectivity/path and connectivity/pairwise"
+                " are skipped; the scalars still go to every logger."
+            )
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Decided here, not in on_train_batch_start: every callback has made its request by now (a step that
+        # StableLR probes anyway costs nothing), and with gradient accumulation this is the stepping batch.
+        step = trainer.global_step
+        if not self.certificate_every_n_steps or step % self.certificate_every_n_steps:
+            return
+        session = line_probe_session(trainer)
+        if session.requested(step) or self._allowed(trainer, "certificate"):
+            start = time.perf_counter()
+            session.request(step)
+            session.snapshot(trainer, pl_module)
+            self._certificate_step = step
+            self._governor.add_time(time.perf_counter() - start)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor):
+            self._ema.update(loss.detach() * trainer.accumulate_grad_batches)
+        if len(self._train_batches) < self._train_cache_size():
+            self._train_batches.append(detached_copy(batch, self.snapshot_device))
+        stepped = trainer.global_step != self._last_step_seen
+        self._last_step_seen = trainer.global_step
+        if stepped and self._certificate_step == trainer.global_step - 1:
+            self._certificate_step = None
+            self._run_certificate(trainer, pl_module, batch, batch_idx)
+        every = self.sharpness_every_n_steps
+        if stepped and every and trainer.global_step % every == 0 and self._allowed(trainer, "sharpness"):
+            self._run_sharpness(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking or self.val_monitor not in trainer.callback_metrics:
+            return
+        value = torch.as_tensor(trainer.callback_metrics[self.val_monitor], dtype=torch.float64)
+        value = trainer.strategy.reduce(value.to(pl_module.device), reduce_op="mean")
+        decrease = self._val_trend.observe(float(value))
+        if decrease is not None:
+            self._log(trainer, {"lyapunov/val_decrease": decrease})
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        every = self.probe_every_n_epochs
+        if every and (trainer.current_epoch + 1) % every == 0 and self._tracker is not None:
+            units = float(self._tracker.num_evaluations())
+            if self._allowed(trainer, "connectivity", units):
+                start = time.perf_counter()
+                report = self._run_connectivity(trainer, pl_module)
+                self._governor.record("connectivity", time.perf_counter() - start, units)
+                if report is not None:
+                    self._log(trainer, report.metrics())
+                    self._write_figures(trainer, report)
+                return
+        self._log(trainer, {})
+
+    # ------------------------------------------------------------------ probes
+    def _train_cache_size(self) -> int:
+        if not (self.certificate_every_n_steps or self.sharpness_every_n_steps or self.probe_every_n_epochs):
+            return 0
+        needed = [1 if self.sharpness_every_n_steps else 0]
+        if self.probe_every_n_epochs:
+            needed += [self.bn_recalibration_batches, self.probe_batches]
+        return max(needed)
+
+    def _allowed(self, trainer: pl.Trainer, kind: str, units: float = 1.0) -> bool:
+        """The governor's decision, identical on every rank (a probe runs only if every rank allows it)."""
+        if math.isinf(self.max_overhead):
+            return True  # the same on every rank without a collective
+        allowed = trainer.strategy.reduce_boolean_decision(self._governor.allows(kind, units), all=True)
+        if not allowed:
+            self._governor.defer(kind)
+        return allowed
+
+    def _run_certificate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        start = time.perf_counter()
+        result = line_probe_session(trainer).result(trainer, pl_module, batch, batch_idx)
+        packed = self._ema.packed()
+        packed = torch.zeros(2, dtype=torch.float64) if packed is None else packed
+        # The EMA is linear: the mean over ranks of (m, n) is the EMA of the rank-mean losses.
+        mean, count = trainer.strategy.reduce(packed.to(pl_module.device), reduce_op="mean").tolist()
+        self._governor.record("certificate", time.perf_counter() - start)
+        if result is None:
+            return
+        if result.failed:
+            self.failed_probes += 1
+            self._log(trainer, {})
+            return
+        cert = certificate(result.loss_before, result.loss_after, result.line, result.update_norm_sq)
+        self._window.record(cert.decrease, self._ema.corrected(mean, count))
+        self._log(trainer, {**cert.metrics(), **self._window.metrics()})
+
+    def _run_sharpness(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        start = time.perf_counter()
+        values = torch.tensor([0.0, 0.0], dtype=torch.float64)
+        reading = None
+        try:
+            if self._probe is None or not self._train_batches:
+                raise RuntimeError("no cached training batch for the sharpness probe")
+            init_preconditioned, init = self._sharpness_vector or (False, None)
+            with isolated_rng():
+                batch = detached_copy(self._train_batches[0], pl_module.device)
+                reading = measure_sharpness(
+                    self._probe, trainer.optimizers[0], batch, seed=probe_seed(trainer.global_step),
+                    iters=self.sharpness_iters, tol=self.sharpness_tol, init=init,
+                    init_preconditioned=init_preconditioned,
+                )
+            self._sharpness_vector = (reading.preconditioned, reading.vector)
+            values = torch.tensor([reading.sharpness, 0.0], dtype=torch.float64)
+        except Exception as error:
+            self._report_local_failure("sharpness", trainer, error)
+            values = torch.tensor([0.0, 1.0], dtype=torch.float64)
+        sharpness, failed = trainer.strategy.reduce(values.to(pl_module.device), reduce_op="mean").tolist()
+        self._governor.record("sharpness", time.perf_counter() - start)
+        if failed > 0 or reading is None or not math.isfinite(sharpness):
+            self.failed_probes += 1
+            self._log(trainer, {})
+            return
+        metrics = {"lyapunov/sharpness": sharpness}
+        if math.isfinite(reading.threshold):
+            eos_ratio = sharpness / reading.threshold
+            metrics["lyapunov/stability_threshold"] = reading.threshold
+            metrics["lyapunov/eos_ratio"] = eos_ratio
+            if eos_ratio > 0:
+                metrics["lyapunov/max_stable_lr"] = reading.lr / eos_ratio
+        self._log(trainer, metrics)
+
+    def _run_connectivity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ConnectivityReport | None:
+        tracker = self._tracker
+        assert tracker is not None and self._probe is not None
+        theta = self._probe.parameters()
+        values = None
+        try:
+            with isolated_rng():
+                device = pl_module.device
+                batches = [detached_copy(b, device) for b in self._evaluation_batches(trainer)]
+                recalibration = [
+                    detached_copy(b, device) for b in self._train_batches[: self.bn_recalibration_batches]
+                ]
+                loss = EvalLoss(self._probe, batches, recalibration, seed=_CONNECTIVITY_SEED)
+                values = tracker.local_losses(theta, loss)
+        except Exception as error:
+            self._report_local_failure("connectivity", trainer, error)
+        summed = trainer.strategy.reduce(tracker.pack(values, device=pl_module.device), reduce_op="sum")
+        failed, losses = tracker.unpack(summed)
+        if failed:
+            self.failed_probes += 1
+            rank_zero_warn(f"StabilityMonitor: the connectivity probe of epoch {trainer.current_epoch} failed on"
+                           " at least one rank and was skipped; training continues.")
+            self._log(trainer, {})
+            return None
+        self.last_report = tracker.commit(theta, losses, epoch=trainer.current_epoch, step=trainer.global_step)
+        return self.last_report
+
+    def _evaluation_batches(self, trainer: pl.Trainer) -> list[Any]:
+        """The first ``probe_batches`` validation batches (this rank's shard), cached on first use;
+        the first training batches when there is no validation loader."""
+        if self._eval_batches is None:
+            batches: list[Any] = []
+            loader = trainer.val_dataloaders
+            if isinstance(loader, (list, tuple)):
+                loader = loader[0] if loader else None
+            elif isinstance(loader, dict):
+                loader = next(iter(loader.values()), None)
+            if loader is not None:
+                for batch in loader:  # inside isolated_rng: creating the iterator draws from the torch RNG
+                    batches.append(detached_copy(trainer.strategy.batch_to_device(batch), self.snapshot_device))
+                    if len(batches) == self.probe_batches:
+                        break
+            if not batches:
+                rank_zero_info("StabilityMonitor: no validation batches; the connectivity probes use the first"
+                               " training batches instead.")
+                batches = list(self._train_batches[: self.probe_batches])
+            if not batches:
+                raise RuntimeError("no batches to evaluate the connectivity probe on")
+            self._eval_batches = batches
+        return self._eval_batches
+
+    def _report_local_failure(self, kind: str, trainer: pl.Trainer, error: BaseException) -> None:
+        # Not rank_zero_warn: the failing rank may not be rank 0, and it is the one that knows why.
+        warnings.warn(
+            f"StabilityMonitor: the {kind} probe raised on rank {trainer.global_rank} at step"
+            f" {trainer.global_step} ({type(error).__name__}: {error}); it is skipped on every rank and"
+            " training continues. Implement `probe_loss(self, batch) -> Tensor` if `training_step` cannot be"
+            " replayed.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    # ------------------------------------------------------------------ output
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        """Scalars to every logger (they write on rank 0) and into ``callback_metrics``.
+
+        The step is the one Lightning's own logging and ``LearningRateMonitor`` use (batches that
+        stepped), so a certificate of optimizer step t lands at t next to that step's ``train_loss``.
+        ``log_every_n_steps`` is not applied: the probes have their own, sparser cadence.
+        """
+        metrics = {
+            **metrics,
+            "monitor/deferred_probes": float(self._governor.total_deferred),
+            "monitor/failed_probes": float(self.failed_probes),
+            "monitor/overhead": self._governor.overhead(),
+        }
+        step = _log_step(trainer)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        put_callback_metrics(trainer, metrics)
+
+    def _write_figures(self, trainer: pl.Trainer, report: ConnectivityReport) -> None:
+        if not (self.log_figures and self._writer is not None and report.segments):
+            return
+        from lightning_stablelr.tensorboard import pairwise_heatmap, path_figure, write_figure
+
+        start = time.perf_counter()
+        step = _log_step(trainer)
+        write_figure(self._writer, "connectivity/path", path_figure(report.segments), step)
+        matrix = report.matrix
+        write_figure(self._writer, "connectivity/pairwise", pairwise_heatmap(matrix.values.numpy(), matrix.labels), step)
+        self._governor.add_time(time.perf_counter() - start)

@@ -1,0 +1,95 @@
+"""The overhead governor: exact decisions on a synthetic clock, and a real run whose probes cost known time."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_stablelr.callbacks._governor import ProbeGovernor
+from lightning_stablelr.callbacks.monitor import StabilityMonitor
+from tests.helpers import make_trainer
+from tests.test_monitor_support import (
+    QuadraticModule,
+    RecordingLogger,
+    constant_loader,
+    series,
+    single_thread,  # noqa: F401  (autouse: one torch thread)
+)
+
+
+def test_governor_allows_a_probe_only_while_it_fits_the_budget():
+    governor = ProbeGovernor(0.1)
+    governor.start(now=100.0)
+    assert governor.allows("certificate", now=100.0)  # never measured: predicted 0, budget 0
+    governor.record("certificate", 0.5)
+    # probe 0.5 s; training = elapsed - 0.5. Next needs 0.5 + 0.5 <= 0.1 * training, i.e. training >= 10 s.
+    assert not governor.allows("certificate", now=100.0 + 0.5 + 9.9)
+    assert governor.allows("certificate", now=100.0 + 0.5 + 10.0)
+    assert governor.training_time(now=110.5) == pytest.approx(10.0)
+    assert governor.overhead(now=110.5) == pytest.approx(0.05)
+    # Costs scale with units (segments of a connectivity probe).
+    governor.record("connectivity", 0.2, units=4)
+    assert governor.predicted("connectivity", units=10) == pytest.approx(0.5)
+    assert governor.defer("certificate") == 1
+    assert governor.defer("sharpness") == 2
+    assert governor.total_deferred == 2
+    assert governor.state_dict() == {"deferred": {"certificate": 1, "sharpness": 1}}
+
+
+def test_governor_with_infinite_budget_allows_everything():
+    governor = ProbeGovernor(math.inf)
+    governor.start(now=0.0)
+    governor.record("sharpness", 1e6)
+    assert governor.allows("sharpness", now=0.0)
+
+
+@pytest.mark.parametrize("value", [0, -0.1, float("nan"), True, "0.05"])
+def test_governor_rejects_a_bad_budget(value: Any):
+    with pytest.raises(ValueError, match=r"`max_overhead` must be a number > 0 \(math.inf disables the governor\)"):
+        ProbeGovernor(value)
+
+
+class _TimedQuadratic(QuadraticModule):
+    """Every training step sleeps 10 ms; every probe evaluation sleeps 10 ms (a certificate is three)."""
+
+    def probe_loss(self, batch: Any) -> torch.Tensor:
+        time.sleep(0.01)
+        return super().probe_loss(batch)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        time.sleep(0.01)
+        return super().training_step(batch, batch_idx)
+
+
+def test_tiny_budget_defers_probes_counts_them_and_keeps_probe_time_under_budget(tmp_path):
+    steps, budget = 60, 0.25
+    model = _TimedQuadratic(lr=0.05)
+    logger = RecordingLogger()
+    monitor = StabilityMonitor(
+        certificate_every_n_steps=1, sharpness_every_n_steps=5, sharpness_iters=3, probe_every_n_epochs=0,
+        max_overhead=budget,
+    )
+    trainer = make_trainer(tmp_path, logger=logger, callbacks=[monitor], limit_val_batches=0)
+    trainer.fit(model, train_dataloaders=constant_loader(steps))
+
+    certificates = len(series(logger, "lyapunov/delta_v"))
+    sharpness = len(series(logger, "lyapunov/sharpness"))
+    deferred = series(logger, "monitor/deferred_probes")
+    final_step = max(deferred)
+    # Every due probe either ran (and logged) or was deferred and counted.
+    assert deferred[final_step] == (steps - certificates) + (steps // 5 - sharpness)
+    assert deferred[final_step] >= 30
+    assert certificates >= 2  # the budget grows with training time, so probes keep running
+    # Ungoverned, a certificate (3 x 10 ms) every 10 ms step is an overhead near 3. Governed, the probe time
+    # is at most the budget plus what could not be predicted: the first certificate (30 ms) and the first
+    # sharpness (10 ms), with 30 ms for timer and sleep jitter.
+    overhead = series(logger, "monitor/overhead")[final_step]
+    training_time = steps * 0.01  # a lower bound: each step sleeps 10 ms
+    assert overhead <= budget + (0.03 + 0.01 + 0.03) / training_time
+    assert monitor._governor.deferred == {
+        "certificate": steps - certificates, "sharpness": steps // 5 - sharpness,
+    }
