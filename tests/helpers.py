@@ -53,8 +53,10 @@ class TinyRegression(L.LightningModule):
         optimizer: ``"sgd"`` or ``"adam"``.
         loss_scale: the training and validation losses are multiplied by it (scale-invariance tests).
         val_losses: if given, ``validation_step`` logs ``val_loss = val_losses[k]`` at the k-th *real*
-            validation (the sanity check logs ``sanity_val_loss`` instead and does not advance ``k``);
-            after the list is exhausted the last value repeats.
+            validation (the sanity check does not advance ``k``); after the list is exhausted the last
+            value repeats.
+        sanity_val_loss: with ``val_losses``, what the sanity check logs under ``val_key`` (None: it
+            logs ``sanity_val_loss = 123.0`` instead, so ``val_key`` is absent during the sanity check).
         val_key: the key under which the validation loss is logged.
         group_lrs: if given, the weight and the bias are two param groups with these lrs (``lr`` ignored);
             the groups are named ``"weight"`` and ``"bias"`` when ``name_groups`` is True.
@@ -78,6 +80,7 @@ class TinyRegression(L.LightningModule):
         nonfinite_steps: Sequence[int] = (),
         nonfinite_value: float = float("nan"),
         seed: int = 0,
+        sanity_val_loss: float | None = None,
     ) -> None:
         super().__init__()
         self.layer = nn.Linear(in_features, 1)
@@ -90,6 +93,7 @@ class TinyRegression(L.LightningModule):
         self.loss_scale = loss_scale
         self.val_losses = list(val_losses) if val_losses is not None else None
         self.val_key = val_key
+        self.sanity_val_loss = sanity_val_loss
         self.group_lrs = list(group_lrs) if group_lrs is not None else None
         self.name_groups = name_groups
         self.scheduler = scheduler
@@ -119,7 +123,10 @@ class TinyRegression(L.LightningModule):
             self.log(self.val_key, self.objective(batch))
             return
         if self.trainer.sanity_checking:
-            self.log("sanity_val_loss", 123.0)
+            if self.sanity_val_loss is None:
+                self.log("sanity_val_loss", 123.0)
+            else:
+                self.log(self.val_key, float(self.sanity_val_loss))
             return
         index = min(self.validations_seen, len(self.val_losses) - 1)
         self.log(self.val_key, float(self.val_losses[index]))

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import copy
+import math
 import random
 
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_stablelr.callbacks._shared import all_finite, line_probe_session
+from lightning_stablelr.line_probe import LineProbeResult, line_points, three_point_probe
 from lightning_stablelr.probe import ObjectiveProbe, ProbeError
-from tests.helpers import TinyClassifier, TinyRegression, regression_data
+from tests.helpers import TinyClassifier, TinyRegression, make_trainer, regression_data
 
 
 def _state(model: nn.Module) -> dict[str, object]:
@@ -205,3 +210,113 @@ def test_forward_context_wraps_every_evaluation():
     probe = ObjectiveProbe(TinyRegression(), forward_context=Counting)
     probe.losses(regression_data(4, 4).tensors, [probe.parameters()] * 3)
     assert len(entered) == 3
+
+
+# ---------------------------------------------------------------------------------------------- line probe
+def test_three_point_probe_is_exact_on_a_quadratic():
+    # MSE of a linear model is quadratic in θ: a = gᵀΔθ and c = ΔθᵀHΔθ hold exactly (up to fp32 round-off).
+    model = TinyRegression(in_features=3, seed=6)
+    x, y = regression_data(10, 3, seed=7).tensors
+    probe = ObjectiveProbe(model)
+    before = {name: p.clone() for name, p in probe.parameters().items()}
+    delta = {"layer.weight": torch.tensor([[0.1, -0.2, 0.05]]), "layer.bias": torch.tensor([-0.3])}
+    after = {name: before[name] + delta[name] for name in before}
+    result = three_point_probe(probe, (x, y), before, after, step=9, seed=1)
+
+    xa = torch.cat([x, torch.ones(10, 1)], dim=1).double()
+    theta = torch.cat([before["layer.weight"].flatten(), before["layer.bias"]]).double()
+    step = torch.cat([delta["layer.weight"].flatten(), delta["layer.bias"]]).double()
+    grad = 2 * xa.T @ (xa @ theta - y.double().flatten()) / 10
+    hessian = 2 * xa.T @ xa / 10
+    assert result.step == 9 and result.finite and not result.failed
+    assert result.line.first_order == pytest.approx(float(grad @ step), rel=1e-5)
+    assert result.line.curvature == pytest.approx(float(step @ hessian @ step), rel=1e-4)
+    assert result.update_norm_sq == pytest.approx(float(step @ step), rel=1e-6)
+    assert result.loss_after == pytest.approx(probe.loss((x, y), after).item(), rel=1e-7)
+    assert result.loss_mirror == pytest.approx(
+        probe.loss((x, y), {n: before[n] - delta[n] for n in before}).item(), rel=1e-7
+    )
+    assert torch.equal(model.layer.weight.detach(), before["layer.weight"])
+
+
+def test_line_points_mirror_in_fp32_and_cast_back():
+    before = {"w": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)}
+    after = {"w": torch.tensor([1.5, 1.0], dtype=torch.bfloat16)}
+    mirror, norm_sq = line_points(before, after)
+    assert mirror["w"].dtype == torch.bfloat16 and mirror["w"].tolist() == [0.5, 3.0]
+    assert norm_sq.dtype == torch.float32 and norm_sq.item() == 0.25 + 1.0
+    with pytest.raises(ValueError, match=r"must name the same parameters, got a difference in \['v', 'w'\]"):
+        line_points(before, {"v": after["w"]})
+
+
+def test_line_probe_result_flags_non_finite_and_failed():
+    assert not LineProbeResult.from_losses(0, [1.0, math.nan, 1.0], 1.0).finite
+    unavailable = LineProbeResult.unavailable(4)
+    assert unavailable.step == 4 and unavailable.failed and not unavailable.finite
+
+
+def test_all_finite_uses_a_norm_that_cannot_overflow():
+    big = torch.full((1000,), 1e30)  # its 2-norm overflows fp32, its max-norm does not
+    assert all_finite([big, torch.zeros(3, dtype=torch.float64)]).item() is True
+    assert all_finite([big, torch.tensor([0.0, math.inf])]).item() is False
+    assert all_finite([torch.tensor([math.nan], dtype=torch.float16)]).item() is False
+    assert all_finite([]).item() is True
+
+
+# ---------------------------------------------------------------------------------------------- session
+class _Requester(Callback):
+    """Requests the shared line probe on every step, like a second callback would, and keeps the results."""
+
+    def __init__(self) -> None:
+        self.results: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        line_probe_session(trainer).request(trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        line_probe_session(trainer).snapshot(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.results.append(line_probe_session(trainer).result(trainer, pl_module, batch, batch_idx))
+
+
+def _classifier_run(tmp_path, callbacks):
+    model = TinyClassifier(dropout=0.3, seed=2)
+    x, y = TinyClassifier.batch(num_samples=24, seed=3)
+    loader = DataLoader(
+        TensorDataset(x, y), batch_size=6, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    torch.manual_seed(123)  # dropout masks of the training itself
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=callbacks)
+    trainer.fit(model, loader)
+    return model, trainer
+
+
+def test_session_probes_have_zero_observer_effect_on_training(tmp_path):
+    plain, _ = _classifier_run(tmp_path / "plain", [])
+    first, second = _Requester(), _Requester()
+    probed, trainer = _classifier_run(tmp_path / "probed", [first, second])
+    for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values()):
+        assert torch.equal(a, b), name  # weights and BatchNorm statistics, bit for bit
+    assert plain.training_step_calls == 8 and probed.training_step_calls == 8 + 3 * 8
+    assert len(first.results) == 8 and all(r is not None and r.finite for r in first.results)
+    assert [r.step for r in first.results] == list(range(8))
+    # computed once per step; the second caller gets the very same object
+    assert all(a is b for a, b in zip(first.results, second.results))
+    assert line_probe_session(trainer).probes_run == 8
+
+
+def test_session_result_is_none_for_unrequested_or_discarded_steps(tmp_path):
+    class DiscardOdd(_Requester):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step != 2:
+                super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+            if trainer.global_step == 5:
+                line_probe_session(trainer).discard(5)
+
+    requester = DiscardOdd()
+    _classifier_run(tmp_path, [requester])
+    assert [r is None for r in requester.results] == [False, False, True, False, False, True, False, False]

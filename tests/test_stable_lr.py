@@ -8,6 +8,7 @@ so that ``G`` stays 1 whatever the validation losses are.
 
 from __future__ import annotations
 
+import csv
 import inspect
 import math
 import pickle
@@ -17,6 +18,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_stablelr.callbacks.stable_lr import StableLR
@@ -129,3 +131,259 @@ def test_picklable():
     clone = pickle.loads(pickle.dumps(callback))
     assert clone.monitor == "val/loss" and clone.controller.decay_rate == pytest.approx(math.log(2) / 3)
     assert isinstance(L.Callback, type) and isinstance(clone, L.Callback)
+
+
+class MetricsAtValidation(Callback):
+    """Copies StableLR's gap metrics out of ``callback_metrics`` at every real validation end."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            metrics = trainer.callback_metrics
+            self.records.append({key: float(metrics[key]) for key in ("stablelr/gap_factor", "stablelr/gap")})
+
+
+def test_scripted_validation_losses_give_the_exact_gap_factors(tmp_path):
+    # Validation 0 is the first (always "improved"); 1 and 2 do not improve on 5.0 and overfit; 3 improves.
+    # The sanity check logs val_loss=0.01: had it counted, validation 0 would not improve and G would shrink.
+    val_losses = [5.0, 6.0, 7.0, 1.0]
+    model = TinyRegression(lr=0.05, val_losses=val_losses, sanity_val_loss=0.01)
+    callback = StableLR(decay_rate=0.0, gap_tolerance=0.25, gap_strength=2.0, **NO_GUARD)
+    seen = MetricsAtValidation()
+    trainer = make_trainer(tmp_path, max_epochs=4, num_sanity_val_steps=1, callbacks=[callback, seen])
+    recorder = LrRecorder()
+    trainer.callbacks.append(recorder)
+    trainer.fit(model, regression_loader(32, 8), regression_loader(16, 8, seed=1))
+
+    gap_factor, best, expected = 1.0, None, []
+    for epoch, val_loss in enumerate(val_losses):
+        train_loss = sum(model.train_losses[4 * epoch : 4 * epoch + 4]) / 4
+        gap = (val_loss - train_loss) / abs(val_loss)
+        improved = best is None or val_loss < best
+        if gap > 0.25 and not improved:
+            gap_factor *= math.exp(-2.0 * (gap - 0.25))
+        best = val_loss if improved else best
+        expected.append({"stablelr/gap_factor": gap_factor, "stablelr/gap": gap})
+    assert len(seen.records) == 4
+    for got, want in zip(seen.records, expected):
+        assert got == pytest.approx(want, rel=1e-5)
+    assert expected[0]["stablelr/gap_factor"] == 1.0 and expected[2]["stablelr/gap_factor"] < 0.5
+    # Each epoch's lr carries the G of the validation before it (no decay, no guard).
+    epoch_lrs = [recorder.lrs[4 * epoch][0] for epoch in range(4)]
+    wanted = [0.05] + [0.05 * record["stablelr/gap_factor"] for record in expected[:3]]
+    assert epoch_lrs == pytest.approx(wanted, rel=1e-5)
+    assert callback.controller.best_val_loss == 1.0 and callback.controller.validations == 4
+
+
+def test_gap_factor_is_scale_invariant(tmp_path):
+    factors = []
+    for scale in (1.0, 1000.0):
+        model = TinyRegression(
+            lr=0.05 / scale, loss_scale=scale, val_losses=[scale * v for v in (1.0, 3.0, 3.0)]
+        )
+        callback = StableLR(decay_rate=0.0, **NO_GUARD)
+        _fit(tmp_path / str(scale), model, callback, epochs=3)
+        factors.append(callback.controller.gap_factor)
+    assert factors[0] < 1.0
+    assert factors[1] == pytest.approx(factors[0], rel=1e-5)
+
+
+def test_missing_monitor_strict_raises_with_the_available_keys(tmp_path):
+    model = TinyRegression(val_losses=[1.0])
+    with pytest.raises(RuntimeError) as error:
+        _fit(tmp_path, model, StableLR(monitor="val_acc", **NO_GUARD), epochs=1)
+    text = str(error.value)
+    assert "StableLR conditioned on metric `val_acc` which is not available" in text
+    assert "`train_loss`, `val_loss`" in text
+    assert "StableLR(strict=False)" in text
+    assert "stablelr/" not in text
+
+
+def test_missing_monitor_non_strict_warns_once_and_keeps_g(tmp_path):
+    model = TinyRegression(val_losses=[1.0, 9.0, 9.0])
+    callback = StableLR(monitor="val_acc", strict=False, decay_rate=0.0, gap_tolerance=0.0, **NO_GUARD)
+    with pytest.warns(RuntimeWarning, match=r"`val_acc` which is not available.*\(shown once\)") as record:
+        _, recorder = _fit(tmp_path, model, callback, epochs=3)
+    assert sum("val_acc" in str(warning.message) for warning in record) == 1
+    assert callback.controller.gap_factor == 1.0 and callback.controller.validations == 0
+    assert {lrs[0] for lrs in recorder.lrs} == {0.1}
+
+
+def test_compose_multiplies_an_epoch_scheduler(tmp_path):
+    model = TinyRegression(lr=0.1, scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
+    callback = StableLR(decay_rate=0.2, min_lr_ratio=0.0, on_scheduler_conflict="compose", **CLOSED_FORM)
+    trainer, recorder = _fit(tmp_path, model, callback, epochs=3)
+    expected = [0.1 * 0.5 ** (step // 4) * math.exp(-0.2 * step / 4) for step in range(12)]
+    assert [lrs[0] for lrs in recorder.lrs] == pytest.approx(expected, rel=1e-12, abs=0)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.get_last_lr() == pytest.approx([0.1 * 0.5**3], rel=1e-12)  # never saw our factor
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3, rel=1e-12)
+    assert float(trainer.callback_metrics["stablelr/lr"]) == pytest.approx(expected[-1], rel=1e-6)
+
+
+def test_compose_with_a_chainable_step_scheduler_does_not_compound(tmp_path):
+    def exponential(optimizer):
+        return {"scheduler": torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.9), "interval": "step"}
+
+    model = TinyRegression(lr=0.1, scheduler=exponential)
+    callback = StableLR(decay_rate=0.5, min_lr_ratio=0.3, on_scheduler_conflict="compose", **CLOSED_FORM)
+    _, recorder = _fit(tmp_path, model, callback, epochs=4)
+    # min(η_s, max(min_lr_ratio · η0, η_s · factor)) with η_s = 0.1 · 0.9^k
+    expected = [
+        min(0.1 * 0.9**step, max(0.3 * 0.1, 0.1 * 0.9**step * math.exp(-0.5 * step / 4)))
+        for step in range(16)
+    ]
+    assert [lrs[0] for lrs in recorder.lrs] == pytest.approx(expected, rel=1e-12, abs=0)
+    assert expected[8] == 0.03  # our floor binds ...
+    assert expected[-1] == 0.1 * 0.9**15 < 0.03  # ... but never lifts the lr above the scheduler's own
+
+
+def test_guard_step_margin_is_the_analytic_one_for_sgd_on_a_quadratic(tmp_path):
+    # MSE of a linear model is exactly quadratic: with Δθ = -η g the line model is exact, and
+    # s_max = -2 gᵀΔθ / ΔθᵀHΔθ = 2 ‖g‖² / (η gᵀHg), H = 2 XaᵀXa / n.
+    lr = 0.4
+    model = TinyRegression(lr=lr, seed=3)
+    x, y = next(iter(regression_loader(32, 8)))
+    xa = torch.cat([x, torch.ones(len(x), 1)], dim=1).double()
+    theta = torch.cat([model.layer.weight.detach().flatten(), model.layer.bias.detach()]).double()
+    grad = 2 * xa.T @ (xa @ theta - y.double().flatten()) / len(x)
+    hessian = 2 * xa.T @ xa / len(x)
+    expected_margin = float(2 * grad @ grad / (lr * grad @ hessian @ grad))
+
+    callback = StableLR(decay_rate=0.0, check_every_n_steps=0, dense_check_steps=1, gap_strength=0.0)
+    trainer, recorder = _fit(tmp_path, model, callback, epochs=1)
+    assert callback.controller.checks == 1
+    assert callback.controller.last_step_margin == pytest.approx(expected_margin, rel=1e-4)
+    assert float(trainer.callback_metrics["stablelr/step_margin"]) == pytest.approx(expected_margin, rel=1e-4)
+    stability = callback.controller.stability_factor
+    assert (stability < 1.0) == (0.5 * expected_margin < 1.0)
+    assert [lrs[0] for lrs in recorder.lrs][1:] == pytest.approx([lr * stability] * 3, rel=1e-12)
+
+
+def test_guard_tames_a_diverging_learning_rate(tmp_path):
+    def final_loss(callback):
+        model = TinyRegression(lr=1.5, seed=2)
+        callbacks = [callback] if callback is not None else []
+        trainer = make_trainer(tmp_path, max_epochs=4, callbacks=callbacks)
+        trainer.fit(model, regression_loader(32, 8))
+        return model.train_losses
+
+    unguarded = final_loss(None)
+    guarded = final_loss(
+        StableLR(decay_rate=0.0, check_every_n_steps=2, dense_check_steps=4, gap_strength=0.0)
+    )
+    assert not (unguarded[-1] < unguarded[0]), "the control run must diverge for this test to mean anything"
+    assert all(math.isfinite(loss) for loss in guarded)
+    assert guarded[-1] < 0.1 * guarded[0]
+
+
+def test_failing_probe_warns_once_and_leaves_c_alone(tmp_path):
+    class BrokenProbe(TinyRegression):
+        def probe_loss(self, batch):
+            raise RuntimeError("boom")
+
+    callback = StableLR(decay_rate=0.0, dense_check_steps=4, check_every_n_steps=0, gap_strength=0.0)
+    with pytest.warns(UserWarning, match=r"line probe failed at step 0 \(RuntimeError: boom\)") as record:
+        _fit(tmp_path, BrokenProbe(lr=0.1), callback, epochs=1)
+    assert sum("line probe failed" in str(warning.message) for warning in record) == 1
+    assert callback.controller.stability_factor == 1.0 and callback.controller.checks == 0
+
+
+def test_state_dict_round_trip_and_checkpoint_resume_matches_uninterrupted(tmp_path):
+    def model():
+        return TinyRegression(lr=0.1, val_losses=[2.0, 3.0, 3.5, 4.0, 1.0])
+
+    def stablelr():
+        return StableLR(decay_rate=0.3, check_every_n_steps=3, dense_check_steps=2)
+
+    uninterrupted = stablelr()
+    _, full = _fit(tmp_path / "full", model(), uninterrupted, epochs=4)
+
+    first = stablelr()
+    trainer, part_one = _fit(tmp_path / "one", model(), first, epochs=2)
+    checkpoint = tmp_path / "two-epochs.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    state = first.state_dict()
+    assert state["base_lrs"] == {"0/0": 0.1} and state["steps_per_epoch"] == 4
+    assert state["controller"]["gap_factor"] < 1.0 and state["controller"]["checks"] == 4
+    clone = stablelr()
+    clone.load_state_dict(pickle.loads(pickle.dumps(state)))
+    assert clone._pending_state == state  # applied in on_train_start, after Lightning restores optimizers
+
+    resumed_model = model()
+    resumed_model.validations_seen = 2  # the scripted losses continue where the first run stopped
+    second = stablelr()
+    recorder = LrRecorder()
+    trainer = make_trainer(tmp_path / "two", max_epochs=4, callbacks=[second, recorder])
+    trainer.fit(
+        resumed_model, regression_loader(32, 8), regression_loader(16, 8, seed=1), ckpt_path=checkpoint
+    )
+    assert second.base_lrs == {"0/0": 0.1}  # not the decayed lr stored in the optimizer state
+    assert part_one.lrs + recorder.lrs == full.lrs
+    assert second.state_dict()["controller"] == uninterrupted.state_dict()["controller"]
+
+
+def test_metrics_reach_callback_metrics_and_a_csv_logger(tmp_path):
+    callback = StableLR(decay_rate=0.5, min_lr_ratio=0.0, **CLOSED_FORM)
+    model = TinyRegression(lr=0.1)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[callback], logger=logger, log_every_n_steps=2)
+    trainer.fit(model, regression_loader(32, 8), regression_loader(16, 8, seed=1))
+    metrics = trainer.callback_metrics
+    for key in (
+        "stablelr/lr",
+        "stablelr/decay",
+        "stablelr/gap",
+        "stablelr/gap_factor",
+        "stablelr/stability_factor",
+    ):
+        assert isinstance(metrics[key], torch.Tensor), key
+    assert float(metrics["stablelr/nonfinite_steps"]) == 0.0
+    with open(logger.log_dir + "/metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("stablelr/lr")]
+    # log_every_n_steps=2: steps 1, 3, 5, 7, each with the lr that step used
+    assert [int(row["step"]) for row in rows] == [1, 3, 5, 7]
+    for row in rows:
+        step = int(row["step"])
+        assert float(row["stablelr/lr"]) == pytest.approx(0.1 * math.exp(-0.5 * step / 4), rel=1e-9)
+        assert float(row["stablelr/decay"]) == pytest.approx(math.exp(-0.5 * step / 4), rel=1e-9)
+        assert float(row["stablelr/gap_factor"]) == 1.0 and float(row["stablelr/stability_factor"]) == 1.0
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            x = torch.randn(8, 4, generator=generator)
+            yield x, x.sum(1, keepdim=True)
+
+
+def test_loader_without_length_uses_the_validation_interval_or_asks_for_steps_per_epoch(tmp_path):
+    callback = StableLR(decay_rate=1.0, min_lr_ratio=0.0, **CLOSED_FORM)
+    trainer = make_trainer(tmp_path, max_steps=6, val_check_interval=3, callbacks=[callback, LrRecorder()])
+    model = TinyRegression(val_losses=[1.0])
+    trainer.fit(model, torch.utils.data.DataLoader(_Stream(), batch_size=None), regression_loader(8, 8))
+    assert callback._resolved_steps_per_epoch == 3
+    lrs = [lrs[0] for lrs in trainer.callbacks[1].lrs]
+    assert lrs == pytest.approx([0.1 * math.exp(-step / 3) for step in range(6)], rel=1e-12)
+
+    with pytest.raises(MisconfigurationException, match=r"Pass `steps_per_epoch=N`"):
+        make_trainer(tmp_path, max_steps=2, callbacks=[StableLR(**NO_GUARD)]).fit(
+            TinyRegression(), torch.utils.data.DataLoader(_Stream(), batch_size=None)
+        )
+    explicit = StableLR(steps_per_epoch=5, **NO_GUARD)
+    make_trainer(tmp_path, max_steps=2, callbacks=[explicit]).fit(
+        TinyRegression(), torch.utils.data.DataLoader(_Stream(), batch_size=None)
+    )
+    assert explicit._resolved_steps_per_epoch == 5
+
+
+def test_state_key_and_duplicate_callbacks(tmp_path):
+    assert StableLR().state_key == StableLR().state_key
+    assert StableLR(monitor="a").state_key != StableLR(monitor="b").state_key
+    assert StableLR(decay_rate=0.1).state_key != StableLR(decay_rate=0.2).state_key
+    assert StableLR(interval="epoch").state_key != StableLR().state_key
+    with pytest.raises(MisconfigurationException, match="Keep only one StableLR"):
+        _fit(tmp_path, TinyRegression(), StableLR(monitor="a", **NO_GUARD), recorder=StableLR(monitor="b"))

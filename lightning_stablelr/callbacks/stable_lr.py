@@ -78,8 +78,8 @@ class StableLR(Callback):
         min_stability_factor: lower bound of ``C``.
         monitor: validation metric ``L_va`` (read from ``trainer.callback_metrics`` at validation end).
         strict: a missing ``monitor`` raises (True) or warns once and leaves ``G`` unchanged (False).
-        check_every_n_steps: run the three-point guard on optimizer steps ``0, n, 2n, ...``
-            (three extra forward passes each); 0 disables the periodic checks.
+        check_every_n_steps: run the three-point guard on every n-th optimizer step (the steps with
+            ``(global_step + 1) % n == 0``; three extra forward passes each); 0 disables the periodic checks.
         dense_check_steps: also check every one of the first ``dense_check_steps`` optimizer steps, where
             divergence usually happens; 0 disables them.
         skip_nonfinite: drop the gradients of a step whose gradients contain NaN/Inf on any rank, so the
@@ -282,10 +282,10 @@ class StableLR(Callback):
 
     # ------------------------------------------------------------------------------------------ decisions
     def _is_check_step(self, step: int) -> bool:
-        """Guard checks: every step below ``dense_check_steps``, then steps ``0, n, 2n, ...``."""
+        """Guard checks: every step below ``dense_check_steps``, then every n-th step (``n-1, 2n-1, ...``)."""
         if step < self.dense_check_steps:
             return True
-        return self.check_every_n_steps > 0 and step % self.check_every_n_steps == 0
+        return self.check_every_n_steps > 0 and (step + 1) % self.check_every_n_steps == 0
 
     def _epochs(self, trainer: pl.Trainer, step: int) -> float:
         steps_per_epoch = self._resolved_steps_per_epoch or math.inf
