@@ -1,0 +1,98 @@
+"""DDP: every rank sets the same lr at every step, although the ranks see different data and losses.
+
+``tests/scripts/train_stablelr.py --rank-scaled`` gives rank ``r`` its own train and val shards with inputs
+and targets scaled by ``1 + 2 r`` (so its losses are about ``(1 + 2 r)^2`` times rank 0's), and logs
+``val_loss`` without ``sync_dist``: StableLR's gap decision and guard must use reduced values, or the ranks'
+lrs drift apart. ``strategy="ddp"`` relaunches the script as a second process (gloo on CPU), the way the
+``ddp_cpu`` recipe runs. ``ddp_spawn`` is not run here: on 2 cores its workers re-import Lightning and take
+about 50 s; the pickling it relies on is tested in ``test_cli_and_pickle.py``. A hang fails through the
+subprocess timeout, which ends the whole process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_stablelr.py"
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+STEPS = EPOCHS * 6  # --train-size 24 / --batch-size 4 per rank
+CONFIG = {
+    "decay_rate": 0.3,
+    "gap_tolerance": 0.05,
+    # No validation after the first counts as an improvement, so G shrinks whenever the (reduced) gap
+    # exceeds the tolerance: a rank that used its own gap would shrink G by a different amount.
+    "min_delta": 100.0,
+    "check_every_n_steps": 2,
+    "dense_check_steps": 4,
+}
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _run_ddp(out: Path, strategy: str, timeout: float = 240) -> None:
+    out.mkdir()
+    command = [
+        sys.executable, str(SCRIPT), "--out", str(out), "--epochs", str(EPOCHS), "--stablelr", json.dumps(CONFIG),
+        "--strategy", strategy, "--devices", "2", "--rank-scaled",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    log = out / "log.txt"
+    with log.open("wb") as handle:
+        # A new session, so that a hang can be ended together with the worker processes it started.
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            rc = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise AssertionError(f"DDP run hung for {timeout}s; log:\n{log.read_text()[-4000:]}") from None
+    assert rc == 0, f"DDP run failed with {rc}; log:\n{log.read_text()[-4000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_every_rank_sets_the_same_lr_at_every_step(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    _run_ddp(out, "ddp")
+
+    lrs = [_records(out / f"lr_rank{rank}.jsonl") for rank in (0, 1)]
+    assert [r["step"] for r in lrs[0]] == list(range(STEPS))
+    assert lrs[0] == lrs[1], "ranks set different lrs: " + str(
+        [(a, b) for a, b in zip(lrs[0], lrs[1]) if a != b][:5]
+    )
+
+    # The ranks really disagreed about the data: rank 1's own, unsynced val loss is several times rank 0's
+    # (its last batch's train loss too, though that one is noisier).
+    factors = [_records(out / f"factors_rank{rank}.jsonl") for rank in (0, 1)]
+    assert len(factors[0]) == len(factors[1]) == STEPS + EPOCHS
+    epoch_ends = [[r for r in records if r["where"] == "epoch"] for records in factors]
+    for end_0, end_1 in zip(*epoch_ends):
+        assert end_1["val_loss"] > 3 * end_0["val_loss"], (end_0, end_1)
+        assert end_1["train_loss"] > 1.5 * end_0["train_loss"], (end_0, end_1)
+    # Yet every controller quantity (lr, decay, gap, G, C, step margin, ...) is identical on both ranks.
+    controller_values = [[_stablelr_only(r) for r in records] for records in factors]
+    assert controller_values[0] == controller_values[1]
+
+    body_lrs = [record["lrs"][0] for record in lrs[0]]
+    assert body_lrs[-1] < body_lrs[0] * 0.6, "decay over 3 epochs at 0.3/epoch gives at most exp(-0.9*17/18)"
+    last = epoch_ends[0][-1]
+    assert last["stablelr/gap_factor"] < 1.0, f"G never moved, the reduced gap decision went untested: {last}"
+    assert min(r["stablelr/stability_factor"] for r in factors[0]) < 1.0, "the guard never shrank C"
+
+
+def _stablelr_only(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key.startswith("stablelr/") or key == "step"}
