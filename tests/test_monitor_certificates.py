@@ -120,7 +120,8 @@ def test_bad_arguments_raise_naming_the_argument_and_value(argument: str, value:
 def test_monitor_is_picklable_and_keeps_its_configuration():
     monitor = StabilityMonitor(window=5, certificate_window=7, max_overhead=math.inf, snapshot_device="cpu")
     clone = pickle.loads(pickle.dumps(monitor))
-    assert (clone.certificate_window, clone.snapshot_window, clone.max_overhead) == (7, 5, math.inf)
-    assert clone.snapshot_device == torch.device("cpu")
+    assert clone.config == monitor.config
+    assert (clone.config.certificate_window, clone.config.snapshot_window, clone.config.max_overhead) == (7, 5, math.inf)
+    assert clone.config.snapshot_device == torch.device("cpu")
     assert clone.state_key == monitor.state_key
     assert clone.state_dict() == monitor.state_dict()

@@ -3,9 +3,8 @@
 - :func:`isolated_rng`: every data access and probe of the monitor runs inside it, so the global
   random streams (torch CPU and initialised CUDA, ``random``, numpy) are exactly as before, even when
   the block raises. Creating a DataLoader iterator alone draws from the torch generator.
-- :func:`detached_copy`: batches cached by the monitor are copies, on the snapshot device.
+- :func:`detached_copy` and :func:`first_batches`: batches cached by the monitor are copies, on the snapshot device.
 - :func:`measure_sharpness`: λ_max (or Adam's preconditioned sharpness) and the optimizer's threshold.
-- argument checks specific to the monitor.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +31,8 @@ from lightning_stablelr.sharpness import (
 
 __all__ = [
     "SharpnessReading",
-    "check_device",
-    "check_max_overhead",
     "detached_copy",
+    "first_batches",
     "isolated_rng",
     "measure_sharpness",
 ]
@@ -70,29 +68,21 @@ def detached_copy(data: Any, device: torch.device | str) -> Any:
     return data
 
 
-def check_max_overhead(value: Any) -> float:
-    """``max_overhead`` is a number > 0; ``math.inf`` switches the governor off."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or math.isnan(value)
-        or value <= 0
-    ):
-        raise ValueError(
-            f"`max_overhead` must be a number > 0 (a fraction of training time, e.g. 0.05; math.inf turns the "
-            f"governor off), got {value!r}."
-        )
-    return float(value)
-
-
-def check_device(value: Any) -> torch.device:
-    """``snapshot_device`` must name a torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``)."""
-    try:
-        return torch.device(value)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(
-            f"`snapshot_device` must be a torch device such as 'cpu' or 'cuda:0', got {value!r}."
-        ) from error
+def first_batches(loaders: Any, count: int, convert: Callable[[Any], Any]) -> list[Any]:
+    """``convert(batch)`` for the first ``count`` batches of the first loader in ``loaders`` (a loader, a list or
+    dict of loaders, or None); fewer when it is shorter, none without a loader."""
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    elif isinstance(loaders, Mapping):
+        loaders = next(iter(loaders.values()), None)
+    batches: list[Any] = []
+    if loaders is None:
+        return batches
+    for batch in loaders:
+        batches.append(convert(batch))
+        if len(batches) == count:
+            break
+    return batches
 
 
 @dataclass(frozen=True)
@@ -113,6 +103,19 @@ class SharpnessReading:
     lr: float
     preconditioned: bool
     vector: dict[str, Tensor]
+
+    def metrics(self, sharpness: float) -> dict[str, float]:
+        """The scalars for ``sharpness`` (the rank mean of :attr:`sharpness`): ``lyapunov/sharpness``, and with a
+        known threshold ``stability_threshold``, ``eos_ratio = sharpness / threshold`` and
+        ``max_stable_lr = lr / eos_ratio`` (the lr at which the ratio would be 1; only when the ratio is > 0)."""
+        metrics = {"lyapunov/sharpness": sharpness}
+        if math.isfinite(self.threshold):
+            eos_ratio = sharpness / self.threshold
+            metrics["lyapunov/stability_threshold"] = self.threshold
+            metrics["lyapunov/eos_ratio"] = eos_ratio
+            if eos_ratio > 0:
+                metrics["lyapunov/max_stable_lr"] = self.lr / eos_ratio
+        return metrics
 
 
 def measure_sharpness(

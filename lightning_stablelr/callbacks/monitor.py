@@ -13,13 +13,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_stablelr._validation import check_in_range, check_int_at_least, check_non_negative
 from lightning_stablelr.callbacks._connectivity_probe import ConnectivityReport, ConnectivityTracker, EvalLoss
 from lightning_stablelr.callbacks._governor import ProbeGovernor
+from lightning_stablelr.callbacks._monitor_config import MonitorConfig
 from lightning_stablelr.callbacks._monitor_support import (
-    check_device,
-    check_max_overhead,
     detached_copy,
+    first_batches,
     isolated_rng,
     measure_sharpness,
 )
@@ -120,44 +119,20 @@ class StabilityMonitor(Callback):
         log_figures: bool = True,
     ) -> None:
         super().__init__()
-        self.certificate_every_n_steps = check_int_at_least(
-            "certificate_every_n_steps", certificate_every_n_steps, 0, "Use 0 to turn certificates off."
-        )
-        self.window = check_int_at_least("window", window, 1)
-        self.certificate_window = check_int_at_least(
-            "certificate_window", window if certificate_window is None else certificate_window, 1
-        )
-        self.snapshot_window = check_int_at_least(
-            "snapshot_window", window if snapshot_window is None else snapshot_window, 1
-        )
-        self.sharpness_every_n_steps = check_int_at_least(
-            "sharpness_every_n_steps", sharpness_every_n_steps, 0, "Use 0 to turn sharpness off."
-        )
-        self.sharpness_iters = check_int_at_least("sharpness_iters", sharpness_iters, 1)
-        self.sharpness_tol = check_non_negative("sharpness_tol", sharpness_tol)
-        self.probe_every_n_epochs = check_int_at_least(
-            "probe_every_n_epochs", probe_every_n_epochs, 0, "Use 0 to turn connectivity probes off."
-        )
-        self.probe_points = check_int_at_least(
-            "probe_points", probe_points, 3, "A segment needs a point between its endpoints."
-        )
-        self.probe_batches = check_int_at_least("probe_batches", probe_batches, 1)
-        self.connected_tol = check_non_negative("connected_tol", connected_tol)
-        self.bn_recalibration_batches = check_int_at_least("bn_recalibration_batches", bn_recalibration_batches, 0)
-        self.ema_decay = check_in_range("ema_decay", ema_decay, 0.0, 1.0, high_inclusive=False)
-        if not isinstance(val_monitor, str) or not val_monitor:
-            raise ValueError(f"`val_monitor` must be a non-empty metric name, got {val_monitor!r}.")
-        self.val_monitor = val_monitor
-        self.max_overhead = check_max_overhead(max_overhead)
-        self.snapshot_device = check_device(snapshot_device)
-        if not isinstance(log_figures, bool):
-            raise ValueError(f"`log_figures` must be True or False, got {log_figures!r}.")
-        self.log_figures = log_figures
-
-        self._window = CertificateWindow(self.certificate_window)
-        self._ema = LossEMA(self.ema_decay)
+        self.config = MonitorConfig(
+            certificate_every_n_steps=certificate_every_n_steps, window=window,
+            certificate_window=certificate_window, snapshot_window=snapshot_window,
+            sharpness_every_n_steps=sharpness_every_n_steps, sharpness_iters=sharpness_iters,
+            sharpness_tol=sharpness_tol, probe_every_n_epochs=probe_every_n_epochs, probe_points=probe_points,
+            probe_batches=probe_batches, connected_tol=connected_tol,
+            bn_recalibration_batches=bn_recalibration_batches, ema_decay=ema_decay, val_monitor=val_monitor,
+            max_overhead=max_overhead, snapshot_device=snapshot_device, log_figures=log_figures,
+        )  # fmt: skip
+        config = self.config
+        self._window = CertificateWindow(config.certificate_window)
+        self._ema = LossEMA(config.ema_decay)
         self._val_trend = ValidationTrend()
-        self._governor = ProbeGovernor(self.max_overhead)
+        self._governor = ProbeGovernor(config.max_overhead)
         self.failed_probes = 0
         self._certificate_step: int | None = None
         self._last_step_seen = -1
@@ -167,9 +142,9 @@ class StabilityMonitor(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            certificate_every_n_steps=self.certificate_every_n_steps,
-            sharpness_every_n_steps=self.sharpness_every_n_steps,
-            probe_every_n_epochs=self.probe_every_n_epochs,
+            certificate_every_n_steps=self.config.certificate_every_n_steps,
+            sharpness_every_n_steps=self.config.sharpness_every_n_steps,
+            probe_every_n_epochs=self.config.probe_every_n_epochs,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -215,8 +190,9 @@ class StabilityMonitor(Callback):
             return
         self._reset_runtime()
         self._probe = ObjectiveProbe(pl_module, forward_context=trainer.precision_plugin.forward_context)
+        config = self.config
         self._tracker = ConnectivityTracker(
-            self.snapshot_window, self.probe_points, self.connected_tol, self.snapshot_device
+            config.snapshot_window, config.probe_points, config.connected_tol, config.snapshot_device
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -227,7 +203,7 @@ class StabilityMonitor(Callback):
         self._writer = find_tensorboard_writer(trainer)
         if self._writer is not None:
             write_layout_once(self._writer)
-        elif self.log_figures and self.probe_every_n_epochs:
+        elif self.config.log_figures and self.config.probe_every_n_epochs:
             rank_zero_info(
                 "StabilityMonitor: no TensorBoardLogger, so the figures connectivity/path and connectivity/pairwise"
                 " are skipped; the scalars still go to every logger."
@@ -239,7 +215,7 @@ class StabilityMonitor(Callback):
         # Decided here, not in on_train_batch_start: every callback has made its request by now (a step that
         # StableLR probes anyway costs nothing), and with gradient accumulation this is the stepping batch.
         step = trainer.global_step
-        if not self.certificate_every_n_steps or step % self.certificate_every_n_steps:
+        if not self.config.certificate_every_n_steps or step % self.config.certificate_every_n_steps:
             return
         session = line_probe_session(trainer)
         if session.requested(step) or self._allowed(trainer, "certificate"):
@@ -256,27 +232,28 @@ class StabilityMonitor(Callback):
         if isinstance(loss, Tensor):
             self._ema.update(loss.detach() * trainer.accumulate_grad_batches)
         if len(self._train_batches) < self._train_cache_size():
-            self._train_batches.append(detached_copy(batch, self.snapshot_device))
+            self._train_batches.append(detached_copy(batch, self.config.snapshot_device))
         stepped = trainer.global_step != self._last_step_seen
         self._last_step_seen = trainer.global_step
         if stepped and self._certificate_step == trainer.global_step - 1:
             self._certificate_step = None
             self._run_certificate(trainer, pl_module, batch, batch_idx)
-        every = self.sharpness_every_n_steps
+        every = self.config.sharpness_every_n_steps
         if stepped and every and trainer.global_step % every == 0 and self._allowed(trainer, "sharpness"):
             self._run_sharpness(trainer, pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn != "fit" or trainer.sanity_checking or self.val_monitor not in trainer.callback_metrics:
+        key = self.config.val_monitor
+        if trainer.state.fn != "fit" or trainer.sanity_checking or key not in trainer.callback_metrics:
             return
-        value = torch.as_tensor(trainer.callback_metrics[self.val_monitor], dtype=torch.float64)
+        value = torch.as_tensor(trainer.callback_metrics[key], dtype=torch.float64)
         value = trainer.strategy.reduce(value.to(pl_module.device), reduce_op="mean")
         decrease = self._val_trend.observe(float(value))
         if decrease is not None:
             self._log(trainer, {"lyapunov/val_decrease": decrease})
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        every = self.probe_every_n_epochs
+        every = self.config.probe_every_n_epochs
         if every and (trainer.current_epoch + 1) % every == 0 and self._tracker is not None:
             units = float(self._tracker.num_evaluations())
             if self._allowed(trainer, "connectivity", units):
@@ -291,16 +268,17 @@ class StabilityMonitor(Callback):
 
     # ------------------------------------------------------------------ probes
     def _train_cache_size(self) -> int:
-        if not (self.certificate_every_n_steps or self.sharpness_every_n_steps or self.probe_every_n_epochs):
+        config = self.config
+        if not (config.certificate_every_n_steps or config.sharpness_every_n_steps or config.probe_every_n_epochs):
             return 0
-        needed = [1 if self.sharpness_every_n_steps else 0]
-        if self.probe_every_n_epochs:
-            needed += [self.bn_recalibration_batches, self.probe_batches]
+        needed = [1 if config.sharpness_every_n_steps else 0]
+        if config.probe_every_n_epochs:
+            needed += [config.bn_recalibration_batches, config.probe_batches]
         return max(needed)
 
     def _allowed(self, trainer: pl.Trainer, kind: str, units: float = 1.0) -> bool:
         """The governor's decision, identical on every rank (a probe runs only if every rank allows it)."""
-        if math.isinf(self.max_overhead):
+        if math.isinf(self.config.max_overhead):
             return True  # the same on every rank without a collective
         allowed = trainer.strategy.reduce_boolean_decision(self._governor.allows(kind, units), all=True)
         if not allowed:
@@ -317,7 +295,7 @@ class StabilityMonitor(Callback):
         self._governor.record("certificate", time.perf_counter() - start)
         if result is None:
             return
-        if result.failed:
+        if result.failed:  # the session has warned, naming the error
             self.failed_probes += 1
             self._log(trainer, {})
             return
@@ -337,7 +315,7 @@ class StabilityMonitor(Callback):
                 batch = detached_copy(self._train_batches[0], pl_module.device)
                 reading = measure_sharpness(
                     self._probe, trainer.optimizers[0], batch, seed=probe_seed(trainer.global_step),
-                    iters=self.sharpness_iters, tol=self.sharpness_tol, init=init,
+                    iters=self.config.sharpness_iters, tol=self.config.sharpness_tol, init=init,
                     init_preconditioned=init_preconditioned,
                 )
             self._sharpness_vector = (reading.preconditioned, reading.vector)
@@ -348,17 +326,9 @@ class StabilityMonitor(Callback):
         sharpness, failed = trainer.strategy.reduce(values.to(pl_module.device), reduce_op="mean").tolist()
         self._governor.record("sharpness", time.perf_counter() - start)
         if failed > 0 or reading is None or not math.isfinite(sharpness):
-            self.failed_probes += 1
-            self._log(trainer, {})
+            self._skip_failed("sharpness", trainer)
             return
-        metrics = {"lyapunov/sharpness": sharpness}
-        if math.isfinite(reading.threshold):
-            eos_ratio = sharpness / reading.threshold
-            metrics["lyapunov/stability_threshold"] = reading.threshold
-            metrics["lyapunov/eos_ratio"] = eos_ratio
-            if eos_ratio > 0:
-                metrics["lyapunov/max_stable_lr"] = reading.lr / eos_ratio
-        self._log(trainer, metrics)
+        self._log(trainer, reading.metrics(sharpness))
 
     def _run_connectivity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ConnectivityReport | None:
         tracker = self._tracker
@@ -370,7 +340,7 @@ class StabilityMonitor(Callback):
                 device = pl_module.device
                 batches = [detached_copy(b, device) for b in self._evaluation_batches(trainer)]
                 recalibration = [
-                    detached_copy(b, device) for b in self._train_batches[: self.bn_recalibration_batches]
+                    detached_copy(b, device) for b in self._train_batches[: self.config.bn_recalibration_batches]
                 ]
                 loss = EvalLoss(self._probe, batches, recalibration, seed=_CONNECTIVITY_SEED)
                 values = tracker.local_losses(theta, loss)
@@ -379,10 +349,7 @@ class StabilityMonitor(Callback):
         summed = trainer.strategy.reduce(tracker.pack(values, device=pl_module.device), reduce_op="sum")
         failed, losses = tracker.unpack(summed)
         if failed:
-            self.failed_probes += 1
-            rank_zero_warn(f"StabilityMonitor: the connectivity probe of epoch {trainer.current_epoch} failed on"
-                           " at least one rank and was skipped; training continues.")
-            self._log(trainer, {})
+            self._skip_failed("connectivity", trainer)
             return None
         self.last_report = tracker.commit(theta, losses, epoch=trainer.current_epoch, step=trainer.global_step)
         return self.last_report
@@ -391,25 +358,25 @@ class StabilityMonitor(Callback):
         """The first ``probe_batches`` validation batches (this rank's shard), cached on first use;
         the first training batches when there is no validation loader."""
         if self._eval_batches is None:
-            batches: list[Any] = []
-            loader = trainer.val_dataloaders
-            if isinstance(loader, (list, tuple)):
-                loader = loader[0] if loader else None
-            elif isinstance(loader, dict):
-                loader = next(iter(loader.values()), None)
-            if loader is not None:
-                for batch in loader:  # inside isolated_rng: creating the iterator draws from the torch RNG
-                    batches.append(detached_copy(trainer.strategy.batch_to_device(batch), self.snapshot_device))
-                    if len(batches) == self.probe_batches:
-                        break
+            # Called inside isolated_rng: creating the loader's iterator draws from the torch RNG.
+            batches = first_batches(
+                trainer.val_dataloaders, self.config.probe_batches,
+                lambda batch: detached_copy(trainer.strategy.batch_to_device(batch), self.config.snapshot_device),
+            )  # fmt: skip
             if not batches:
                 rank_zero_info("StabilityMonitor: no validation batches; the connectivity probes use the first"
                                " training batches instead.")
-                batches = list(self._train_batches[: self.probe_batches])
+                batches = list(self._train_batches[: self.config.probe_batches])
             if not batches:
                 raise RuntimeError("no batches to evaluate the connectivity probe on")
             self._eval_batches = batches
         return self._eval_batches
+
+    def _skip_failed(self, kind: str, trainer: pl.Trainer) -> None:
+        self.failed_probes += 1
+        rank_zero_warn(f"StabilityMonitor: the {kind} probe at step {trainer.global_step} failed on at least one"
+                       " rank and was skipped on every rank; training continues.")
+        self._log(trainer, {})
 
     def _report_local_failure(self, kind: str, trainer: pl.Trainer, error: BaseException) -> None:
         # Not rank_zero_warn: the failing rank may not be rank 0, and it is the one that knows why.
@@ -442,7 +409,7 @@ class StabilityMonitor(Callback):
         put_callback_metrics(trainer, metrics)
 
     def _write_figures(self, trainer: pl.Trainer, report: ConnectivityReport) -> None:
-        if not (self.log_figures and self._writer is not None and report.segments):
+        if not (self.config.log_figures and self._writer is not None and report.segments):
             return
         from lightning_stablelr.tensorboard import pairwise_heatmap, path_figure, write_figure
 
