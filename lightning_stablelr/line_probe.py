@@ -92,18 +92,26 @@ def line_points(
             f"theta_before and theta_after must name the same parameters, got a difference in {missing[:5]}."
             " Take both from ObjectiveProbe.parameters()."
         )
+    names = list(theta_before)
+    if not names:
+        return {}, torch.zeros(())
+    befores = [theta_before[name].detach() for name in names]
+    afters = [theta_after[name].detach() for name in names]
+    device = befores[0].device
+    if all(t.dtype == torch.float32 and t.device == device for t in befores + afters):
+        # Fused fast path: one pass for Δθ, one for θ - Δθ, one fused norm.
+        deltas = torch._foreach_sub(afters, befores)
+        mirrors = torch._foreach_sub(befores, deltas)
+        norm_sq = torch.stack(torch._foreach_norm(deltas)).pow(2).sum()
+        return dict(zip(names, mirrors)), norm_sq
     mirror: dict[str, Tensor] = {}
     squares: list[Tensor] = []
-    for name, before in theta_before.items():
-        before32 = before.detach().float()
-        delta = theta_after[name].detach().float() - before32
+    for name, before, after in zip(names, befores, afters):
+        before32 = before.float()
+        delta = after.float() - before32
         mirror[name] = (before32 - delta).to(before.dtype)
-        squares.append(delta.pow(2).sum())
-    if not squares:
-        return mirror, torch.zeros(())
-    device = squares[0].device
-    norm_sq = torch.stack([square.to(device) for square in squares]).sum()
-    return mirror, norm_sq
+        squares.append(delta.pow(2).sum().to(device))
+    return mirror, torch.stack(squares).sum()
 
 
 def three_point_losses(
@@ -120,10 +128,7 @@ def three_point_losses(
     Kept as a tensor so that a distributed caller can all-reduce it in a single collective.
     """
     mirror, norm_sq = line_points(theta_before, theta_after)
-    losses = [
-        probe.loss(batch, point, batch_idx=batch_idx, seed=seed)
-        for point in (theta_before, theta_after, mirror)
-    ]
+    losses = probe.point_losses(batch, [theta_before, theta_after, mirror], batch_idx=batch_idx, seed=seed)
     device = losses[0].device
     return torch.stack([*losses, norm_sq.to(device)])
 

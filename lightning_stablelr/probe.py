@@ -14,6 +14,7 @@ Pure module: no ``lightning`` import, so plain PyTorch and Fabric users can prob
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,8 +42,20 @@ def _noop(*args: Any, **kwargs: Any) -> None:
 
 def _accepts_batch_idx(training_step: Callable[..., Any]) -> bool:
     """Mirror Lightning's rule: ``batch_idx`` is passed when named, or when the step takes >= 2 arguments."""
+    function = getattr(training_step, "__func__", None)
+    if function is not None:  # a bound method: inspect its function once, not on every probe
+        return _function_accepts_batch_idx(function)
+    return _signature_accepts_batch_idx(training_step, skip_first=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _function_accepts_batch_idx(function: Callable[..., Any]) -> bool:
+    return _signature_accepts_batch_idx(function, skip_first=True)
+
+
+def _signature_accepts_batch_idx(training_step: Callable[..., Any], *, skip_first: bool) -> bool:
     try:
-        parameters = inspect.signature(training_step).parameters.values()
+        parameters = list(inspect.signature(training_step).parameters.values())[1 if skip_first else 0 :]
     except (TypeError, ValueError):  # builtins or C callables: be generous
         return True
     positional = 0
@@ -73,24 +86,28 @@ def _silenced_logging(module: nn.Module) -> Iterator[None]:
                 object.__setattr__(module, name, value)
 
 
+def _reseed(seed: int, cuda: bool) -> None:
+    torch.random.default_generator.manual_seed(seed)
+    if cuda:
+        torch.cuda.manual_seed_all(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 @contextlib.contextmanager
-def _fixed_rng(seed: int) -> Iterator[None]:
-    """Seed torch (CPU and initialised CUDA devices), ``random`` and numpy; restore all states afterwards.
+def _isolated_rng() -> Iterator[Callable[[int], None]]:
+    """Save torch (CPU + initialised CUDA), ``random`` and numpy RNG states; yield a re-seeder; restore all.
 
     ``torch.manual_seed`` is avoided on purpose: when CUDA is not initialised it queues a lazy
     re-seed that would fire at CUDA initialisation, long after the probe, and change the user's run.
+    One save/restore serves all points of a probe (numpy's state is slow to copy); each point re-seeds.
     """
     cpu_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     python_state = random.getstate()
     numpy_state = np.random.get_state()
     try:
-        torch.random.default_generator.manual_seed(seed)
-        if cuda_states is not None:
-            torch.cuda.manual_seed_all(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        yield
+        yield functools.partial(_reseed, cuda=cuda_states is not None)
     finally:
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
@@ -260,14 +277,42 @@ class ObjectiveProbe:
         - ``training``: ``True``/``False`` runs the call with ``module.train(training)``; ``None`` (default)
           keeps the modules' current flags. The flags are restored afterwards either way.
         """
-        arguments = self._call_arguments(params, buffers)
+        return self.point_losses(
+            batch, [params], batch_idx=batch_idx, seed=seed, create_graph=create_graph, buffers=buffers,
+            training=training,
+        )[0]  # fmt: skip
+
+    def point_losses(
+        self,
+        batch: Any,
+        points: Sequence[Mapping[str, Tensor] | None],
+        *,
+        batch_idx: int = 0,
+        seed: int = 0,
+        create_graph: bool = False,
+        buffers: Mapping[str, Tensor] | None = None,
+        training: bool | None = None,
+    ) -> list[Tensor]:
+        """``[loss(batch, θ, ...) for θ in points]`` as fp32 tensors, without any host synchronisation.
+
+        Same contract as :meth:`loss` (every point re-seeded with ``seed``), with one RNG save/restore
+        and one mode save/restore for all points.
+        """
         grad_mode = contextlib.nullcontext() if create_graph else torch.no_grad()
-        context = self.forward_context() if self.forward_context is not None else contextlib.nullcontext()
-        with _fixed_rng(seed), _restored_training_flags(self.module), grad_mode, context:
-            if training is not None:
-                self.module.train(bool(training))
-            loss = functional_call(self._source, arguments, (batch, batch_idx))
-        return loss.float()
+        values: list[Tensor] = []
+        with _isolated_rng() as reseed, _restored_training_flags(self.module), grad_mode:
+            for params in points:
+                arguments = self._call_arguments(params, buffers)
+                reseed(seed)
+                context = (
+                    self.forward_context() if self.forward_context is not None else contextlib.nullcontext()
+                )
+                with context:
+                    if training is not None:
+                        self.module.train(bool(training))
+                    loss = functional_call(self._source, arguments, (batch, batch_idx))
+                values.append(loss.float())
+        return values
 
     def losses(
         self,
@@ -284,5 +329,5 @@ class ObjectiveProbe:
         """
         if not points:
             return []
-        values = [self.loss(batch, point, batch_idx=batch_idx, seed=seed, training=training) for point in points]
+        values = self.point_losses(batch, points, batch_idx=batch_idx, seed=seed, training=training)
         return torch.stack(values).tolist()

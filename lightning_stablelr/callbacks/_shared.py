@@ -37,6 +37,7 @@ __all__ = [
     "line_probe_session",
     "log_to_loggers",
     "mean_across_ranks",
+    "nonfinite_across_ranks",
     "param_group_lr_names",
     "probe_seed",
     "put_callback_metrics",
@@ -72,21 +73,57 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     """0-d bool tensor: every element of every tensor is finite. No host sync (the caller decides when).
 
     Uses the max-abs norm, which stays finite for any finite input (a 2-norm could overflow to inf).
+    Exact but slow on CPU; :func:`nonfinite_across_ranks` calls it only when the fast test is in doubt.
     """
     if not tensors:
         return torch.tensor(True)
-    by_device: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for tensor in tensors:
-        by_device.setdefault((tensor.device, tensor.dtype), []).append(tensor)
     device = tensors[0].device
     checks: list[Tensor] = []
-    for group in by_device.values():
+    for group in _by_device_and_dtype(tensors):
         try:
             norms = torch._foreach_norm(group, ord=math.inf)
         except (RuntimeError, TypeError, NotImplementedError):  # sparse or exotic tensors
             norms = [tensor.abs().max() if tensor.numel() else tensor.new_zeros(()) for tensor in group]
         checks.append(torch.stack([norm.float() for norm in norms]).isfinite().all().to(device))
     return torch.stack(checks).all()
+
+
+def _by_device_and_dtype(tensors: list[Tensor]) -> list[list[Tensor]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+    return list(groups.values())
+
+
+def _norm_total(tensors: list[Tensor]) -> Tensor:
+    """0-d fp32 sum of the 2-norms (fused): finite if every element is finite and nothing overflows."""
+    if not tensors:
+        return torch.zeros(())
+    device = tensors[0].device
+    totals: list[Tensor] = []
+    for group in _by_device_and_dtype(tensors):
+        try:
+            norms = torch._foreach_norm(group, 2, dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            norms = [torch.linalg.vector_norm(tensor.float()) for tensor in group]
+        totals.append(torch.stack(norms).sum().to(device))
+    return totals[0] if len(totals) == 1 else torch.stack(totals).sum()
+
+
+def nonfinite_across_ranks(trainer: pl.Trainer, tensors: list[Tensor]) -> bool:
+    """True if any element of ``tensors`` is NaN/Inf on any rank. Every rank must call it.
+
+    The common case costs one fused 2-norm, one collective (a sum, which propagates NaN/Inf) and one
+    host sync. Only when the total is not finite (a NaN/Inf somewhere, or a huge but finite gradient
+    whose square overflows) do all ranks run the exact max-abs test and a second collective, so the
+    answer is exact.
+    """
+    total = _norm_total(tensors)
+    if trainer.world_size > 1:
+        total = trainer.strategy.reduce(total.to(trainer.strategy.root_device), reduce_op="sum")
+    if math.isfinite(float(total)):
+        return False
+    return any_across_ranks(trainer, ~all_finite(tensors))
 
 
 class RankMeanAccumulator:
@@ -99,9 +136,17 @@ class RankMeanAccumulator:
     def __init__(self) -> None:
         self._sum: Tensor | None = None
         self._count: Tensor | None = None
+        self._cpu_sum = 0.0
+        self._cpu_count = 0.0
 
     def add(self, value: Tensor, scale: float = 1.0) -> None:
-        """Add ``scale · value`` if it is finite (decided on device)."""
+        """Add ``scale · value`` if it is finite (decided on device; on CPU as Python floats, which is faster)."""
+        if value.device.type == "cpu":
+            number = float(value) * scale
+            if math.isfinite(number):
+                self._cpu_sum += number
+                self._cpu_count += 1.0
+            return
         value = value.detach().float().reshape(()) * scale
         finite = value.isfinite()
         if self._sum is None or self._count is None or self._sum.device != value.device:
@@ -112,16 +157,16 @@ class RankMeanAccumulator:
     def pending(self) -> tuple[float, float]:
         """This rank's ``(sum, count)`` not yet flushed (a host sync)."""
         if self._sum is None or self._count is None:
-            return 0.0, 0.0
-        return float(self._sum), float(self._count)
+            return self._cpu_sum, self._cpu_count
+        return float(self._sum) + self._cpu_sum, float(self._count) + self._cpu_count
 
     def flush(self, trainer: pl.Trainer) -> tuple[float, float] | None:
         """``(mean, count)`` over all ranks, or None when no rank saw a finite value; then reset."""
-        if self._sum is None or self._count is None:
-            local = torch.zeros(2, device=trainer.strategy.root_device)
-        else:
-            local = torch.stack([self._sum, self._count])
+        local = torch.tensor([self._cpu_sum, self._cpu_count], device=trainer.strategy.root_device)
+        if self._sum is not None and self._count is not None:
+            local = local + torch.stack([self._sum, self._count]).to(local.device)
         self._sum = self._count = None
+        self._cpu_sum = self._cpu_count = 0.0
         total, count = mean_across_ranks(trainer, local).tolist()
         if count <= 0:
             return None
@@ -251,16 +296,28 @@ def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         logger.log_metrics(metrics, step=step)
 
 
-def put_callback_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+def put_callback_metrics(
+    trainer: pl.Trainer, metrics: dict[str, float], cache: dict[str, tuple[float, Tensor]] | None = None
+) -> None:
     """Store ``metrics`` as 0-d CPU tensors in ``trainer.callback_metrics`` (what EarlyStopping reads).
 
     Writes into the connector's dict directly: the public property rebuilds the logged metrics on every
-    access, which is too slow for a per-step hot path.
+    access, which is too slow for a per-step hot path. With ``cache`` (owned by the caller), a value
+    that did not change reuses its tensor instead of allocating a new one.
     """
     target = getattr(trainer._logger_connector, "_callback_metrics", None)
     if target is None:
         target = trainer.callback_metrics
-    target.update({name: torch.tensor(float(value)) for name, value in metrics.items()})
+    for name, value in metrics.items():
+        value = float(value)
+        cached = cache.get(name) if cache is not None else None
+        if cached is not None and (cached[0] == value or (math.isnan(value) and math.isnan(cached[0]))):
+            tensor = cached[1]
+        else:
+            tensor = torch.tensor(value)
+            if cache is not None:
+                cache[name] = (value, tensor)
+        target[name] = tensor
 
 
 def param_group_lr_names(optimizers: list[torch.optim.Optimizer], prefix: str) -> dict[tuple[int, int], str]:

@@ -36,12 +36,11 @@ from torch import Tensor
 from lightning_stablelr._validation import check_choice, check_int_at_least
 from lightning_stablelr.callbacks._shared import (
     RankMeanAccumulator,
-    all_finite,
-    any_across_ranks,
     infer_steps_per_epoch,
     line_probe_session,
     log_to_loggers,
     mean_across_ranks,
+    nonfinite_across_ranks,
     param_group_lr_names,
     put_callback_metrics,
     set_group_lr,
@@ -156,10 +155,16 @@ class StableLR(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._hook_handles: list[Any] = []
         self._warned_missing = False
+        self._metric_cache: dict[str, tuple[float, Tensor]] = {}
+        self._state_key = self._make_state_key()
 
     # ------------------------------------------------------------------------------------------ state
     @property
     def state_key(self) -> str:
+        return self._state_key
+
+    def _make_state_key(self) -> str:
+        # Cached: Lightning reads state_key on every hook call.
         return self._generate_state_key(
             monitor=self.monitor, interval=self.config.interval, decay_rate=self.controller.decay_rate
         )
@@ -229,7 +234,7 @@ class StableLR(Callback):
         if step != self._logged_step:  # once per optimizer step, also under gradient accumulation
             self._logged_step = step
             metrics = self._metrics()
-            put_callback_metrics(trainer, metrics)
+            put_callback_metrics(trainer, metrics, self._metric_cache)
             log_to_loggers(trainer, metrics)
 
     def on_before_optimizer_step(
@@ -240,7 +245,7 @@ class StableLR(Callback):
             grads = [
                 p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
             ]
-            if any_across_ranks(trainer, ~all_finite(grads)):
+            if nonfinite_across_ranks(trainer, grads):
                 self._drop_nonfinite_step(trainer, optimizer)
         line_probe_session(trainer).snapshot(trainer, pl_module)
 
@@ -267,7 +272,7 @@ class StableLR(Callback):
         if val_loss is None:
             return
         self.controller.observe_validation(val_loss)
-        put_callback_metrics(trainer, self._metrics())
+        put_callback_metrics(trainer, self._metrics(), self._metric_cache)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
