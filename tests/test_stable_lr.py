@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_stablelr.callbacks._shared import RankMeanAccumulator
 from lightning_stablelr.callbacks.stable_lr import StableLR
 from lightning_stablelr.controller import StableLRConfig
 from tests.helpers import TinyRegression, make_trainer, regression_loader
@@ -126,11 +127,23 @@ def test_scheduler_conflict_raises_with_both_fixes(tmp_path):
     assert "StableLR(on_scheduler_conflict='compose')" in text
 
 
-def test_picklable():
+def test_picklable_also_mid_fit_with_compose_hooks(tmp_path):
     callback = StableLR(half_life=3.0, monitor="val/loss")
     clone = pickle.loads(pickle.dumps(callback))
     assert clone.monitor == "val/loss" and clone.controller.decay_rate == pytest.approx(math.log(2) / 3)
-    assert isinstance(L.Callback, type) and isinstance(clone, L.Callback)
+
+    class PickleMidFit(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.copy = pickle.loads(pickle.dumps(trainer.callbacks[0]))
+
+    model = TinyRegression(scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1))
+    composing = StableLR(on_scheduler_conflict="compose", monitor="val/loss", strict=False, **NO_GUARD)
+    mid_fit = PickleMidFit()
+    _fit(tmp_path, model, composing, epochs=1, recorder=mid_fit)
+    # Pickled while its optimizer hooks were registered: the copy carries the state, not the handles.
+    assert composing._hook_handles == []  # removed at teardown
+    assert mid_fit.copy._hook_handles == [] and mid_fit.copy.base_lrs == {"0/0": 0.1}
+    assert mid_fit.copy._scheduled == {0}
 
 
 class MetricsAtValidation(Callback):
@@ -387,3 +400,26 @@ def test_state_key_and_duplicate_callbacks(tmp_path):
     assert StableLR(interval="epoch").state_key != StableLR().state_key
     with pytest.raises(MisconfigurationException, match="Keep only one StableLR"):
         _fit(tmp_path, TinyRegression(), StableLR(monitor="a", **NO_GUARD), recorder=StableLR(monitor="b"))
+
+
+def test_bf16_mixed_probes_run_under_the_precision_context(tmp_path):
+    margins = {}
+    for precision in ("32-true", "bf16-mixed"):
+        callback = StableLR(decay_rate=0.0, check_every_n_steps=0, dense_check_steps=4, gap_strength=0.0)
+        trainer = make_trainer(tmp_path / precision, max_epochs=1, precision=precision, callbacks=[callback])
+        trainer.fit(TinyRegression(lr=0.1), regression_loader(32, 8))
+        assert callback.controller.checks == 4
+        margins[precision] = callback.controller.last_step_margin
+    # bf16 autocast rounds the three losses: the margin is close to, not equal to, the fp32 one.
+    assert margins["bf16-mixed"] == pytest.approx(margins["32-true"], rel=0.1)
+    assert margins["bf16-mixed"] != margins["32-true"]
+
+
+def test_rank_mean_accumulator_ignores_non_finite_and_resets():
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    accumulator = RankMeanAccumulator()
+    for value in (1.0, math.nan, 3.0, math.inf):
+        accumulator.add(torch.tensor(value), scale=2.0)
+    assert accumulator.pending() == (8.0, 2.0)
+    assert accumulator.flush(trainer) == (4.0, 2.0)
+    assert accumulator.pending() == (0.0, 0.0) and accumulator.flush(trainer) is None

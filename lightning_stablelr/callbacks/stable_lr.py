@@ -188,6 +188,9 @@ class StableLR(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_hook_handles"] = []  # optimizer hook handles belong to one running fit
+        # Lightning attaches the module's log/log_dict to every callback during fit: not ours to carry.
+        state.pop("log", None)
+        state.pop("log_dict", None)
         return state
 
     # ------------------------------------------------------------------------------------------ hooks
@@ -197,6 +200,10 @@ class StableLR(Callback):
                 "Several StableLR callbacks would drive the same learning rates. Keep only one StableLR."
             )
         self._scheduled = self._find_scheduled_optimizers(trainer)
+        # A new fit re-reads everything that depends on the trainer; G and C carry over (or come from
+        # a checkpoint in on_train_start).
+        self._resolved_steps_per_epoch = None
+        self._check_step = self._logged_step = None
         self.base_lrs = {}
         for i, optimizer in enumerate(trainer.optimizers):
             for j, group in enumerate(optimizer.param_groups):
@@ -273,9 +280,6 @@ class StableLR(Callback):
             return
         self.controller.observe_validation(val_loss)
         put_callback_metrics(trainer, self._metrics(), self._metric_cache)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
