@@ -93,29 +93,47 @@ class LossEMA:
 
     ``m_n = decay·m_{n-1} + (1 - decay)·x_n`` with ``m_0 = 0`` and the reported value ``m_n / (1 - decayⁿ)``
     (Adam's correction, so the first values are not pulled towards 0). Non-finite losses are skipped.
-    :meth:`update` accepts a 0-d tensor and does no host synchronisation (it may run every step);
-    :attr:`value` synchronises. The average is linear in the losses, so the mean over DDP ranks of
-    ``(m, n)`` gives the EMA of the rank-mean losses (:meth:`corrected` turns the mean into the value).
+
+    :meth:`update` only appends the loss tensor (no arithmetic, no host synchronisation: it runs every
+    step); the pending losses are folded in one vectorised step when the value is needed, every
+    ``fold_every`` updates, or by :meth:`packed`. For pending finite losses ``x_1..x_k`` (non-finite ones
+    carry weight 0 and do not count), ``m ← decayᵏ·m + (1 - decay)·Σ_i decay^(finite losses after i)·x_i``.
+    The average is linear in the losses, so the mean over DDP ranks of ``(m, n)`` gives the EMA of the
+    rank-mean losses (:meth:`corrected` turns the mean into the value).
     """
 
-    def __init__(self, decay: float) -> None:
+    def __init__(self, decay: float, fold_every: int = 256) -> None:
         self.decay = check_in_range("decay", decay, 0.0, 1.0, high_inclusive=False)
+        self.fold_every = check_int_at_least("fold_every", fold_every, 1)
         self.mean: Tensor | None = None
         self.count: Tensor | None = None
+        self._pending: list[Tensor] = []
 
     def update(self, value: float | Tensor) -> None:
-        """Fold one loss into the average (a NaN or infinite loss leaves it unchanged)."""
-        value = torch.as_tensor(value).detach().reshape(()).to(torch.float64)
+        """Queue one loss (a 0-d tensor or a float); NaN and infinite losses are skipped when folded."""
+        self._pending.append(value if isinstance(value, Tensor) else torch.tensor(float(value)))
+        if len(self._pending) >= self.fold_every:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self._pending:
+            return
+        losses = torch.stack([value.detach().reshape(()) for value in self._pending]).to(torch.float64)
+        self._pending = []
         if self.mean is None or self.count is None:
-            self.mean = torch.zeros((), dtype=torch.float64, device=value.device)
-            self.count = torch.zeros((), dtype=torch.float64, device=value.device)
-        finite = torch.isfinite(value)
-        updated = self.decay * self.mean + (1.0 - self.decay) * torch.where(finite, value, 0.0)
-        self.mean = torch.where(finite, updated, self.mean)
-        self.count = self.count + finite.to(torch.float64)
+            self.mean = torch.zeros((), dtype=torch.float64, device=losses.device)
+            self.count = torch.zeros((), dtype=torch.float64, device=losses.device)
+        finite = torch.isfinite(losses)
+        weights = finite.to(torch.float64)
+        later = weights.flip(0).cumsum(0).flip(0) - weights  # finite losses after each one
+        folded = (torch.where(finite, losses, 0.0) * torch.pow(self.decay, later)).sum()
+        total = weights.sum()
+        self.mean = torch.pow(self.decay, total) * self.mean + (1.0 - self.decay) * folded
+        self.count = self.count + total
 
     def packed(self) -> Tensor | None:
         """``[m, n]`` as one float64 tensor (for a cross-rank mean), or None before the first update."""
+        self._fold()
         if self.mean is None or self.count is None:
             return None
         return torch.stack([self.mean, self.count])
@@ -143,6 +161,7 @@ class LossEMA:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`, tolerating missing keys."""
+        self._pending = []
         self.mean = torch.tensor(float(state.get("mean", 0.0)), dtype=torch.float64)
         self.count = torch.tensor(float(state.get("count", 0.0)), dtype=torch.float64)
 

@@ -125,3 +125,26 @@ def test_monitor_is_picklable_and_keeps_its_configuration():
     assert clone.config.snapshot_device == torch.device("cpu")
     assert clone.state_key == monitor.state_key
     assert clone.state_dict() == monitor.state_dict()
+
+
+def test_tracker_measures_only_the_newest_pairs_when_the_budget_allows_fewer():
+    tracker = ConnectivityTracker(window=3, num_points=3, tol=1e-3)
+
+    def loss(theta):
+        return math.sin(float(theta["w"]))  # bumps along some segments, so barriers differ by pair
+
+    for epoch, w in enumerate([0.0, 2.0, 4.0]):
+        theta = {"w": torch.tensor(w, dtype=torch.float64)}
+        report = tracker.commit(theta, tracker.local_losses(theta, loss), epoch=epoch, step=epoch)
+    assert tracker.num_evaluations() == 1 + 3 * 1 and tracker.num_evaluations(segments=1) == 2
+    theta = {"w": torch.tensor(6.0, dtype=torch.float64)}
+    losses = tracker.local_losses(theta, loss, segments=1)
+    report = tracker.commit(theta, losses, epoch=3, step=3, segments=1)
+    assert [segment[:2] for segment in report.segments] == [(2, 3)]  # only the consecutive pair
+    values = report.matrix.values
+    assert math.isnan(float(values[0, 3])) and math.isnan(float(values[1, 3]))
+    # Midpoint w = 5: sin 5 = -0.959 below the chord (sin 4 + sin 6)/2 = -0.518: no barrier.
+    assert float(values[2, 3]) == 0.0
+    # Equiconnectedness: the largest measured barrier, here 0 -> 4 (midpoint sin 2 = 0.909 above the chord).
+    chord = (math.sin(0.0) + math.sin(4.0)) / 2
+    assert report.equiconnectedness == pytest.approx(math.sin(2.0) - chord, rel=1e-12)

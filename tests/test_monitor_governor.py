@@ -31,13 +31,27 @@ def test_governor_allows_a_probe_only_while_it_fits_the_budget():
     assert governor.allows("certificate", now=100.0 + 0.5 + 10.0)
     assert governor.training_time(now=110.5) == pytest.approx(10.0)
     assert governor.overhead(now=110.5) == pytest.approx(0.05)
-    # Costs scale with units (segments of a connectivity probe).
-    governor.record("connectivity", 0.2, units=4)
-    assert governor.predicted("connectivity", units=10) == pytest.approx(0.5)
     assert governor.defer("certificate") == 1
     assert governor.defer("sharpness") == 2
     assert governor.total_deferred == 2
     assert governor.state_dict() == {"deferred": {"certificate": 1, "sharpness": 1}}
+
+
+def test_each_kind_has_an_equal_share_so_a_frequent_probe_cannot_starve_a_rare_one():
+    governor = ProbeGovernor(0.3, kinds=["certificate", "sharpness", "connectivity"])
+    governor.start(now=0.0)
+    governor.record("certificate", 0.2)  # training 10 s -> budget 3 s -> 1 s per kind
+    assert governor.available("certificate", now=10.2) == pytest.approx(0.8)
+    assert governor.allows("certificate", units=4, now=10.2)  # 4 x 0.2 = 0.8 fits
+    assert not governor.allows("certificate", units=5, now=10.2)
+    governor.charge("certificate", 0.75)  # spent without changing the measured 0.2 s per unit
+    assert governor.predicted("certificate") == pytest.approx(0.2)
+    assert not governor.allows("certificate", now=10.95)
+    # The other kinds still have their whole share, whatever the certificates spent.
+    assert governor.available("connectivity", now=10.95) == pytest.approx(1.0)
+    assert governor.affordable_units("connectivity", now=10.95) == math.inf  # cost never measured
+    governor.record("connectivity", 0.3, units=6)  # 0.05 s per point evaluation
+    assert governor.affordable_units("connectivity", now=11.25) == pytest.approx((1.0 - 0.3) / 0.05)
 
 
 def test_governor_with_infinite_budget_allows_everything():

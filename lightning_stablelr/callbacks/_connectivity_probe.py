@@ -174,29 +174,40 @@ class ConnectivityTracker:
         self.snapshots = SnapshotWindow(window + 1, device)
         self.endpoint_loss: dict[int, float] = {}
 
-    def previous(self) -> list[Snapshot]:
-        """The snapshots the next one is compared with: the newest ``window`` (the oldest of a full
-        window is evicted by the next snapshot, so it is not measured)."""
-        return list(self.snapshots.snapshots)[-self.window :]
+    def previous(self, segments: int | None = None) -> list[Snapshot]:
+        """The snapshots the next one is compared with, oldest first: the newest ``window`` (the oldest of a
+        full window is evicted by the next snapshot, so it is not measured), or only the newest ``segments``
+        of them when the budget allows fewer (the consecutive pair always comes first)."""
+        held = list(self.snapshots.snapshots)[-self.window :]
+        if segments is not None:
+            held = held[len(held) - segments :] if segments > 0 else []
+        return held
 
-    def num_evaluations(self) -> int:
+    def num_evaluations(self, segments: int | None = None) -> int:
         """Point evaluations of the next probe: ``1 + len(previous) · (num_points - 2)``."""
-        return 1 + len(self.previous()) * (self.num_points - 2)
+        return 1 + len(self.previous(segments)) * (self.num_points - 2)
 
-    def local_losses(self, theta: Mapping[str, Tensor], loss: Callable[[Mapping[str, Tensor]], float]) -> list[float]:
+    def local_losses(
+        self,
+        theta: Mapping[str, Tensor],
+        loss: Callable[[Mapping[str, Tensor]], float],
+        segments: int | None = None,
+    ) -> list[float]:
         """``[L(θ_new), L(θ(alpha)) for the interior alpha of each previous segment (oldest first)]`` on this rank."""
         device = next(iter(theta.values())).device
         values = [loss(theta)]
         interior = self.alphas[1:-1]
-        for older in self.previous():
+        for older in self.previous(segments):
             start = {name: tensor.to(device) for name, tensor in older.params.items()}
             values.extend(loss(interpolate(start, theta, alpha)) for alpha in interior)
         return values
 
-    def pack(self, values: Sequence[float] | None, device: torch.device | str = "cpu") -> Tensor:
+    def pack(
+        self, values: Sequence[float] | None, device: torch.device | str = "cpu", segments: int | None = None
+    ) -> Tensor:
         """``[failed, 1, values…]`` (float64) to sum across ranks; ``values=None`` marks a failure and
         sends zeros of the same length, so every rank joins the same collective."""
-        count = self.num_evaluations()
+        count = self.num_evaluations(segments)
         if values is not None and len(values) != count:
             raise ValueError(f"`values` must hold {count} losses, got {len(values)}.")
         body = [0.0] * count if values is None else [float(v) for v in values]
@@ -210,10 +221,14 @@ class ConnectivityTracker:
         failed, ranks = values[0] > 0.5, values[1]
         return failed, [v / ranks for v in values[2:]]
 
-    def commit(self, theta: Mapping[str, Tensor], losses: Sequence[float], *, epoch: int, step: int) -> ConnectivityReport:
+    def commit(
+        self, theta: Mapping[str, Tensor], losses: Sequence[float], *, epoch: int, step: int,
+        segments: int | None = None,
+    ) -> ConnectivityReport:
         """Add ``theta`` as the newest snapshot, record the barriers measured against the previous ones
-        (``losses`` as from :meth:`local_losses`, reduced across ranks) and report the window."""
-        previous = self.previous()
+        (``losses`` as from :meth:`local_losses` with the same ``segments``, reduced across ranks) and
+        report the window. Pairs never measured stay NaN in the matrix and out of equiconnectedness."""
+        previous = self.previous(segments)
         interior = len(self.alphas) - 2
         newest_loss = float(losses[0])
         snapshot = self.snapshots.add(theta, epoch=epoch, step=step)

@@ -1,53 +1,61 @@
 """The overhead governor of :class:`StabilityMonitor` (pure: no Lightning import).
 
-It keeps the monitor's cumulative probe time under a fraction of the training wall time:
+It keeps the monitor's cumulative probe time under a fraction of the training wall time, with an equal
+share of that budget for each kind of probe (certificates, sharpness, connectivity), so that a frequent
+cheap probe cannot starve a rare informative one:
 
-    training_time(now) = (now - start) - probe_time
-    a probe of kind k is allowed  iff  probe_time + predicted_k ≤ max_overhead · training_time(now)
-    predicted_k        = units · (seconds per unit of the last probe of kind k)   (0 before the first)
+    training_time(now) = (now - start) - probe_time                   (probe_time: all kinds)
+    budget_k(now)      = share_k · max_overhead · training_time(now)    share_k = 1 / (number of kinds)
+    a probe of kind k covering `units` is allowed  iff  spent_k + units · cost_k ≤ budget_k(now)
 
-A probe that is not allowed is *deferred* (skipped) and counted. The first probe of each kind has no
-measured cost, so it may overshoot the budget once; every later decision includes its predicted cost.
-``overhead = probe_time / training_time`` is the number logged as ``monitor/overhead``.
+with ``cost_k`` the seconds per unit of the last probe of kind k (0 before the first, which therefore
+always runs and may overshoot once). Summed over kinds, ``probe_time ≤ max_overhead · training_time``
+up to those first probes and the prediction error of the last probe of each kind. A probe that is
+not allowed is *deferred* (skipped) and counted. :meth:`ProbeGovernor.affordable_units` tells how
+much of a divisible probe (the segments of a connectivity probe) fits. ``overhead = probe_time /
+training_time`` is logged as ``monitor/overhead``.
 
 The governor only decides from its own clock. Under DDP the callback reduces the decision across
-ranks (allowed only when every rank allows), so every rank runs the same probes and calls the same
-collectives.
+ranks (allowed only when every rank allows), so every rank runs the same probes and collectives.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["ProbeGovernor"]
 
 
 class ProbeGovernor:
-    """Budget keeper: cumulative probe seconds ≤ ``max_overhead`` * training seconds.
+    """Budget keeper: the probe seconds of each kind stay within its share of ``max_overhead`` * training seconds.
 
     Args:
         max_overhead: allowed ratio of probe time to training time; ``math.inf`` allows every probe.
+        kinds: the kinds of probe that share the budget equally. A kind not listed is checked against the
+            whole budget and the total probe time.
     """
 
-    def __init__(self, max_overhead: float) -> None:
+    def __init__(self, max_overhead: float, kinds: Sequence[str] = ()) -> None:
         if isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not max_overhead > 0:
             raise ValueError(
                 f"`max_overhead` must be a number > 0 (math.inf disables the governor), got {max_overhead!r}."
             )
         self.max_overhead = float(max_overhead)
+        self.shares = {kind: 1.0 / len(kinds) for kind in kinds}
         self.start_time: float | None = None
         self.probe_time = 0.0
+        self.spent: dict[str, float] = {}
         self.cost_per_unit: dict[str, float] = {}
         self.deferred: dict[str, int] = {}
 
     def start(self, now: float | None = None) -> None:
-        """Start the training clock and a fresh budget (probe time 0); measured costs per unit are kept."""
+        """Start the training clock and a fresh budget (nothing spent); measured costs per unit are kept."""
         self.start_time = time.perf_counter() if now is None else now
         self.probe_time = 0.0
+        self.spent = {}
 
     def training_time(self, now: float | None = None) -> float:
         """Wall seconds since :meth:`start` minus the probe seconds (0 before :meth:`start`)."""
@@ -60,23 +68,38 @@ class ProbeGovernor:
         """Predicted seconds of a probe of ``kind`` covering ``units`` (0 for a kind never measured)."""
         return self.cost_per_unit.get(kind, 0.0) * units
 
-    def allows(self, kind: str, units: float = 1.0, now: float | None = None) -> bool:
-        """True when ``probe_time + predicted(kind, units) <= max_overhead * training_time(now)``."""
+    def available(self, kind: str, now: float | None = None) -> float:
+        """Seconds ``kind`` may still spend now: its share of the budget minus what it spent (may be < 0)."""
         if math.isinf(self.max_overhead):
-            return True
+            return math.inf
         budget = self.max_overhead * self.training_time(now)
-        return self.probe_time + self.predicted(kind, units) <= budget
+        if kind in self.shares:
+            return self.shares[kind] * budget - self.spent.get(kind, 0.0)
+        return budget - self.probe_time
 
-    def record(self, kind: str, seconds: float, units: float = 1.0) -> None:
-        """Add a probe's measured ``seconds`` and remember its cost per unit for the next prediction."""
+    def allows(self, kind: str, units: float = 1.0, now: float | None = None) -> bool:
+        """True when the predicted cost of ``units`` fits in :meth:`available` (always for an unmeasured kind)."""
+        return self.predicted(kind, units) <= self.available(kind, now)
+
+    def affordable_units(self, kind: str, now: float | None = None) -> float:
+        """How many units of ``kind`` fit now: ``available / cost per unit`` (inf when never measured)."""
+        cost = self.cost_per_unit.get(kind, 0.0)
+        available = self.available(kind, now)
+        if cost <= 0.0 or math.isinf(available):
+            return math.inf
+        return max(0.0, available / cost)
+
+    def charge(self, kind: str, seconds: float) -> None:
+        """Add ``seconds`` spent by ``kind`` without changing its measured cost per unit."""
         seconds = max(0.0, float(seconds))
         self.probe_time += seconds
-        if units > 0:
-            self.cost_per_unit[kind] = seconds / units
+        self.spent[kind] = self.spent.get(kind, 0.0) + seconds
 
-    def add_time(self, seconds: float) -> None:
-        """Charge ``seconds`` of monitor work that is not a probe of its own (figures, logging)."""
-        self.probe_time += max(0.0, float(seconds))
+    def record(self, kind: str, seconds: float, units: float = 1.0) -> None:
+        """Charge a probe's measured ``seconds`` and remember its cost per unit for the next prediction."""
+        self.charge(kind, seconds)
+        if units > 0:
+            self.cost_per_unit[kind] = max(0.0, float(seconds)) / units
 
     def defer(self, kind: str) -> int:
         """Count one deferred probe of ``kind``; return the total number deferred (all kinds)."""
@@ -92,15 +115,6 @@ class ProbeGovernor:
         """``probe_time / training_time`` (0 while the training time is 0)."""
         training = self.training_time(now)
         return self.probe_time / training if training > 0 else 0.0
-
-    @contextlib.contextmanager
-    def timed(self, kind: str, units: float = 1.0) -> Iterator[None]:
-        """Measure the enclosed block with ``perf_counter`` and :meth:`record` it as ``kind``."""
-        begin = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.record(kind, time.perf_counter() - begin, units)
 
     def state_dict(self) -> dict[str, Any]:
         """Primitives only: the deferred counts (the clocks restart with every fit)."""

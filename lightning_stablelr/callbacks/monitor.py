@@ -129,10 +129,19 @@ class StabilityMonitor(Callback):
             max_overhead=max_overhead, snapshot_device=snapshot_device, log_figures=log_figures,
         )  # fmt: skip
         config = self.config
+        self._state_key = self._generate_state_key(
+            certificate_every_n_steps=config.certificate_every_n_steps,
+            sharpness_every_n_steps=config.sharpness_every_n_steps,
+            probe_every_n_epochs=config.probe_every_n_epochs,
+        )
+        self._train_cache_size = self._needed_train_batches(config)
         self._window = CertificateWindow(config.certificate_window)
         self._ema = LossEMA(config.ema_decay)
         self._val_trend = ValidationTrend()
-        self._governor = ProbeGovernor(config.max_overhead)
+        kinds = [kind for kind, every in (("certificate", config.certificate_every_n_steps),
+                                          ("sharpness", config.sharpness_every_n_steps),
+                                          ("connectivity", config.probe_every_n_epochs)) if every]
+        self._governor = ProbeGovernor(config.max_overhead, kinds)
         self.failed_probes = 0
         self._certificate_step: int | None = None
         self._last_step_seen = -1
@@ -141,11 +150,8 @@ class StabilityMonitor(Callback):
     # ------------------------------------------------------------------ state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            certificate_every_n_steps=self.config.certificate_every_n_steps,
-            sharpness_every_n_steps=self.config.sharpness_every_n_steps,
-            probe_every_n_epochs=self.config.probe_every_n_epochs,
-        )
+        # Lightning reads this on every hook call (profiler names): computed once, the config is frozen.
+        return self._state_key
 
     def state_dict(self) -> dict[str, Any]:
         """Primitives only: the certificate window, loss EMA, last validation loss and counters."""
@@ -223,15 +229,17 @@ class StabilityMonitor(Callback):
             session.request(step)
             session.snapshot(trainer, pl_module)
             self._certificate_step = step
-            self._governor.add_time(time.perf_counter() - start)
+            self._governor.charge("certificate", time.perf_counter() - start)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, Tensor):
-            self._ema.update(loss.detach() * trainer.accumulate_grad_batches)
-        if len(self._train_batches) < self._train_cache_size():
+            # Lightning divides the loss by the accumulation; the EMA tracks the loss itself.
+            accumulate = trainer.accumulate_grad_batches
+            self._ema.update(loss if accumulate == 1 else loss * accumulate)
+        if len(self._train_batches) < self._train_cache_size:
             self._train_batches.append(detached_copy(batch, self.config.snapshot_device))
         stepped = trainer.global_step != self._last_step_seen
         self._last_step_seen = trainer.global_step
@@ -255,20 +263,26 @@ class StabilityMonitor(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = self.config.probe_every_n_epochs
         if every and (trainer.current_epoch + 1) % every == 0 and self._tracker is not None:
-            units = float(self._tracker.num_evaluations())
-            if self._allowed(trainer, "connectivity", units):
+            segments = self._affordable_segments(trainer, pl_module)
+            if segments is None:
+                self._governor.defer("connectivity")
+            else:
+                units = self._tracker.num_evaluations(segments)
                 start = time.perf_counter()
-                report = self._run_connectivity(trainer, pl_module)
+                report = self._run_connectivity(trainer, pl_module, segments)
+                if report is not None:
+                    self._write_figures(trainer, report)
+                # Figures included: rendering them can cost more than the probe, and the governor must predict it.
                 self._governor.record("connectivity", time.perf_counter() - start, units)
                 if report is not None:
                     self._log(trainer, report.metrics())
-                    self._write_figures(trainer, report)
-                return
+                    return
         self._log(trainer, {})
 
     # ------------------------------------------------------------------ probes
-    def _train_cache_size(self) -> int:
-        config = self.config
+    @staticmethod
+    def _needed_train_batches(config: MonitorConfig) -> int:
+        """Training batches kept: the sharpness batch, BatchNorm recalibration and the no-validation fallback."""
         if not (config.certificate_every_n_steps or config.sharpness_every_n_steps or config.probe_every_n_epochs):
             return 0
         needed = [1 if config.sharpness_every_n_steps else 0]
@@ -284,6 +298,28 @@ class StabilityMonitor(Callback):
         if not allowed:
             self._governor.defer(kind)
         return allowed
+
+    def _affordable_segments(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int | None:
+        """How many of the previous snapshots the budget lets this probe compare with, newest first (the same
+        on every rank: the minimum over ranks); None to defer it. The consecutive pair comes first, so the
+        dip is measured every time the budget allows anything; older pairs as far as it reaches."""
+        tracker = self._tracker
+        assert tracker is not None
+        full = len(tracker.previous())
+        if math.isinf(self.config.max_overhead):
+            return full
+        units = self._governor.affordable_units("connectivity")
+        if units < 1.0:
+            local = -1  # not even the new snapshot's own loss
+        elif math.isinf(units):
+            local = full
+        else:
+            local = min(full, int((units - 1.0) // (self.config.probe_points - 2)))
+        reduced = trainer.strategy.reduce(torch.tensor(float(local), device=pl_module.device), reduce_op="min")
+        segments = int(reduced.item())
+        if segments < 0 or (segments == 0 and full > 0):
+            return None
+        return segments
 
     def _run_certificate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         start = time.perf_counter()
@@ -330,7 +366,9 @@ class StabilityMonitor(Callback):
             return
         self._log(trainer, reading.metrics(sharpness))
 
-    def _run_connectivity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ConnectivityReport | None:
+    def _run_connectivity(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, segments: int
+    ) -> ConnectivityReport | None:
         tracker = self._tracker
         assert tracker is not None and self._probe is not None
         theta = self._probe.parameters()
@@ -343,15 +381,18 @@ class StabilityMonitor(Callback):
                     detached_copy(b, device) for b in self._train_batches[: self.config.bn_recalibration_batches]
                 ]
                 loss = EvalLoss(self._probe, batches, recalibration, seed=_CONNECTIVITY_SEED)
-                values = tracker.local_losses(theta, loss)
+                values = tracker.local_losses(theta, loss, segments)
         except Exception as error:
             self._report_local_failure("connectivity", trainer, error)
-        summed = trainer.strategy.reduce(tracker.pack(values, device=pl_module.device), reduce_op="sum")
+        packed = tracker.pack(values, device=pl_module.device, segments=segments)
+        summed = trainer.strategy.reduce(packed, reduce_op="sum")
         failed, losses = tracker.unpack(summed)
         if failed:
             self._skip_failed("connectivity", trainer)
             return None
-        self.last_report = tracker.commit(theta, losses, epoch=trainer.current_epoch, step=trainer.global_step)
+        self.last_report = tracker.commit(
+            theta, losses, epoch=trainer.current_epoch, step=trainer.global_step, segments=segments
+        )
         return self.last_report
 
     def _evaluation_batches(self, trainer: pl.Trainer) -> list[Any]:
@@ -413,9 +454,7 @@ class StabilityMonitor(Callback):
             return
         from lightning_stablelr.tensorboard import pairwise_heatmap, path_figure, write_figure
 
-        start = time.perf_counter()
         step = _log_step(trainer)
         write_figure(self._writer, "connectivity/path", path_figure(report.segments), step)
         matrix = report.matrix
         write_figure(self._writer, "connectivity/pairwise", pairwise_heatmap(matrix.values.numpy(), matrix.labels), step)
-        self._governor.add_time(time.perf_counter() - start)
