@@ -49,14 +49,14 @@ def with_output_dir(cfg: DictConfig, path: Path) -> DictConfig:
 
 
 def run_module(
-    args: Sequence[str], cwd: Path, timeout: float, module: str = "recipes.train"
+    args: Sequence[str], cwd: Path, timeout: float, module: str = "recipes.train", env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run ``python -m <module> <args>`` from ``cwd`` with the repo on ``PYTHONPATH``.
 
     The child gets its own process group, so that on a timeout every process it started (the DDP ranks)
     is killed too; a timeout then fails the test with the output so far (a hang is a failure).
     """
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("LOCAL_RANK", None)
     process = subprocess.Popen(
         [sys.executable, "-m", module, *args],
