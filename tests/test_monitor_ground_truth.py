@@ -136,3 +136,20 @@ def test_connectivity_metrics_equal_the_analytic_bump_and_valley(tmp_path):
     assert segment[2] == pytest.approx(tuple(alphas))
     expected = [BumpModule.profile(1.0 + a, height) for a in alphas]
     assert list(segment[3]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_state_dict_restores_the_certificate_window_and_counters(tmp_path):
+    model = QuadraticModule(dim=5, lr=0.4, seed=3)
+    monitor = StabilityMonitor(certificate_every_n_steps=1, sharpness_every_n_steps=0, probe_every_n_epochs=0,
+                               certificate_window=4, max_overhead=math.inf)
+    trainer = make_trainer(tmp_path, logger=RecordingLogger(), callbacks=[monitor], limit_val_batches=0)
+    trainer.fit(model, train_dataloaders=constant_loader(6))
+    state = monitor.state_dict()
+    assert state["window"]["decreases"] == [True] * 4
+    assert state["ema"]["count"] == 6.0
+    restored = StabilityMonitor(certificate_window=4)
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state
+    assert restored._window.metrics() == monitor._window.metrics() == {
+        "lyapunov/certified_rate": 1.0, "lyapunov/ema_decrease": 1.0}
+    StabilityMonitor().load_state_dict({})  # an empty (older) state is tolerated

@@ -8,8 +8,9 @@ cheap probe cannot starve a rare informative one:
     budget_k(now)      = share_k · max_overhead · training_time(now)    share_k = 1 / (number of kinds)
     a probe of kind k covering `units` is allowed  iff  spent_k + units · cost_k ≤ budget_k(now)
 
-with ``cost_k`` the seconds per unit of the last probe of kind k (0 before the first, which therefore
-always runs and may overshoot once). Summed over kinds, ``probe_time ≤ max_overhead · training_time``
+with ``cost_k`` the seconds per unit of the last probe of kind k (before the first: a prior given by
+the caller, else 0, so that the first probe always runs and may overshoot once). Time charged to a
+kind without a share (the monitor's own logging) comes off every share alike. Summed over kinds, ``probe_time ≤ max_overhead · training_time``
 up to those first probes and the prediction error of the last probe of each kind. A probe that is
 not allowed is *deferred* (skipped) and counted. :meth:`ProbeGovernor.affordable_units` tells how
 much of a divisible probe (the segments of a connectivity probe) fits. ``overhead = probe_time /
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["ProbeGovernor"]
@@ -38,7 +39,9 @@ class ProbeGovernor:
             whole budget and the total probe time.
     """
 
-    def __init__(self, max_overhead: float, kinds: Sequence[str] = ()) -> None:
+    def __init__(
+        self, max_overhead: float, kinds: Sequence[str] = (), prior_costs: Mapping[str, float] | None = None
+    ) -> None:
         if isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not max_overhead > 0:
             raise ValueError(
                 f"`max_overhead` must be a number > 0 (math.inf disables the governor), got {max_overhead!r}."
@@ -48,7 +51,8 @@ class ProbeGovernor:
         self.start_time: float | None = None
         self.probe_time = 0.0
         self.spent: dict[str, float] = {}
-        self.cost_per_unit: dict[str, float] = {}
+        # A prior stands in for a kind's cost per unit until it is first measured (0 when none is given).
+        self.cost_per_unit: dict[str, float] = dict(prior_costs or {})
         self.deferred: dict[str, int] = {}
 
     def start(self, now: float | None = None) -> None:
@@ -74,7 +78,9 @@ class ProbeGovernor:
             return math.inf
         budget = self.max_overhead * self.training_time(now)
         if kind in self.shares:
-            return self.shares[kind] * budget - self.spent.get(kind, 0.0)
+            # Time charged to kinds without a share (logging, bookkeeping) comes off every share alike.
+            unshared = sum(spent for name, spent in self.spent.items() if name not in self.shares)
+            return self.shares[kind] * (budget - unshared) - self.spent.get(kind, 0.0)
         return budget - self.probe_time
 
     def allows(self, kind: str, units: float = 1.0, now: float | None = None) -> bool:

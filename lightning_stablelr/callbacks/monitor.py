@@ -28,6 +28,9 @@ from lightning_stablelr.probe import ObjectiveProbe
 
 __all__ = ["StabilityMonitor"]
 
+# Rendering the two figures to PNG measured 0.2-0.8 s on a loaded CPU, often more than the probe itself;
+# until measured, this prior keeps the first figures from overshooting the budget of a short run.
+_FIGURES_PRIOR_SECONDS = 0.5
 # Fixed, so that the endpoint loss of an old snapshot, measured when it was new, stays comparable.
 _CONNECTIVITY_SEED = 0xC0DE
 _RUNTIME = ("_probe", "_writer", "_eval_batches", "_tracker", "_sharpness_vector", "last_report")
@@ -140,8 +143,9 @@ class StabilityMonitor(Callback):
         self._val_trend = ValidationTrend()
         kinds = [kind for kind, every in (("certificate", config.certificate_every_n_steps),
                                           ("sharpness", config.sharpness_every_n_steps),
-                                          ("connectivity", config.probe_every_n_epochs)) if every]
-        self._governor = ProbeGovernor(config.max_overhead, kinds)
+                                          ("connectivity", config.probe_every_n_epochs),
+                                          ("figures", config.probe_every_n_epochs and config.log_figures)) if every]
+        self._governor = ProbeGovernor(config.max_overhead, kinds, prior_costs={"figures": _FIGURES_PRIOR_SECONDS})
         self.failed_probes = 0
         self._certificate_step: int | None = None
         self._last_step_seen = -1
@@ -270,11 +274,9 @@ class StabilityMonitor(Callback):
                 units = self._tracker.num_evaluations(segments)
                 start = time.perf_counter()
                 report = self._run_connectivity(trainer, pl_module, segments)
-                if report is not None:
-                    self._write_figures(trainer, report)
-                # Figures included: rendering them can cost more than the probe, and the governor must predict it.
                 self._governor.record("connectivity", time.perf_counter() - start, units)
                 if report is not None:
+                    self._write_figures(trainer, report)
                     self._log(trainer, report.metrics())
                     return
         self._log(trainer, {})
@@ -444,17 +446,27 @@ class StabilityMonitor(Callback):
             "monitor/failed_probes": float(self.failed_probes),
             "monitor/overhead": self._governor.overhead(),
         }
+        start = time.perf_counter()
         step = _log_step(trainer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         put_callback_metrics(trainer, metrics)
+        self._governor.charge("logging", time.perf_counter() - start)
 
     def _write_figures(self, trainer: pl.Trainer, report: ConnectivityReport) -> None:
+        """The path figure and the pairwise heatmap, on rank 0 with a TensorBoard writer, when the budget allows.
+
+        Governed as a kind of its own (no collective: only rank 0 draws, and drawing calls none).
+        """
         if not (self.config.log_figures and self._writer is not None and report.segments):
             return
+        if not self._governor.allows("figures"):
+            return  # not counted in monitor/deferred_probes: only rank 0 draws, and the counts must agree
         from lightning_stablelr.tensorboard import pairwise_heatmap, path_figure, write_figure
 
+        start = time.perf_counter()
         step = _log_step(trainer)
         write_figure(self._writer, "connectivity/path", path_figure(report.segments), step)
         matrix = report.matrix
         write_figure(self._writer, "connectivity/pairwise", pairwise_heatmap(matrix.values.numpy(), matrix.labels), step)
+        self._governor.record("figures", time.perf_counter() - start)
