@@ -43,13 +43,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not ckpt_path.is_file():
         raise RecipeError(
             f"ckpt_path={cfg.ckpt_path} is not a file. Pass a checkpoint written by recipes.train, e.g. "
-            "ckpt_path=logs/runs/<date>_<time>/checkpoints/last.ckpt."
+            "ckpt_path=outputs/runs/<date>_<time>/checkpoints/last.ckpt."
         )
     output_dir = output_dir_of(cfg)
     check_devices(cfg.trainer)
     route_lightning_logs()
+    threads = torch.get_num_threads()
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
+    try:
+        return _validate_and_test(cfg, ckpt_path, output_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _validate_and_test(cfg: DictConfig, ckpt_path: Path, output_dir: Path) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data, "data")
     model = build(cfg.model, "model")

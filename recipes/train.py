@@ -1,7 +1,7 @@
 """Train a classifier with StableLR and StabilityMonitor: ``python -m recipes.train [overrides]``.
 
 With no arguments it trains a 64-512-512-10 MLP on 300 scikit-learn digits on the CPU (about a minute on
-two cores), logs to TensorBoard under ``logs/runs/<date>_<time>/`` and prints the ``tensorboard`` command.
+two cores), logs to TensorBoard under ``outputs/runs/<date>_<time>/`` and prints the ``tensorboard`` command.
 See ``docs/RECIPES.md`` for GPUs, DDP, SLURM and policy comparisons.
 
 :func:`train` is a plain function of a composed config, which tests call in-process::
@@ -56,9 +56,12 @@ def route_lightning_logs() -> None:
     """Send Lightning's log records through the root logger that Hydra configured (console + the job's log file).
 
     ``lightning.pytorch`` attaches its own stream handler and stops propagation when it is imported before
-    any logging is configured (always, here), so its messages would miss the run's log file.
+    any logging is configured (always, here), so its messages would miss the run's log file. Only under
+    ``@hydra.main``: a caller of ``train(cfg)`` (a test session, a notebook) keeps its own logging setup.
     """
-    if not logging.getLogger().handlers:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or not logging.getLogger().handlers:
         return
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
@@ -156,10 +159,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if sweep_job_needs_child(cfg):
         return run_job_in_child(output_dir)
     route_lightning_logs()
+    threads = torch.get_num_threads()
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
-    L.seed_everything(cfg.seed, workers=True)
+    try:
+        return _fit_and_test(cfg, output_dir)
+    finally:
+        torch.set_num_threads(threads)  # an in-process caller gets its own setting back
 
+
+def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data, "data")
     model = build(cfg.model, "model")
     callbacks = build_callbacks(cfg, output_dir)
