@@ -59,6 +59,7 @@ class MonitorProbes:
     _train_batches: list[Any]
     _eval_batches: list[Any] | None
     _sharpness_vector: tuple[bool, dict[str, torch.Tensor]] | None
+    _caching_seconds: float
 
     def _allowed(self, trainer: pl.Trainer, kind: str, units: float = 1.0) -> bool:
         """The governor's decision, identical on every rank (a probe runs only if every rank allows it)."""
@@ -169,6 +170,7 @@ class MonitorProbes:
         """The first ``probe_batches`` validation batches (this rank's shard), cached on first use;
         the first training batches when there is no validation loader."""
         if self._eval_batches is None:
+            start = time.perf_counter()
             # Called inside isolated_rng: creating the loader's iterator draws from the torch RNG.
             batches = first_batches(
                 trainer.val_dataloaders, self.config.probe_batches,
@@ -181,6 +183,8 @@ class MonitorProbes:
             if not batches:
                 raise RuntimeError("no batches to evaluate the connectivity probe on")
             self._eval_batches = batches
+            # A one-time cost: charged to the budget but kept out of the cost per point evaluation.
+            self._caching_seconds = time.perf_counter() - start
         return self._eval_batches
 
     def _skip_failed(self, kind: str, trainer: pl.Trainer) -> None:

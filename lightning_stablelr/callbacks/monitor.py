@@ -181,6 +181,7 @@ class StabilityMonitor(MonitorProbes, Callback):
         self._eval_batches: list[Any] | None = None
         self._tracker: ConnectivityTracker | None = None
         self._sharpness_vector: tuple[bool, dict[str, Tensor]] | None = None
+        self._caching_seconds = 0.0
         #: The latest connectivity probe (segments, pairwise barrier matrix), None before the first.
         self.last_report: ConnectivityReport | None = None
 
@@ -262,9 +263,12 @@ class StabilityMonitor(MonitorProbes, Callback):
                 self._governor.defer("connectivity")
             else:
                 units = self._tracker.num_evaluations(segments)
+                self._caching_seconds = 0.0
                 start = time.perf_counter()
                 report = self._run_connectivity(trainer, pl_module, segments)
-                self._governor.record("connectivity", time.perf_counter() - start, units)
+                once = self._caching_seconds
+                self._governor.record("connectivity", time.perf_counter() - start - once, units)
+                self._governor.charge("connectivity", once)
                 if report is not None:
                     self._write_figures(trainer, report)
                     self._log(trainer, report.metrics())
