@@ -1,0 +1,166 @@
+"""Targeted sweeps of StableLR's defaults against the peers: ``python -m benchmarks.sweep``.
+
+Each variant is a set of StableLR overrides. Its StableLR runs (the robustness grid, StableLR rows only,
+``--seeds``) go to ``benchmarks/_work/sweep_<variant>.jsonl`` (resumable, like the benchmark); the peers'
+runs are read from the robustness results file (run ``python -m benchmarks.robustness`` first, or at
+least its peer rows). For every variant it prints, and writes into ``RESULTS.md`` between
+``<!-- BEGIN sweep -->`` markers, one line per task x optimizer panel with the DESIGN.md targets:
+divergences, median final val loss vs the best peer median, the worst ratio at a peer's best lr, and
+(digits) final - best.
+
+Example::
+
+    python -m benchmarks.sweep --seeds 0 --variants defaults patience2 decay0.01
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    BENCH_DIR,
+    RESULTS_PATH,
+    WORK_DIR,
+    command_line,
+    machine_info,
+    machine_line,
+    replace_section,
+)
+from benchmarks.robustness import (
+    GRID,
+    Grid,
+    exit_on_sigterm,
+    grid_specs,
+    load_results,
+    parse_overrides,
+    run_specs,
+    select_results,
+)
+from benchmarks.robustness_report import OVERFIT_TASK, summarize
+
+__all__ = ["VARIANTS", "main", "score_variant"]
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "patience2": {"gap_patience": 2},
+    "patience3": {"gap_patience": 3},
+    "decay0.01": {"decay_rate": 0.01},
+    "decay0": {"decay_rate": 0.0},
+    "patience2_decay0.01": {"gap_patience": 2, "decay_rate": 0.01},
+    "tolerance0.5": {"gap_tolerance": 0.5},
+    "strength0.5": {"gap_strength": 0.5},
+    "dense50_every25": {"dense_check_steps": 50, "check_every_n_steps": 25},
+    "safety0.25": {"safety": 0.25},
+    "recovery1.05": {"recovery": 1.05},
+    "decay0_warmup10": {"decay_rate": 0.0, "warmup_steps": 10},
+    "decay0_warmup20": {"decay_rate": 0.0, "warmup_steps": 20},
+}
+"""Named override sets; ``--set NAME:key=value,key=value`` adds one on the command line."""
+
+
+def score_variant(stable_records: Sequence[Mapping[str, Any]], peer_records: Sequence[Mapping[str, Any]]
+                  ) -> list[dict[str, Any]]:
+    """Per (task, optimizer): the targets of DESIGN.md for these StableLR runs against the peers' runs.
+
+    Keys: ``panel``, ``diverged``, ``median``, ``best_peer_median`` (and its policy), ``worst_ratio`` (StableLR
+    over the peer at that peer's best lr, the largest over peers), ``worst_peer``, ``final_minus_best`` and
+    ``best_peer_final_minus_best`` (only on the overfitting task).
+    """
+    summaries = summarize([*stable_records, *peer_records])
+    panels: dict[tuple[str, str], dict[str, Any]] = {}
+    for summary in summaries:
+        panels.setdefault((summary.task, summary.optimizer), {})[summary.policy] = summary
+    rows = []
+    for (task, optimizer), policies in sorted(panels.items()):
+        stable = policies.pop("stablelr", None)
+        if stable is None or not policies:
+            continue
+        best_peer = min(policies.values(), key=lambda s: s.median)
+        ratios = {name: stable.by_lr.get(s.best_lr, math.inf) / s.best for name, s in policies.items()}
+        worst = max(ratios, key=lambda name: ratios[name])
+        row = {"panel": f"{task}/{optimizer}", "diverged": f"{stable.diverged}/{stable.runs}",
+               "median": stable.median, "best_peer_median": best_peer.median, "best_peer": best_peer.policy,
+               "worst_ratio": ratios[worst], "worst_peer": worst, "final_minus_best": None,
+               "best_peer_final_minus_best": None}
+        if task == OVERFIT_TASK:
+            row["final_minus_best"] = stable.final_minus_best
+            row["best_peer_final_minus_best"] = min(s.final_minus_best for s in policies.values())
+        rows.append(row)
+    return rows
+
+
+def format_scores(name: str, overrides: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table of :func:`score_variant` rows for one variant."""
+    settings = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "library defaults"
+    lines = [f"**{name}** ({settings})", "",
+             "| panel | diverged | median (best peer) | worst at a peer's best lr | final - best (lowest peer) |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        gap = "" if row["final_minus_best"] is None else (
+            f"{row['final_minus_best']:.4f} ({row['best_peer_final_minus_best']:.4f})")
+        lines.append(
+            f"| {row['panel']} | {row['diverged']} | {row['median']:.4f} ({row['best_peer_median']:.4f} "
+            f"{row['best_peer']}) | {100 * (row['worst_ratio'] - 1):+.1f}% vs {row['worst_peer']} | {gap} |"
+        )
+    met = sum(row["diverged"].startswith("0/") for row in rows) + sum(
+        row["median"] < row["best_peer_median"] for row in rows) + sum(row["worst_ratio"] <= 1.02 for row in rows)
+    lines.append(f"\nTargets met: {met} of {3 * len(rows)} (never diverges, median, within 2%) "
+                 f"+ final - best on {OVERFIT_TASK}: " + ", ".join(
+                     "yes" if r["final_minus_best"] < r["best_peer_final_minus_best"] else "no"
+                     for r in rows if r["final_minus_best"] is not None))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", nargs="+", default=["defaults"])
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="define extra variants, e.g. p2:gap_patience=2,decay_rate=0.01")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--tasks", nargs="+", default=None)
+    parser.add_argument("--peers", type=Path, default=WORK_DIR / "robustness.jsonl",
+                        help="robustness results holding the peers' runs")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="directory for RESULTS.md (default: benchmarks/)")
+    parser.add_argument("--no-run", action="store_true", help="only score the runs already present")
+    args = parser.parse_args(argv)
+    variants = dict(VARIANTS)
+    for item in args.set:
+        name, _, settings = item.partition(":")
+        variants[name] = parse_overrides([pair for pair in settings.split(",") if pair])
+    grid = Grid(tasks=tuple(args.tasks or GRID.tasks), optimizers=GRID.optimizers, lrs=GRID.lrs,
+                seeds=tuple(args.seeds), epochs=GRID.epochs, batch_size=GRID.batch_size)
+    peer_specs = [s for s in grid_specs(grid) if s.policy != "stablelr"]
+    peers = select_results(load_results(args.peers), peer_specs)
+    blocks = []
+    for name in args.variants:
+        overrides = variants[name]
+        specs = grid_specs(grid, ["stablelr"], overrides)
+        results = WORK_DIR / f"sweep_{name}.jsonl"
+        if not args.no_run:
+            run_specs(specs, results, args.workers, progress=False)
+        stable = select_results(load_results(results), specs)
+        block = format_scores(name, overrides, score_variant(stable, peers))
+        print(block + "\n", flush=True)
+        blocks.append(block)
+    body = "\n\n".join([
+        "## Sweeps of StableLR's defaults",
+        f"Command: `{command_line('benchmarks.sweep', argv)}` (seeds {list(grid.seeds)}; peers from "
+        f"`{args.peers.name}`, {len(peers)} runs).",
+        machine_line(machine_info()),
+        *blocks,
+    ])
+    replace_section((args.out or BENCH_DIR) / RESULTS_PATH.name, "sweep", body)
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    raise SystemExit(main())
