@@ -45,7 +45,8 @@ class Certificate:
         first_order: ``a = (L+ - L-)/2 ≈ gᵀΔθ``.
         curvature: ``c / ‖Δθ‖²``; NaN when the step was zero (no direction to measure along).
         step_margin: ``s_max`` of the line model (``-2a/c``, ``+inf`` or ``0``).
-        taylor_error: the line model's relative Taylor error.
+        taylor_error: ``|a - gᵀΔθ| / |gᵀΔθ|`` with g the step's own gradient (third-order terms the quadratic
+            line model misses); the three-point consistency check (≈ 0) under gradient accumulation.
     """
 
     delta_v: float

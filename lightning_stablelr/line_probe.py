@@ -57,11 +57,24 @@ class LineProbeResult:
 
     @classmethod
     def from_losses(
-        cls, step: int, losses: Sequence[float], update_norm_sq: float, *, failed: bool = False
+        cls,
+        step: int,
+        losses: Sequence[float],
+        update_norm_sq: float,
+        *,
+        failed: bool = False,
+        directional_derivative: float | None = None,
     ) -> LineProbeResult:
-        """Build the result from ``[L0, L+, L-]``; ``failed=True`` forces ``finite=False``."""
+        """Build the result from ``[L0, L+, L-]``; ``failed=True`` forces ``finite=False``.
+
+        ``directional_derivative`` is the exact ``gᵀΔθ`` from the step's own gradient when known: the
+        line model's Taylor error then compares ``a`` with it (see :func:`~lightning_stablelr.curvature.line_model`).
+        A non-finite value is ignored (the Taylor error falls back to the three-point consistency check).
+        """
         loss_before, loss_after, loss_mirror = (float(value) for value in losses)
-        line = line_model(loss_before, loss_after, loss_mirror)
+        if directional_derivative is not None and not math.isfinite(directional_derivative):
+            directional_derivative = None
+        line = line_model(loss_before, loss_after, loss_mirror, directional_derivative=directional_derivative)
         finite = (
             not failed
             and all(math.isfinite(value) for value in (loss_before, loss_after, loss_mirror))

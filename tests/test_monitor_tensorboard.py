@@ -153,9 +153,17 @@ def test_without_tensorboard_the_figures_are_skipped_with_one_message(tmp_path: 
     monitor = StabilityMonitor(certificate_every_n_steps=3, sharpness_every_n_steps=0, probe_every_n_epochs=1,
                                probe_batches=1, bn_recalibration_batches=1, max_overhead=math.inf)
     trainer = make_trainer(tmp_path, max_epochs=2, logger=logger, callbacks=[monitor], log_every_n_steps=1)
-    with caplog.at_level(logging.INFO):
-        trainer.fit(TinyClassifier(seed=1), *_loaders())
-    notices = [r.getMessage() for r in caplog.records if "figures" in r.getMessage()]
+    # Other tests (Hydra, LightningCLI) may stop Lightning's loggers from propagating to the root
+    # logger that caplog listens on, so listen on the rank-zero logger itself.
+    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    rank_zero_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=rank_zero_logger.name):
+            trainer.fit(TinyClassifier(seed=1), *_loaders())
+    finally:
+        rank_zero_logger.removeHandler(caplog.handler)
+    records = {id(record): record for record in caplog.records}.values()  # seen once per handler path
+    notices = [r.getMessage() for r in records if "figures" in r.getMessage()]
     assert notices == [
         "StabilityMonitor: no TensorBoardLogger, so the figures connectivity/path and connectivity/pairwise are"
         " skipped; the scalars still go to every logger."

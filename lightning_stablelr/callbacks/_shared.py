@@ -188,6 +188,7 @@ class LineProbeSession:
         self._requested: set[int] = set()
         self._snapshot_step: int | None = None
         self._snapshot: dict[str, Tensor] | None = None
+        self._gradient: dict[str, Tensor] | None = None
         self._discarded: int | None = None
         self._cached: LineProbeResult | None = None
         self._probe: ObjectiveProbe | None = None
@@ -218,6 +219,17 @@ class LineProbeSession:
             for name, parameter in pl_module.named_parameters()
             if parameter.requires_grad
         }
+        # The step's own gradient g gives the exact directional derivative gᵀΔθ that the line
+        # model's first-order term a is checked against (the Taylor error). With gradient
+        # accumulation g averages several micro-batches while the probe replays the last one, so
+        # the comparison would measure batch noise, not the model: skip it there.
+        self._gradient = None
+        if trainer.accumulate_grad_batches == 1:
+            self._gradient = {
+                name: parameter.grad.detach().clone()
+                for name, parameter in pl_module.named_parameters()
+                if parameter.requires_grad and parameter.grad is not None
+            }
         self._snapshot_step = step
 
     def result(
@@ -229,10 +241,10 @@ class LineProbeSession:
             return self._cached
         if self._snapshot is None or self._snapshot_step != step or self._discarded == step:
             return None
-        theta_before = self._snapshot
-        self._snapshot, self._snapshot_step = None, None
+        theta_before, gradient = self._snapshot, self._gradient
+        self._snapshot, self._gradient, self._snapshot_step = None, None, None
         self._requested = {requested for requested in self._requested if requested > step}
-        self._cached = self._compute(trainer, pl_module, batch, batch_idx, step, theta_before)
+        self._cached = self._compute(trainer, pl_module, batch, batch_idx, step, theta_before, gradient)
         return self._cached
 
     def _probe_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ObjectiveProbe:
@@ -248,6 +260,7 @@ class LineProbeSession:
         batch_idx: int,
         step: int,
         theta_before: dict[str, Tensor],
+        gradient: dict[str, Tensor] | None = None,
     ) -> LineProbeResult:
         self.probes_run += 1
         error: BaseException | None = None
@@ -257,12 +270,13 @@ class LineProbeSession:
             values = three_point_losses(
                 probe, batch, theta_before, theta_after, batch_idx=batch_idx, seed=probe_seed(step)
             )
-            packed = torch.cat([values, values.new_zeros(1)])
+            directional = directional_derivative(gradient, theta_before, theta_after).to(values)
+            packed = torch.cat([values, directional.reshape(1), values.new_zeros(1)])
         except Exception as exc:  # any rank may fail; all must still enter the collective below
             error = exc
-            packed = torch.tensor([math.nan, math.nan, math.nan, math.nan, 1.0], device=pl_module.device)
+            packed = torch.tensor([math.nan] * 5 + [1.0], device=pl_module.device)
         reduced = mean_across_ranks(trainer, packed).tolist()
-        failed = reduced[4] > 0
+        failed = reduced[5] > 0
         if failed and not self._warned:
             self._warned = True
             reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
@@ -271,7 +285,24 @@ class LineProbeSession:
                 " non-finite. Implement `probe_loss(self, batch) -> Tensor` on your LightningModule if"
                 " `training_step` cannot be replayed. This warning is shown once.",
             )
-        return LineProbeResult.from_losses(step, reduced[:3], reduced[3], failed=failed)
+        derivative = reduced[4] if gradient is not None else None
+        return LineProbeResult.from_losses(
+            step, reduced[:3], reduced[3], failed=failed, directional_derivative=derivative
+        )
+
+
+def directional_derivative(
+    gradient: dict[str, Tensor] | None, theta_before: dict[str, Tensor], theta_after: dict[str, Tensor]
+) -> Tensor:
+    """``gᵀΔθ = Σ_p ⟨g_p, θ_after,p - θ_before,p⟩`` in fp32 (NaN when no gradient was kept)."""
+    device = next(iter(theta_after.values())).device if theta_after else torch.device("cpu")
+    if not gradient:
+        return torch.tensor(math.nan, device=device)
+    terms = [
+        (grad.float() * (theta_after[name].float() - theta_before[name].float())).sum()
+        for name, grad in gradient.items()
+    ]
+    return torch.stack(terms).sum().to(device)
 
 
 def line_probe_session(trainer: pl.Trainer) -> LineProbeSession:
