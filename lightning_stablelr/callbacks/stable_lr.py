@@ -401,10 +401,11 @@ class StableLR(Callback):
         if presence == 1.0:
             return mean_value
         available = [key for key in trainer.callback_metrics if not key.startswith("stablelr/")]
+        keys = f"one of the available keys: `{'`, `'.join(available)}`" if available else "a metric (none is logged yet)"
         message = (
             f"StableLR conditioned on metric `{self.monitor}` which is not available. Log it in"
-            " `validation_step` (self.log), or pass `StableLR(monitor=...)` one of the available keys:"
-            f" `{'`, `'.join(available)}`. Use `StableLR(strict=False)` to leave the gap factor unchanged instead."
+            f" `validation_step` (self.log), or pass `StableLR(monitor=...)` {keys}."
+            " Use `StableLR(strict=False)` to leave the gap factor unchanged instead."
         )
         if self.strict:
             raise RuntimeError(message)
