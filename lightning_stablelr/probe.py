@@ -127,6 +127,40 @@ def _restored_training_flags(module: nn.Module) -> Iterator[None]:
             submodule.training = training
 
 
+_METRIC_BOOKKEEPING = ("_update_count", "_computed", "_forward_cache")
+
+
+def _copied_state(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, list):
+        return [_copied_state(item) for item in value]
+    return value
+
+
+@contextlib.contextmanager
+def _restored_metric_states(module: nn.Module) -> Iterator[None]:
+    """Put back the state of every torchmetrics ``Metric`` inside ``module`` after a replayed step.
+
+    A ``training_step`` commonly updates metrics (``self.train_acc(preds, y)``). Their states are plain
+    attributes, not buffers, so the cloned buffers of :func:`torch.func.functional_call` do not protect
+    them: without this, every probe point would add a fake sample to the epoch's training metrics.
+    Duck-typed on ``Metric``'s ``_defaults`` (no torchmetrics import here).
+    """
+    metrics = [m for m in module.modules() if isinstance(getattr(m, "_defaults", None), dict)]
+    saved = [
+        (metric, {name: _copied_state(getattr(metric, name)) for name in [*metric._defaults, *_METRIC_BOOKKEEPING]
+                  if hasattr(metric, name)})
+        for metric in metrics
+    ]  # fmt: skip
+    try:
+        yield
+    finally:
+        for metric, state in saved:
+            for name, value in state.items():
+                setattr(metric, name, value)
+
+
 def _training_loss(module: nn.Module, batch: Any, batch_idx: int) -> Tensor:
     """The loss source: ``probe_loss(batch)`` if defined, else the silenced ``training_step``'s loss."""
     probe_loss = getattr(module, "probe_loss", None)
@@ -146,7 +180,7 @@ def _training_loss(module: nn.Module, batch: Any, batch_idx: int) -> Tensor:
                 f"{type(module).__name__} uses manual optimization, so its `training_step` cannot be replayed"
                 " as a probe. Implement `probe_loss(self, batch) -> Tensor` returning the scalar training loss."
             )
-        with _silenced_logging(module):
+        with _silenced_logging(module), _restored_metric_states(module):
             output = (
                 training_step(batch, batch_idx) if _accepts_batch_idx(training_step) else training_step(batch)
             )
@@ -187,7 +221,10 @@ class ObjectiveProbe:
     Contract, for every call:
 
     - the module's parameters, buffers, ``.grad`` and ``.training`` flags are unchanged afterwards
-      (buffers are passed as clones, so BatchNorm running statistics never move);
+      (buffers are passed as clones, so BatchNorm running statistics never move), and so are the states
+      of torchmetrics metrics that a replayed ``training_step`` updates. Other side effects of your
+      ``training_step`` (a Python counter, a print) do happen on every probe point: define
+      ``probe_loss`` to avoid them;
     - the torch (CPU + initialised CUDA), ``random`` and numpy RNG states are unchanged, and the probe
       itself runs under a fixed ``seed``: the same seed at the same θ gives the same loss, and every
       point of one probe sees the same dropout masks;

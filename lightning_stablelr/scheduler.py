@@ -165,7 +165,11 @@ class StableLRScheduler(LRScheduler):
             self._snapshot = [param.detach().clone() for param in self._parameters()]
 
     def check_step(
-        self, closure: Callable[[], float | torch.Tensor], *, seed: int | None = None
+        self,
+        closure: Callable[[], float | torch.Tensor],
+        *,
+        seed: int | None = None,
+        module: torch.nn.Module | None = None,
     ) -> LineModel:
         """Measure the line model of the step just taken and update ``C``; call it just after ``optimizer.step()``.
 
@@ -174,7 +178,9 @@ class StableLRScheduler(LRScheduler):
         and ``θ_before - Δθ`` (``L-``), with the parameters written in place; afterwards they are restored
         bit-exactly to ``θ_after``, also when the closure raises. ``.grad`` is never touched. Each call runs
         under a forked RNG seeded with ``seed`` (default: the step count), so all three points see the same
-        dropout masks and the caller's random stream is unchanged. Returns the :class:`LineModel`.
+        dropout masks and the caller's random stream is unchanged. Pass ``module=model`` when the closure
+        runs the model in train mode with BatchNorm: its buffers (running statistics) are then restored
+        bit-exactly too. Returns the :class:`LineModel`.
         """
         if self._snapshot is None:
             raise RuntimeError(
@@ -196,8 +202,10 @@ class StableLRScheduler(LRScheduler):
                 torch.manual_seed(seed)
                 return float(closure())
 
+        buffers = list(module.buffers()) if module is not None else []
         with torch.no_grad():
             after = [param.detach().clone() for param in params]
+            saved_buffers = [buffer.detach().clone() for buffer in buffers]
             try:
                 loss_plus = evaluate()
                 for param, start in zip(params, before):
@@ -209,6 +217,8 @@ class StableLRScheduler(LRScheduler):
             finally:
                 for param, end in zip(params, after):
                     param.copy_(end)
+                for buffer, saved in zip(buffers, saved_buffers):
+                    buffer.copy_(saved)
         return self.observe_line(loss_before, loss_plus, loss_minus)
 
     # ------------------------------------------------------------------ state

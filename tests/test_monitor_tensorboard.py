@@ -91,7 +91,7 @@ def test_tensorboard_server_serves_the_monitor_tags_layout_and_path_figure(run_r
         certified = server.get_json("data/plugin/scalars/scalars", run=RUN, tag="lyapunov/certified_rate")
         expected = _scalars(run_root / RUN)["lyapunov/certified_rate"]
         assert [(step, value) for _, step, value in certified] == expected
-        assert [step for step, _ in expected] == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+        assert [step for step, _ in expected] == [1, 3, 5, 7, 9, 11, 13, 15, 17]  # steps n-1, 2n-1, ...
 
         layout = server.wait_for(lambda s: s.get_json("data/plugin/custom_scalars/layout"), "the layout")
         assert json_format.ParseDict(layout, layout_pb2.Layout()) == stability_layout()

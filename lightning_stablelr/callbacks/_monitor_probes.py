@@ -106,6 +106,9 @@ class MonitorProbes:
             self.failed_probes += 1
             self._log(trainer, {})
             return
+        if not result.update_norm_sq > 0:
+            # The step did not move (lr 0, or a GradScaler-skipped fp16 step): nothing to certify.
+            return
         cert = certificate(result.loss_before, result.loss_after, result.line, result.update_norm_sq)
         self._window.record(cert.decrease, self._ema.corrected(mean, count))
         self._log(trainer, {**cert.metrics(), **self._window.metrics()})

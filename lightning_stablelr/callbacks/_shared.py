@@ -5,7 +5,9 @@ the three-point probe (:mod:`lightning_stablelr.line_probe`) of the same optimiz
 :class:`LineProbeSession` of a trainer computes it once and hands the cached result to the second
 caller. Protocol (every rank, same order):
 
-- ``on_train_batch_start``: ``session.request(trainer.global_step)`` on the steps a callback wants;
+- ``on_train_batch_start`` (StableLR) or ``on_before_optimizer_step`` before ``snapshot`` (the monitor,
+  which first asks ``session.requested(step)`` so it can certify StableLR's steps for free):
+  ``session.request(trainer.global_step)`` on the steps a callback wants;
 - ``on_before_optimizer_step``: ``session.snapshot(trainer, pl_module)`` (clones θ only when requested);
 - ``on_train_batch_end``: ``session.result(trainer, pl_module, batch, batch_idx)`` → the result or None.
 
@@ -223,8 +225,9 @@ class LineProbeSession:
         # model's first-order term a is checked against (the Taylor error). With gradient
         # accumulation g averages several micro-batches while the probe replays the last one, so
         # the comparison would measure batch noise, not the model: skip it there.
+        # Active dropout differs too: g saw the training mask, the probe replays a seeded one.
         self._gradient = None
-        if trainer.accumulate_grad_batches == 1:
+        if trainer.accumulate_grad_batches == 1 and not _has_active_dropout(pl_module):
             self._gradient = {
                 name: parameter.grad.detach().clone()
                 for name, parameter in pl_module.named_parameters()
@@ -289,6 +292,14 @@ class LineProbeSession:
         return LineProbeResult.from_losses(
             step, reduced[:3], reduced[3], failed=failed, directional_derivative=derivative
         )
+
+
+def _has_active_dropout(module: torch.nn.Module) -> bool:
+    """True when a dropout layer with ``p > 0`` is in training mode (its mask differs between calls)."""
+    return any(
+        isinstance(layer, torch.nn.modules.dropout._DropoutNd) and layer.training and layer.p > 0
+        for layer in module.modules()
+    )
 
 
 def directional_derivative(

@@ -216,10 +216,19 @@ class StabilityMonitor(MonitorProbes, Callback):
         # Decided here, not in on_train_batch_start: every callback has made its request by now (a step that
         # StableLR probes anyway costs nothing), and with gradient accumulation this is the stepping batch.
         step = trainer.global_step
-        if not self.config.certificate_every_n_steps or step % self.config.certificate_every_n_steps:
+        every = self.config.certificate_every_n_steps
+        if not every:
             return
         session = line_probe_session(trainer)
-        if session.requested(step) or self._allowed(trainer, "certificate"):
+        if session.requested(step):
+            # StableLR probes this step anyway: certify it for free (the probe is computed once).
+            session.snapshot(trainer, pl_module)
+            self._certificate_step = step
+            return
+        # Same convention as StableLR's checks (steps n-1, 2n-1, ...), so equal cadences coincide.
+        if (step + 1) % every:
+            return
+        if self._allowed(trainer, "certificate"):
             start = time.perf_counter()
             session.request(step)
             session.snapshot(trainer, pl_module)
