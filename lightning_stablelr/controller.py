@@ -46,19 +46,23 @@ class StableLRConfig:
     """Validated settings of the StableLR controller. Every bad value raises ``ValueError`` on creation.
 
     Args:
-        decay_rate: ``λ``, exponential decay per epoch (``>= 0``). ``None`` with ``half_life=None`` means 0.03.
+        decay_rate: ``λ``, exponential decay per epoch (``>= 0``). ``None`` with ``half_life=None`` means
+            :data:`~lightning_stablelr.schedule.DEFAULT_DECAY_RATE` (0: no time decay, chosen by benchmark).
         half_life: epochs after which the decay halves the lr (``> 0``); ``λ = ln 2 / half_life``.
             Mutually exclusive with ``decay_rate``.
         interval: ``"step"``: ``t = global_step / steps_per_epoch`` (smooth, fractional);
             ``"epoch"``: ``t`` is the integer epoch.
-        warmup_steps: linear warmup over this many optimizer steps (``0`` = none).
+        warmup_steps: linear warmup over this many optimizer steps (``0`` = none). The default 10 lets the
+            guard measure the curvature before the full lr is applied (SGD + momentum at lr 3 diverged
+            without it in the benchmark).
         min_lr_ratio: the lr never goes below ``min_lr_ratio · η0`` (in ``[0, 1]``).
         gap_tolerance: relative gap ``r = (L_va - L_tr)/|L_va|`` tolerated before ``G`` shrinks (``>= 0``).
         gap_strength: ``G ← G · exp(-gap_strength · (r - gap_tolerance))`` when overfitting (``>= 0``).
         min_delta: a validation loss counts as improved only if it beats the best by more than this.
         gap_patience: consecutive overfitting validations needed before ``G`` shrinks (``>= 1``); one
             noisy validation then cannot cut the lr.
-        safety: the step taken must satisfy ``1 <= safety · s_max`` (in ``(0, 1]``).
+        safety: the step taken must satisfy ``1 <= safety · s_max`` (in ``(0, 1]``). The default 1/16 keeps the
+            step far inside the decrease region of the line model; it was chosen over 0.5 by benchmark.
         recovery: ``C ← min(1, C · recovery)`` after a check with ``s_max > recover_above`` (``>= 1``).
         recover_above: step margin above which ``C`` recovers (``> 0``).
         min_stability_factor: lower bound of ``C`` (in ``(0, 1]``).
@@ -67,13 +71,13 @@ class StableLRConfig:
     decay_rate: float | None = None
     half_life: float | None = None
     interval: str = "step"
-    warmup_steps: int = 0
+    warmup_steps: int = 10
     min_lr_ratio: float = 0.01
     gap_tolerance: float = 0.25
     gap_strength: float = 1.0
     min_delta: float = 0.0
     gap_patience: int = 1
-    safety: float = 0.5
+    safety: float = 0.0625
     recovery: float = 1.1
     recover_above: float = 4.0
     min_stability_factor: float = 1e-3
@@ -103,7 +107,7 @@ class StableLRConfig:
             0.0,
             1.0,
             low_inclusive=False,
-            hint="0.5 keeps the step at half the safe margin.",
+            hint="0.0625 (the default) keeps the step at 1/16 of the margin s_max; 1 allows the whole margin.",
         )
         check_in_range(
             "recovery",
@@ -125,7 +129,7 @@ class StableLRConfig:
 
     @property
     def resolved_decay_rate(self) -> float:
-        """``λ`` per epoch, resolved from ``decay_rate``/``half_life`` (0.03 when neither is given)."""
+        """``λ`` per epoch, resolved from ``decay_rate``/``half_life`` (``DEFAULT_DECAY_RATE`` = 0 when neither is given)."""
         return resolve_decay_rate(self.decay_rate, self.half_life)
 
     def to_dict(self) -> dict[str, Any]:

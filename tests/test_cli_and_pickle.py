@@ -62,6 +62,7 @@ def test_lightning_cli_builds_stablelr_from_the_command_line_and_decays_the_lr(t
             "fit",
             "--trainer.callbacks+=lightning_stablelr.StableLR",
             "--trainer.callbacks.decay_rate=0.1",
+            "--trainer.callbacks.warmup_steps=0",  # the default warmup (10 steps) would scale these 8 steps
             "--trainer.callbacks.strict=false",
             "--trainer.callbacks.on_scheduler_conflict=compose",
             "--trainer.max_epochs=1",

@@ -14,8 +14,8 @@ from lightning_stablelr.curvature import LineModel, line_model
 
 def test_default_config() -> None:
     config = StableLRConfig()
-    assert config.resolved_decay_rate == 0.03
-    assert (config.interval, config.warmup_steps, config.min_lr_ratio) == ("step", 0, 0.01)
+    assert config.resolved_decay_rate == 0.0  # defaults chosen by benchmarks/RESULTS.md
+    assert (config.interval, config.warmup_steps, config.min_lr_ratio) == ("step", 10, 0.01)
     assert (config.gap_tolerance, config.gap_strength, config.min_delta, config.gap_patience) == (
         0.25,
         1.0,
@@ -23,7 +23,7 @@ def test_default_config() -> None:
         1,
     )
     assert (config.safety, config.recovery, config.recover_above, config.min_stability_factor) == (
-        0.5,
+        0.0625,
         1.1,
         4.0,
         1e-3,
@@ -49,7 +49,7 @@ def test_lr_closed_form_with_warmup_decay_and_floor() -> None:
     assert lrs[0] == 0.2 * 0.25
     assert lrs[3] == 0.2 * math.exp(-0.75)
     assert lrs[-1] == pytest.approx(0.01, rel=1e-15)  # exp(-9.75) < 0.05: floored
-    epoch_mode = StableLRController(decay_rate=0.5, interval="epoch", min_lr_ratio=0.0)
+    epoch_mode = StableLRController(decay_rate=0.5, interval="epoch", min_lr_ratio=0.0, warmup_steps=0)
     assert epoch_mode.lr(1.0, 7, epoch_mode.epochs_elapsed(7, 4, 1)) == math.exp(-0.5)
 
 
@@ -135,11 +135,11 @@ def test_validation_without_train_loss_or_with_nan_leaves_gap_factor() -> None:
 
 
 def test_stability_factor_through_the_controller() -> None:
-    controller = StableLRController()
+    controller = StableLRController(safety=0.5)
     # s_max = 2: safety * s_max = 1 is exactly on the boundary (safe), and 2 <= recover_above: unchanged
     controller.stability_factor = 0.5
     assert controller.observe_line(line_model(1.0, 0.0, 4.0)) == 0.5
-    controller = StableLRController()
+    controller = StableLRController(safety=0.5)
     too_big = LineModel(-0.3, 1.0, 0.6, 0.0)  # safety * s_max = 0.3 < 1
     assert controller.observe_line(too_big) == pytest.approx(0.3, rel=1e-15)
     assert controller.last_step_margin == 0.6

@@ -30,7 +30,7 @@ GUARD = {"safety": 0.5, "recovery": 1.1, "min_factor": 1e-3, "recover_above": 4.
 
 
 def test_resolve_decay_rate() -> None:
-    assert resolve_decay_rate(None, None) == DEFAULT_DECAY_RATE == 0.03
+    assert resolve_decay_rate(None, None) == DEFAULT_DECAY_RATE == 0.0
     assert resolve_decay_rate(0.2, None) == 0.2
     assert resolve_decay_rate(0, None) == 0.0
     assert resolve_decay_rate(None, 10.0) == math.log(2.0) / 10.0

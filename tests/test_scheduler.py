@@ -48,8 +48,9 @@ def test_readme_example_trains_and_follows_the_closed_form() -> None:
 
     # The model is still far from overfitting (train and validation data coincide), so G stays 1.
     assert scheduler.controller.gap_factor == 1.0
-    assert seen == [max(0.001, 0.1 * math.exp(-0.03 * (step / 4))) for step in range(12)]
-    assert scheduler.get_last_lr() == [0.1 * math.exp(-0.03 * (12 / 4))]
+    # Defaults: no time decay, linear warmup over the first 10 steps (benchmarks/RESULTS.md).
+    assert seen == [max(0.001, 0.1 * min(1.0, (step + 1) / 10)) for step in range(12)]
+    assert scheduler.get_last_lr() == [0.1]
     assert train_losses[-1] < 0.5 * train_losses[0]
 
 
@@ -72,7 +73,7 @@ def test_exact_trajectory_with_warmup_decay_floor_and_epoch_interval() -> None:
 
     optimizer = torch.optim.SGD([parameter], lr=0.4)
     scheduler = StableLRScheduler(
-        optimizer, steps_per_epoch=5, decay_rate=0.7, interval="epoch", min_lr_ratio=0.0
+        optimizer, steps_per_epoch=5, decay_rate=0.7, interval="epoch", min_lr_ratio=0.0, warmup_steps=0
     )
     lrs = []
     for _ in range(12):
@@ -146,7 +147,7 @@ def test_guard_restores_parameters_bit_exactly_and_shrinks_a_too_large_step() ->
     hessian = torch.tensor([1.0, 10.0], dtype=torch.float64)
     theta = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
     optimizer = torch.optim.SGD([theta], lr=0.3)
-    scheduler = StableLRScheduler(optimizer, steps_per_epoch=100, decay_rate=0.0)
+    scheduler = StableLRScheduler(optimizer, steps_per_epoch=100, decay_rate=0.0, warmup_steps=0, safety=0.5)
 
     def loss() -> torch.Tensor:
         return 0.5 * (hessian * theta**2).sum()
@@ -192,7 +193,9 @@ def test_guard_keeps_a_diverging_quadratic_finite() -> None:
         hessian = torch.tensor([1.0, 10.0], dtype=torch.float64)
         theta = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
         optimizer = torch.optim.SGD([theta], lr=0.3)
-        scheduler = StableLRScheduler(optimizer, steps_per_epoch=10, decay_rate=0.0, recovery=1.0)
+        scheduler = StableLRScheduler(
+            optimizer, steps_per_epoch=10, decay_rate=0.0, recovery=1.0, warmup_steps=0, safety=0.5
+        )
         for _ in range(60):
             optimizer.zero_grad()
             loss = 0.5 * (hessian * theta**2).sum()
@@ -235,7 +238,7 @@ def test_check_step_restores_even_when_the_closure_raises() -> None:
 
 def test_nonfinite_train_loss_halves_the_stability_factor() -> None:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = StableLRScheduler(optimizer, steps_per_epoch=1, decay_rate=0.0)
+    scheduler = StableLRScheduler(optimizer, steps_per_epoch=1, decay_rate=0.0, warmup_steps=0)
     scheduler.observe(train_loss=torch.tensor(float("nan")))
     scheduler.observe(train_loss=2.0)
     assert scheduler.controller.nonfinite_steps == 1

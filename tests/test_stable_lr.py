@@ -26,7 +26,7 @@ from lightning_stablelr.callbacks.stable_lr import StableLR
 from lightning_stablelr.controller import StableLRConfig
 from tests.helpers import TinyRegression, make_trainer, regression_loader
 
-NO_GUARD = {"check_every_n_steps": 0, "dense_check_steps": 0}
+NO_GUARD = {"check_every_n_steps": 0, "dense_check_steps": 0, "warmup_steps": 0}  # warmup: default 10
 CLOSED_FORM = {**NO_GUARD, "gap_strength": 0.0}  # and G == 1: the pure decay
 
 
@@ -60,7 +60,7 @@ def test_step_interval_trajectory_matches_closed_form(tmp_path):
 
 
 def test_epoch_interval_warmup_and_floor(tmp_path):
-    callback = StableLR(half_life=1.0, interval="epoch", warmup_steps=3, min_lr_ratio=0.2, **CLOSED_FORM)
+    callback = StableLR(half_life=1.0, interval="epoch", min_lr_ratio=0.2, **{**CLOSED_FORM, "warmup_steps": 3})
     _, recorder = _fit(tmp_path, TinyRegression(lr=0.5), callback, epochs=4)
     expected = [max(0.2 * 0.5, 0.5 * min(1.0, (step + 1) / 3) * 0.5 ** (step // 4)) for step in range(16)]
     assert [lrs[0] for lrs in recorder.lrs] == pytest.approx(expected, rel=1e-12, abs=0)
@@ -265,7 +265,9 @@ def test_guard_step_margin_is_the_analytic_one_for_sgd_on_a_quadratic(tmp_path):
     hessian = 2 * xa.T @ xa / len(x)
     expected_margin = float(2 * grad @ grad / (lr * grad @ hessian @ grad))
 
-    callback = StableLR(decay_rate=0.0, check_every_n_steps=0, dense_check_steps=1, gap_strength=0.0)
+    callback = StableLR(
+        decay_rate=0.0, check_every_n_steps=0, dense_check_steps=1, gap_strength=0.0, warmup_steps=0, safety=0.5
+    )
     trainer, recorder = _fit(tmp_path, model, callback, epochs=1)
     assert callback.controller.checks == 1
     assert callback.controller.last_step_margin == pytest.approx(expected_margin, rel=1e-4)
@@ -405,7 +407,9 @@ def test_state_key_and_duplicate_callbacks(tmp_path):
 def test_bf16_mixed_probes_run_under_the_precision_context(tmp_path):
     margins = {}
     for precision in ("32-true", "bf16-mixed"):
-        callback = StableLR(decay_rate=0.0, check_every_n_steps=0, dense_check_steps=4, gap_strength=0.0)
+        callback = StableLR(
+            decay_rate=0.0, check_every_n_steps=0, dense_check_steps=4, gap_strength=0.0, warmup_steps=0, safety=0.5
+        )
         trainer = make_trainer(tmp_path / precision, max_epochs=1, precision=precision, callbacks=[callback])
         trainer.fit(TinyRegression(lr=0.1), regression_loader(32, 8))
         assert callback.controller.checks == 4

@@ -62,16 +62,16 @@ class StableLR(Callback):
     """Controls the learning rate: exponential decay, validation-gap factor and curvature guard.
 
     Args:
-        decay_rate: ``λ``, decay per epoch (default 0.03 when ``half_life`` is None too).
+        decay_rate: ``λ``, decay per epoch (default 0, no time decay, when ``half_life`` is None too).
         half_life: epochs after which the decay halves the lr (``λ = ln 2 / half_life``); excludes ``decay_rate``.
         interval: ``"step"`` (``t`` fractional, smooth per step) or ``"epoch"`` (``t`` = integer epoch).
-        warmup_steps: linear warmup over this many optimizer steps (0 = none).
+        warmup_steps: linear warmup over this many optimizer steps (default 10; 0 = none).
         min_lr_ratio: floor of the lr as a fraction of the base lr, in ``[0, 1]``.
         gap_tolerance: relative gap ``r = (L_va - L_tr)/|L_va|`` tolerated before ``G`` shrinks.
         gap_strength: ``G ← G · exp(-gap_strength · (r - gap_tolerance))`` on overfitting (0 disables ``G``).
         min_delta: the validation loss must beat its best by more than this to count as improved.
         gap_patience: consecutive overfitting validations before ``G`` shrinks.
-        safety: a checked step is safe when ``1 <= safety · s_max``; otherwise ``C`` shrinks.
+        safety: a checked step is safe when ``1 <= safety · s_max``; otherwise ``C`` shrinks (default 1/16).
         recovery: ``C ← min(1, C · recovery)`` after a check with ``s_max > recover_above``.
         recover_above: step margin above which ``C`` recovers.
         min_stability_factor: lower bound of ``C``.
@@ -95,13 +95,13 @@ class StableLR(Callback):
         decay_rate: float | None = None,
         half_life: float | None = None,
         interval: str = "step",
-        warmup_steps: int = 0,
+        warmup_steps: int = 10,
         min_lr_ratio: float = 0.01,
         gap_tolerance: float = 0.25,
         gap_strength: float = 1.0,
         min_delta: float = 0.0,
         gap_patience: int = 1,
-        safety: float = 0.5,
+        safety: float = 0.0625,
         recovery: float = 1.1,
         recover_above: float = 4.0,
         min_stability_factor: float = 1e-3,
