@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import BENCH_DIR, RESULTS_PATH, WORK_DIR, command_line, quiet_lightning
-from benchmarks.tasks import TASKS
+from benchmarks.tasks import OVERFIT_TASK, TASKS, overfit_experiment
 
 __all__ = ["GRID", "QUICK_GRID", "Grid", "RunSpec", "load_results", "main", "run_one", "run_specs"]
 
@@ -56,6 +56,7 @@ class Grid:
     seeds: tuple[int, ...]
     epochs: Mapping[str, int]
     batch_size: Mapping[str, int]
+    overfit: bool = True  # also run conf/experiment/digits_overfit.yaml (its lr; epochs: epochs[OVERFIT_TASK] or its own)
 
 
 GRID = Grid(
@@ -69,17 +70,19 @@ GRID = Grid(
     epochs={"digits": 50, "synthetic": 40, "regression": 40},
     batch_size={"digits": 50, "synthetic": 100, "regression": 50},
 )
-"""The full grid: 3 tasks x (7 SGD lrs x 5 policies + 7 AdamW lrs x 6 policies) x 3 seeds = 693 runs."""
+"""The full grid: 3 tasks x (7 SGD lrs x 5 policies + 7 AdamW lrs x 6 policies) x 3 seeds = 693 runs, plus the
+overfitting experiment (5 SGD policies x 3 seeds)."""
 
 QUICK_GRID = Grid(
     tasks=("digits", "regression"),
     optimizers=("sgd", "adamw"),
     lrs={"sgd": (0.03, 3.0), "adamw": (1e-3, 0.1)},
     seeds=(0,),
-    epochs={"digits": 2, "synthetic": 2, "regression": 2},
+    epochs={"digits": 2, "synthetic": 2, "regression": 2, OVERFIT_TASK: 2},
     batch_size={"digits": 100, "synthetic": 100, "regression": 100},
 )
-"""``--quick``: 2 tasks x 2 lrs per optimizer x 1 seed x 2 epochs (44 runs), for the smoke test."""
+"""``--quick``: 2 tasks x 2 lrs per optimizer x 1 seed x 2 epochs (44 runs) + the overfitting experiment for
+2 epochs (5 runs), for the smoke test."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,16 @@ def grid_specs(grid: Grid, policies: Sequence[str] | None = None,
                         epochs, batch = grid.epochs[task], grid.batch_size[task]
                         config = run_config(optimizer, policy, own, epochs, batch)
                         specs.append(RunSpec(task, optimizer, policy, lr, seed, epochs, batch, own, engine, config))
+        if grid.overfit:
+            experiment = overfit_experiment()
+            optimizer, lr = experiment["optimizer"], experiment["lr"]
+            epochs, batch = grid.epochs.get(OVERFIT_TASK, experiment["epochs"]), experiment["batch_size"]
+            for policy in policies_for(optimizer):
+                if policies is not None and policy not in policies:
+                    continue
+                own = overrides if policy == "stablelr" else ()
+                config = run_config(optimizer, policy, own, epochs, batch)
+                specs.append(RunSpec(OVERFIT_TASK, optimizer, policy, lr, seed, epochs, batch, own, engine, config))
     return specs
 
 
@@ -306,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--stablelr", nargs="*", default=[], metavar="KEY=VALUE",
                         help="StableLR overrides (a sweep of the defaults); use a separate --results file")
+    parser.add_argument("--no-overfit", action="store_true", help="skip the overfitting experiment")
     parser.add_argument("--no-report", action="store_true", help="only run; do not write RESULTS.md or the PNG")
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -322,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid = Grid(
         tasks=tuple(args.tasks or grid.tasks), optimizers=tuple(args.optimizers or grid.optimizers),
         lrs=grid.lrs, seeds=tuple(args.seeds if args.seeds is not None else grid.seeds),
-        epochs=grid.epochs, batch_size=grid.batch_size,
+        epochs=grid.epochs, batch_size=grid.batch_size, overfit=grid.overfit and not args.no_overfit,
     )  # fmt: skip
     out = args.out or BENCH_DIR
     default_results = (out if args.out else WORK_DIR) / ("robustness_quick.jsonl" if args.quick else "robustness.jsonl")

@@ -7,6 +7,9 @@
 ``synthetic``        the recipes' Gaussian-mixture classification (``recipes.data.SyntheticDataModule``,
                      noise 3) with 20% of the training labels randomized and 500 training samples,
                      MLP 64-256-256-10. Label noise makes late memorization visible in validation loss.
+``digits_overfit``   ``conf/experiment/digits_overfit.yaml`` as the recipe composes it (100 training digits,
+                     batch 32, MLP 64-512-512-10): DESIGN.md's anti-overfitting experiment. The
+                     robustness benchmark runs it at that experiment's lr and epochs only.
 ``regression``       a seeded teacher ``y = tanh(x W1) w2`` (16 inputs, 32 hidden units, scaled to unit
                      variance) plus ``N(0, 0.5²)`` noise, 200 training points, MLP 16-256-256-1 with MSE.
                      A different loss (and scale) from the classification tasks.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import lightning as L
@@ -32,7 +36,9 @@ from recipes.classifier import Classifier
 from recipes.data import DigitsDataModule, SyntheticDataModule
 from recipes.models import MLP
 
-__all__ = ["TASKS", "Regressor", "Task", "build_task", "regression_splits"]
+__all__ = ["OVERFIT_TASK", "TASKS", "Regressor", "Task", "build_task", "overfit_experiment", "regression_splits"]
+
+OVERFIT_TASK = "digits_overfit"
 
 Splits = dict[str, tuple[Tensor, Tensor]]
 
@@ -170,17 +176,41 @@ def _regression_net() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
 
 
+@cache
+def overfit_experiment() -> dict[str, Any]:
+    """``conf/experiment/digits_overfit.yaml`` composed by Hydra: ``train_size``, ``val_size``, ``batch_size``,
+    ``optimizer`` (config group choice), ``lr`` and ``epochs`` (``trainer.max_epochs``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from benchmarks.common import CONF_DIR
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=digits_overfit"], return_hydra_config=True)
+    optimizer = cfg.hydra.runtime.choices["optimizer"]
+    return {"train_size": int(cfg.data.train_size), "val_size": int(cfg.data.val_size),
+            "batch_size": int(cfg.data.batch_size), "optimizer": str(optimizer), "lr": float(cfg.optimizer.lr),
+            "epochs": int(cfg.trainer.max_epochs)}
+
+
 def build_task(name: str) -> Task:
     """Build the task ``name`` (one of :data:`TASKS`); raises ``ValueError`` naming the choices otherwise."""
     if name == "digits":
         splits = _datamodule_splits(DigitsDataModule(train_size=300, val_size=500, split_seed=0))
         return Task(name, splits, lambda: MLP(64, (512, 512), 10), F.cross_entropy)
+    if name == OVERFIT_TASK:
+        experiment = overfit_experiment()
+        datamodule = DigitsDataModule(train_size=experiment["train_size"], val_size=experiment["val_size"])
+        return Task(name, _datamodule_splits(datamodule), lambda: MLP(64, (512, 512), 10), F.cross_entropy)
     if name == "synthetic":
         datamodule = SyntheticDataModule(train_size=500, val_size=500, test_size=1, noise=3.0, label_noise=0.2)
         return Task(name, _datamodule_splits(datamodule), lambda: MLP(64, (256, 256), 10), F.cross_entropy)
     if name == "regression":
         return Task(name, regression_splits(), _regression_net, F.mse_loss, regression=True)
-    raise ValueError(f"`task` must be one of {', '.join(TASKS)}, got {name!r}.")
+    raise ValueError(f"`task` must be one of {', '.join((*TASKS, OVERFIT_TASK))}, got {name!r}.")
 
 
 TASKS = ("digits", "synthetic", "regression")
+"""The tasks of the lr grid (the overfitting experiment runs beside them at its own lr)."""
