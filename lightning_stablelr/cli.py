@@ -13,6 +13,7 @@ prefixed ``stablelr: error:``, goes to stderr).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -82,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReportError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `stablelr report RUN | head`: the reader left; stop quietly like other Unix tools.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ def test_default_job_lr_is_the_stablelr_formula_from_the_optimizer_lr(digits_run
     for step, lr in lrs.items():
         decay = scalars["stablelr/decay"][step]
         assert decay == pytest.approx(math.exp(-0.03 * step / 10), rel=1e-6)  # t = step / steps_per_epoch
-        factor = decay * scalars["stablelr/gap_factor"][step] * scalars["stablelr/stability_factor"][step]
+        warmup = min(1.0, (step + 1) / 10)  # warmup_steps: 10
+        factor = warmup * decay * scalars["stablelr/gap_factor"][step] * scalars["stablelr/stability_factor"][step]
         assert lr == pytest.approx(max(0.01 * 0.03, 0.03 * factor), rel=1e-6)
         assert scalars["lr"][step] == pytest.approx(lr, rel=1e-6)  # the Classifier's lr chart agrees
     trace = json.loads((run_dir / "lr_trace" / "rank0.json").read_text())
