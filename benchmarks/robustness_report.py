@@ -127,8 +127,8 @@ def targets(summaries: Sequence[PolicySummary]) -> list[dict[str, Any]]:
 
 
 def _ratio(value: float, reference: float) -> float:
-    if not math.isfinite(value):
-        return math.inf
+    if not math.isfinite(value) or not math.isfinite(reference):
+        return math.inf if math.isfinite(reference) else math.nan
     return value / reference if reference > 0 else math.inf
 
 

@@ -49,6 +49,7 @@ __all__ = ["VARIANTS", "main", "score_variant"]
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
+    "old_defaults": {"decay_rate": 0.03, "warmup_steps": 0, "safety": 0.5},  # before this benchmark chose them
     "patience2": {"gap_patience": 2},
     "patience3": {"gap_patience": 3},
     "decay0.01": {"decay_rate": 0.01},
@@ -155,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="directory for RESULTS.md (default: benchmarks/)")
     parser.add_argument("--no-run", action="store_true", help="only score the runs already present")
+    parser.add_argument("--section", default="sweep", help="RESULTS.md section (marker name) to write")
+    parser.add_argument("--title", default="Sweeps of StableLR's defaults", help="heading of that section")
     args = parser.parse_args(argv)
     variants = dict(VARIANTS)
     for item in args.set:
@@ -176,13 +179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(block + "\n", flush=True)
         blocks.append(block)
     body = "\n\n".join([
-        "## Sweeps of StableLR's defaults",
+        f"### {args.title}",
         f"Command: `{command_line('benchmarks.sweep', argv)}` (seeds {list(grid.seeds)}; peers from "
         f"`{args.peers.name}`, {len(peers)} runs).",
         machine_line(machine_info()),
         *blocks,
     ])
-    replace_section((args.out or BENCH_DIR) / RESULTS_PATH.name, "sweep", body)
+    replace_section((args.out or BENCH_DIR) / RESULTS_PATH.name, args.section, body)
     return 0
 
 

@@ -192,5 +192,10 @@ def test_overhead_quick_writes_its_table(tmp_path: Path) -> None:
     assert [(row[0], row[1]) for row in rows] == [(m, c) for m in ("mlp", "cnn") for c in CONDITIONS]
     for row in rows:
         assert math.isfinite(float(row[2])) and float(row[2]) > 0  # steps/s
-        for ratio in (float(row[3]), float(row[5])):  # CPU-time and wall-time ratios
+        hook_ms = float(row[3])
+        assert hook_ms == 0.0 if row[1] == "none" else (math.isfinite(hook_ms) and hook_ms > 0)
+        ab_cpu = float(row[5].split(" ")[0])
+        for ratio in (float(row[4]), ab_cpu, float(row[6])):  # in-run slowdown, A/B CPU and wall ratios
             assert ratio == 1.0 if row[1] == "none" else (math.isfinite(ratio) and ratio > 0)
+        if row[1] != "none":
+            assert float(row[4]) > 1.0  # hooks take time: the in-run slowdown exceeds 1
