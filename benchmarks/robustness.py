@@ -99,6 +99,7 @@ class RunSpec:
     stablelr: tuple[tuple[str, Any], ...] = ()
     engine: str = "plain"
     config: str = ""
+    data: str = ""  # task_fingerprint of the task's data as the main process builds it
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -110,7 +111,8 @@ def run_config(optimizer: str, policy: str, stablelr: tuple[tuple[str, Any], ...
                batch_size: int) -> str:
     """Fingerprint of everything that decides a run besides its key: the optimizer and policy configs as
     resolved now (StableLR: its full config and check cadence, so a change of defaults reruns its runs),
-    epochs and batch size. A results line counts as done only while its fingerprint still matches."""
+    epochs and batch size. A results line counts as done only while this fingerprint and its data fingerprint
+    (recorded by the worker that ran it: :func:`benchmarks.tasks.task_fingerprint`) still match."""
     from omegaconf import OmegaConf
 
     from benchmarks.common import CONF_DIR
@@ -144,12 +146,27 @@ def record_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
     return (record["task"], record["optimizer"], record["policy"], float(record["lr"]), int(record["seed"]))
 
 
+def _identity(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    return record_key(record), record.get("config", ""), record.get("data", "")
+
+
+def _spec_identity(spec: RunSpec) -> tuple[Any, ...]:
+    return spec.key, spec.config, spec.data
+
+
+def data_fingerprint(task: str) -> str:
+    """:func:`benchmarks.tasks.task_fingerprint` of ``task`` as this process builds it."""
+    from benchmarks.tasks import task_fingerprint
+
+    return task_fingerprint(_task(task))
+
+
 def select_results(records: Sequence[Mapping[str, Any]], specs: Sequence[RunSpec]) -> list[Mapping[str, Any]]:
-    """The results lines of ``specs`` (same key and config fingerprint); the last line wins for duplicates."""
-    wanted = {(spec.key, spec.config) for spec in specs}
+    """The results lines of ``specs`` (same key, config and data fingerprints); the last line wins for duplicates."""
+    wanted = {_spec_identity(spec) for spec in specs}
     chosen: dict[tuple[Any, ...], Mapping[str, Any]] = {}
     for record in records:
-        if (record_key(record), record.get("config", "")) in wanted:
+        if _identity(record) in wanted:
             chosen[record_key(record)] = record
     return list(chosen.values())
 
@@ -171,7 +188,8 @@ def grid_specs(grid: Grid, policies: Sequence[str] | None = None,
                         own = overrides if policy == "stablelr" else ()
                         epochs, batch = grid.epochs[task], grid.batch_size[task]
                         config = run_config(optimizer, policy, own, epochs, batch)
-                        specs.append(RunSpec(task, optimizer, policy, lr, seed, epochs, batch, own, engine, config))
+                        specs.append(RunSpec(task, optimizer, policy, lr, seed, epochs, batch, own, engine, config,
+                                             data_fingerprint(task)))
         if grid.overfit:
             experiment = overfit_experiment()
             optimizer, lr = experiment["optimizer"], experiment["lr"]
@@ -181,7 +199,8 @@ def grid_specs(grid: Grid, policies: Sequence[str] | None = None,
                     continue
                 own = overrides if policy == "stablelr" else ()
                 config = run_config(optimizer, policy, own, epochs, batch)
-                specs.append(RunSpec(OVERFIT_TASK, optimizer, policy, lr, seed, epochs, batch, own, engine, config))
+                specs.append(RunSpec(OVERFIT_TASK, optimizer, policy, lr, seed, epochs, batch, own, engine, config,
+                                     data_fingerprint(OVERFIT_TASK)))
     return specs
 
 
@@ -196,6 +215,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     """Train one run of the grid with ``spec.engine`` and return its results line (``None`` for NaN/Inf)."""
     from benchmarks.engines import run_lightning, run_plain
     from benchmarks.policies import load_policy
+    from benchmarks.tasks import task_fingerprint
 
     quiet_lightning()
     task = _task(spec.task)
@@ -213,7 +233,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     stats = outcome.stablelr or {}
     record = {
         "task": spec.task, "optimizer": spec.optimizer, "policy": spec.policy, "lr": float(spec.lr),
-        "seed": int(spec.seed), "config": spec.config, "engine": spec.engine, "epochs": spec.epochs, "batch_size": spec.batch_size,
+        "seed": int(spec.seed), "config": spec.config, "data": task_fingerprint(task), "engine": spec.engine, "epochs": spec.epochs, "batch_size": spec.batch_size,
         "steps": outcome.steps, "stablelr": dict(spec.stablelr),
         "initial_train_loss": initial_train, "initial_val_loss": outcome.initial_val_loss,
         "final_train_loss": final_train, "final_val_loss": curve[-1], "best_val_loss": best_val,
@@ -257,8 +277,8 @@ def _init_worker() -> None:
 
 def run_specs(specs: Sequence[RunSpec], results: Path, workers: int, progress: bool = True) -> int:
     """Run the specs whose key is not yet in ``results``, appending one JSON line each; returns how many ran."""
-    done = {(record_key(record), record.get("config", "")) for record in load_results(results)}
-    pending = [spec for spec in specs if (spec.key, spec.config) not in done]
+    done = {_identity(record) for record in load_results(results)}
+    pending = [spec for spec in specs if _spec_identity(spec) not in done]
     results.parent.mkdir(parents=True, exist_ok=True)
     if not pending:
         return 0

@@ -47,39 +47,42 @@ from benchmarks.tasks import OVERFIT_TASK
 
 __all__ = ["VARIANTS", "main", "score_variant"]
 
+OLD_DEFAULTS: dict[str, Any] = {"decay_rate": 0.03, "warmup_steps": 0, "safety": 0.5}
+"""The three defaults this benchmark changed, at their values before it (every variant below names them)."""
+
+
+def _old(**changes: Any) -> dict[str, Any]:
+    return {**OLD_DEFAULTS, **changes}
+
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
-    "old_defaults": {"decay_rate": 0.03, "warmup_steps": 0, "safety": 0.5},  # before this benchmark chose them
-    "patience2": {"gap_patience": 2},
-    "patience3": {"gap_patience": 3},
-    "decay0.01": {"decay_rate": 0.01},
-    "decay0": {"decay_rate": 0.0},
-    "patience2_decay0.01": {"gap_patience": 2, "decay_rate": 0.01},
-    "tolerance0.5": {"gap_tolerance": 0.5},
-    "strength0.5": {"gap_strength": 0.5},
-    "dense50_every25": {"dense_check_steps": 50, "check_every_n_steps": 25},
-    "safety0.25": {"safety": 0.25},
-    "recovery1.05": {"recovery": 1.05},
-    "decay0_warmup10": {"decay_rate": 0.0, "warmup_steps": 10},
-    "decay0_warmup20": {"decay_rate": 0.0, "warmup_steps": 20},
-    "decay0_warmup5": {"decay_rate": 0.0, "warmup_steps": 5},
-    "decay0.003_warmup10": {"decay_rate": 0.003, "warmup_steps": 10},
-    "decay0_warmup10_patience2": {"decay_rate": 0.0, "warmup_steps": 10, "gap_patience": 2},
-    "decay0_warmup10_tolerance0.5": {"decay_rate": 0.0, "warmup_steps": 10, "gap_tolerance": 0.5},
-    "decay0_warmup10_strength0.5": {"decay_rate": 0.0, "warmup_steps": 10, "gap_strength": 0.5},
-    "decay0_warmup10_safety0.25": {"decay_rate": 0.0, "warmup_steps": 10, "safety": 0.25},
-    "decay0_warmup10_safety1": {"decay_rate": 0.0, "warmup_steps": 10, "safety": 1.0},
-    "decay0_warmup10_safety0.125": {"decay_rate": 0.0, "warmup_steps": 10, "safety": 0.125},
-    "decay0_warmup10_safety0.0625": {"decay_rate": 0.0, "warmup_steps": 10, "safety": 0.0625},
-    "decay0_warmup10_safety0.03125": {"decay_rate": 0.0, "warmup_steps": 10, "safety": 0.03125},
-    "decay0_warmup10_safety0.015625": {"decay_rate": 0.0, "warmup_steps": 10, "safety": 0.015625},
-    "decay0_warmup10_safety0.04": {"decay_rate": 0.0, "warmup_steps": 10, "safety": 0.04},
-    "decay0_warmup10_safety0.05": {"decay_rate": 0.0, "warmup_steps": 10, "safety": 0.05},
-    "s25_tolerance0.1": {"decay_rate": 0.0, "warmup_steps": 10, "safety": 0.25, "gap_tolerance": 0.1},
-    "s25_strength2": {"decay_rate": 0.0, "warmup_steps": 10, "safety": 0.25, "gap_strength": 2.0},
-    "s25_decay0.01": {"decay_rate": 0.01, "warmup_steps": 10, "safety": 0.25},
-    "s25_min_delta0.001": {"decay_rate": 0.0, "warmup_steps": 10, "safety": 0.25, "min_delta": 0.001},
-    "s25_min_delta0.003": {"decay_rate": 0.0, "warmup_steps": 10, "safety": 0.25, "min_delta": 0.003},
+    "old_defaults": _old(),
+    # round 1 and 2: one change at a time from the old defaults, then combinations
+    "patience2": _old(gap_patience=2),
+    "decay0.01": _old(decay_rate=0.01),
+    "decay0": _old(decay_rate=0.0),
+    "patience2_decay0.01": _old(gap_patience=2, decay_rate=0.01),
+    "decay0_warmup10": _old(decay_rate=0.0, warmup_steps=10),
+    "decay0_warmup20": _old(decay_rate=0.0, warmup_steps=20),
+    "decay0_warmup5": _old(decay_rate=0.0, warmup_steps=5),
+    "decay0.003_warmup10": _old(decay_rate=0.003, warmup_steps=10),
+    "decay0_warmup10_patience2": _old(decay_rate=0.0, warmup_steps=10, gap_patience=2),
+    "decay0_warmup10_tolerance0.5": _old(decay_rate=0.0, warmup_steps=10, gap_tolerance=0.5),
+    "decay0_warmup10_strength0.5": _old(decay_rate=0.0, warmup_steps=10, gap_strength=0.5),
+    **{f"decay0_warmup10_safety{safety:g}": _old(decay_rate=0.0, warmup_steps=10, safety=safety)
+       for safety in (1.0, 0.25, 0.125, 0.0625, 0.05, 0.04, 0.03125, 0.015625)},
+    # digits only, around safety 1/4
+    "s25_tolerance0.1": _old(decay_rate=0.0, warmup_steps=10, safety=0.25, gap_tolerance=0.1),
+    "s25_strength2": _old(decay_rate=0.0, warmup_steps=10, safety=0.25, gap_strength=2.0),
+    "s25_decay0.01": _old(decay_rate=0.01, warmup_steps=10, safety=0.25),
+    "s25_min_delta0.001": _old(decay_rate=0.0, warmup_steps=10, safety=0.25, min_delta=0.001),
+    "s25_min_delta0.003": _old(decay_rate=0.0, warmup_steps=10, safety=0.25, min_delta=0.003),
+    # round 3: one change at a time from the chosen defaults (decay 0, warmup 10, safety 1/16)
+    "new_warmup5": {"decay_rate": 0.0, "warmup_steps": 5},
+    "new_decay0.003": {"decay_rate": 0.003, "warmup_steps": 10},
+    "new_patience2": {"decay_rate": 0.0, "warmup_steps": 10, "gap_patience": 2},
+    "new_strength0.5": {"decay_rate": 0.0, "warmup_steps": 10, "gap_strength": 0.5},
 }
 """Named override sets; ``--set NAME:key=value,key=value`` adds one on the command line."""
 

@@ -21,6 +21,7 @@ Every task is a :class:`Task`: tensors of its splits (fixed, independent of the 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,16 @@ from recipes.classifier import Classifier
 from recipes.data import DigitsDataModule, SyntheticDataModule
 from recipes.models import MLP
 
-__all__ = ["OVERFIT_TASK", "TASKS", "Regressor", "Task", "build_task", "overfit_experiment", "regression_splits"]
+__all__ = [
+    "OVERFIT_TASK",
+    "TASKS",
+    "Regressor",
+    "Task",
+    "build_task",
+    "overfit_experiment",
+    "regression_splits",
+    "task_fingerprint",
+]
 
 OVERFIT_TASK = "digits_overfit"
 
@@ -174,6 +184,15 @@ def regression_splits(
 
 def _regression_net() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+
+
+def task_fingerprint(task: Task) -> str:
+    """SHA-1 (12 hex digits) of the task's split tensors: results made on other data never count as done."""
+    digest = hashlib.sha1(task.name.encode())
+    for split in sorted(task.splits):
+        for tensor in task.splits[split]:
+            digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 @cache

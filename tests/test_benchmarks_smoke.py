@@ -18,7 +18,7 @@ from benchmarks.robustness_report import TABLE_HEADER as ROBUSTNESS_HEADER
 from benchmarks.robustness_report import summarize, targets
 
 RECORD_KEYS = {
-    "task", "optimizer", "policy", "lr", "seed", "config", "engine", "epochs", "batch_size", "steps", "stablelr",
+    "task", "optimizer", "policy", "lr", "seed", "config", "data", "engine", "epochs", "batch_size", "steps", "stablelr",
     "initial_train_loss", "initial_val_loss", "final_train_loss", "final_val_loss", "best_val_loss",
     "best_epoch", "final_minus_best", "val_auc", "diverged", "nonfinite_losses", "lr_end", "stablelr_checks",
     "stablelr_nonfinite_steps", "gap_factor", "stability_factor", "val_curve", "wall_s",
