@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_stablelr._validation import check_in_range, check_int_at_least
+from lightning_stablelr.validation import check_in_range, check_int_at_least
 from lightning_stablelr.curvature import LineModel
 
 __all__ = ["Certificate", "CertificateWindow", "LossEMA", "ValidationTrend", "certificate"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_stablelr._validation import check_int_at_least, check_non_negative
+from lightning_stablelr.validation import check_int_at_least, check_non_negative
 
 __all__ = [
     "PairwiseBarrierMatrix",

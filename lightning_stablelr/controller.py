@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from lightning_stablelr._validation import (
+from lightning_stablelr.validation import (
     check_choice,
     check_finite_positive,
     check_in_range,

@@ -23,7 +23,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from lightning_stablelr._validation import check_in_range
+from lightning_stablelr.validation import check_in_range
 
 __all__ = [
     "ReportError",

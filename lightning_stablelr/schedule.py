@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from lightning_stablelr._validation import check_finite_positive, check_non_negative
+from lightning_stablelr.validation import check_finite_positive, check_non_negative
 from lightning_stablelr.curvature import LineModel
 
 __all__ = [

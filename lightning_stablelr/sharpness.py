@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from lightning_stablelr._hessian import METHODS, HessianOperator, LossFn, dot, norm, scaled
-from lightning_stablelr._validation import (
+from lightning_stablelr.validation import (
     check_choice,
     check_finite_positive,
     check_in_range,

@@ -26,7 +26,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from lightning_stablelr._validation import check_int_at_least
+from lightning_stablelr.validation import check_int_at_least
 
 __all__ = [
     "LAYOUT_CATEGORIES",

@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Subset
 
-from lightning_stablelr._validation import check_int_at_least
+from lightning_stablelr.validation import check_int_at_least
 from recipes.errors import RecipeError
 from recipes.samplers import EpochSeededSampler
 

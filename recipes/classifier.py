@@ -22,7 +22,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_stablelr._validation import check_choice, check_int_at_least
+from lightning_stablelr.validation import check_choice, check_int_at_least
 
 __all__ = ["Classifier"]
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_stablelr._validation import check_finite_positive, check_in_range, check_int_at_least
+from lightning_stablelr.validation import check_finite_positive, check_in_range, check_int_at_least
 from recipes.samplers import EpochSeededSampler, epoch_seed
 
 __all__ = ["DigitsDataModule", "SyntheticDataModule", "standardize"]

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_stablelr._validation import check_in_range, check_int_at_least
+from lightning_stablelr.validation import check_in_range, check_int_at_least
 
 __all__ = ["MLP", "SmallCNN", "resnet18"]
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from lightning_stablelr._validation import check_int_at_least
+from lightning_stablelr.validation import check_int_at_least
 
 __all__ = ["EpochSeededSampler", "epoch_seed"]
 

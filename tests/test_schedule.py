@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lightning_stablelr._validation import (
+from lightning_stablelr.validation import (
     check_choice,
     check_finite_positive,
     check_in_range,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lightning_stablelr._validation import check_in_range, check_int_at_least, check_non_negative
+from lightning_stablelr.validation import check_in_range, check_int_at_least, check_non_negative
 
 __all__ = ["MonitorConfig"]
 

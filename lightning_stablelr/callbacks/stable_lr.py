@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_stablelr._validation import check_choice, check_int_at_least
+from lightning_stablelr.validation import check_choice, check_int_at_least
 from lightning_stablelr.callbacks._shared import (
     RankMeanAccumulator,
     infer_steps_per_epoch,
