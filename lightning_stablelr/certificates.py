@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_stablelr.validation import check_in_range, check_int_at_least
 from lightning_stablelr.curvature import LineModel
+from lightning_stablelr.validation import check_in_range, check_int_at_least
 
 __all__ = ["Certificate", "CertificateWindow", "LossEMA", "ValidationTrend", "certificate"]
 

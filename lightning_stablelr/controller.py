@@ -17,13 +17,6 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from lightning_stablelr.validation import (
-    check_choice,
-    check_finite_positive,
-    check_in_range,
-    check_int_at_least,
-    check_non_negative,
-)
 from lightning_stablelr.curvature import LineModel
 from lightning_stablelr.schedule import (
     decay_factor,
@@ -34,6 +27,13 @@ from lightning_stablelr.schedule import (
     update_gap_factor,
     update_stability_factor,
     warmup_factor,
+)
+from lightning_stablelr.validation import (
+    check_choice,
+    check_finite_positive,
+    check_in_range,
+    check_int_at_least,
+    check_non_negative,
 )
 
 __all__ = ["GapDecision", "StableLRConfig", "StableLRController", "config_field_names"]

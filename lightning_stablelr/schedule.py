@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 
-from lightning_stablelr.validation import check_finite_positive, check_non_negative
 from lightning_stablelr.curvature import LineModel
+from lightning_stablelr.validation import check_finite_positive, check_non_negative
 
 __all__ = [
     "DEFAULT_DECAY_RATE",

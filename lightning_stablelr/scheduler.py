@@ -20,9 +20,9 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_stablelr.validation import check_int_at_least
 from lightning_stablelr.controller import GapDecision, StableLRConfig, StableLRController
 from lightning_stablelr.curvature import LineModel, line_model
+from lightning_stablelr.validation import check_int_at_least
 
 __all__ = ["StableLRScheduler"]
 

@@ -6,13 +6,6 @@ import math
 
 import pytest
 
-from lightning_stablelr.validation import (
-    check_choice,
-    check_finite_positive,
-    check_in_range,
-    check_int_at_least,
-    check_non_negative,
-)
 from lightning_stablelr.curvature import LineModel, line_model
 from lightning_stablelr.schedule import (
     DEFAULT_DECAY_RATE,
@@ -24,6 +17,13 @@ from lightning_stablelr.schedule import (
     update_gap_factor,
     update_stability_factor,
     warmup_factor,
+)
+from lightning_stablelr.validation import (
+    check_choice,
+    check_finite_positive,
+    check_in_range,
+    check_int_at_least,
+    check_non_negative,
 )
 
 GUARD = {"safety": 0.5, "recovery": 1.1, "min_factor": 1e-3, "recover_above": 4.0}

@@ -33,7 +33,6 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_stablelr.validation import check_choice, check_int_at_least
 from lightning_stablelr.callbacks._shared import (
     RankMeanAccumulator,
     infer_steps_per_epoch,
@@ -46,6 +45,7 @@ from lightning_stablelr.callbacks._shared import (
     set_group_lr,
 )
 from lightning_stablelr.controller import StableLRConfig, StableLRController
+from lightning_stablelr.validation import check_choice, check_int_at_least
 
 __all__ = ["StableLR"]
 
