@@ -156,7 +156,8 @@ def run_plain(task: Task, policy: Policy, *, optimizer: str, lr: float, seed: in
         overrides = dict(policy.stablelr)
         is_check_step = stablelr_check_steps(overrides)
         config = {key: value for key, value in overrides.items() if key not in CALLBACK_ONLY}
-        stable = StableLRScheduler(opt, steps_per_epoch=len(train_loader), **config)
+        stable = StableLRScheduler(opt, steps_per_epoch=len(train_loader), total_steps=epochs * len(train_loader),
+                                   **config)
     step = 0
     for epoch in range(epochs):
         train_loader.batch_sampler.sampler.set_epoch(epoch)
@@ -175,7 +176,8 @@ def run_plain(task: Task, policy: Policy, *, optimizer: str, lr: float, seed: in
             else:
                 outcome.nonfinite_losses += 1
             if stable is not None:
-                _stable_step(stable, opt, module, batch, is_check_step(step), probe_seed(step))
+                check = is_check_step(step) or stable.controller.take_confirmation_request()
+                _stable_step(stable, opt, module, batch, check, probe_seed(step))
             else:
                 opt.step()
             step += 1

@@ -19,11 +19,15 @@ from typing import Any
 
 from lightning_stablelr.curvature import LineModel
 from lightning_stablelr.schedule import (
+    GUARD_REASONS,
+    MarginWindow,
     decay_factor,
     floored_lr,
+    full_lr_margin,
     improved_on_best,
     relative_gap,
     resolve_decay_rate,
+    run_length_decay_rate,
     update_gap_factor,
     update_stability_factor,
     warmup_factor,
@@ -46,8 +50,9 @@ class StableLRConfig:
     """Validated settings of the StableLR controller. Every bad value raises ``ValueError`` on creation.
 
     Args:
-        decay_rate: ``λ``, exponential decay per epoch (``>= 0``). ``None`` with ``half_life=None`` means
-            :data:`~lightning_stablelr.schedule.DEFAULT_DECAY_RATE` (0: no time decay, chosen by benchmark).
+        decay_rate: ``λ``, exponential decay per epoch (``>= 0``). ``None`` with ``half_life=None`` means a
+            decay that follows the run's length (:meth:`StableLRController.set_run_length`): the decay
+            reaches ``anneal_to`` at the last step. With an unknown length there is no decay.
         half_life: epochs after which the decay halves the lr (``> 0``); ``λ = ln 2 / half_life``.
             Mutually exclusive with ``decay_rate``.
         interval: ``"step"``: ``t = global_step / steps_per_epoch`` (smooth, fractional);
@@ -61,11 +66,16 @@ class StableLRConfig:
         min_delta: a validation loss counts as improved only if it beats the best by more than this.
         gap_patience: consecutive overfitting validations needed before ``G`` shrinks (``>= 1``); one
             noisy validation then cannot cut the lr.
-        safety: the step taken must satisfy ``1 <= safety · s_max`` (in ``(0, 1]``). The default 1/16 keeps the
-            step far inside the decrease region of the line model; it was chosen over 0.5 by benchmark.
-        recovery: ``C ← min(1, C · recovery)`` after a check with ``s_max > recover_above`` (``>= 1``).
-        recover_above: step margin above which ``C`` recovers (``> 0``).
+        safety: ``C`` is cut when the robust predicted margin ``s`` has ``safety · s < 1`` (in ``(0, 1]``).
+            The default 1 cuts only steps predicted to increase the loss (``s < 1``); edge-of-stability
+            steps (``1 <= s <= 2``) are healthy. See :func:`~lightning_stablelr.schedule.update_stability_factor`.
+        recovery: the largest factor by which one check may cut or grow ``C`` (``> 1``, default 10).
+        recover_above: ``C`` grows back when the robust predicted margin exceeds this (``>= 1/safety``).
         min_stability_factor: lower bound of ``C`` (in ``(0, 1]``).
+        guard_window: the robust margin is the upper median of this many last checks (``>= 1``; 3 ignores
+            one outlier).
+        anneal_to: with neither ``decay_rate`` nor ``half_life``, the decay factor reached at the end of a
+            run of known length (in ``(0, 1]``; 1 = no decay).
     """
 
     decay_rate: float | None = None
@@ -77,10 +87,12 @@ class StableLRConfig:
     gap_strength: float = 1.0
     min_delta: float = 0.0
     gap_patience: int = 1
-    safety: float = 0.0625
-    recovery: float = 1.1
-    recover_above: float = 4.0
+    safety: float = 0.25
+    recovery: float = 10.0
+    recover_above: float = 8.0
     min_stability_factor: float = 1e-3
+    guard_window: int = 3
+    anneal_to: float = 0.1
 
     def __post_init__(self) -> None:
         resolve_decay_rate(self.decay_rate, self.half_life)
@@ -107,17 +119,34 @@ class StableLRConfig:
             0.0,
             1.0,
             low_inclusive=False,
-            hint="0.0625 (the default) keeps the step at 1/16 of the margin s_max; 1 allows the whole margin.",
+            hint="1 (the default) cuts the lr only when a step is predicted to increase the loss; 0.5 also"
+            " cuts steps past the line minimum.",
         )
         check_in_range(
             "recovery",
             self.recovery,
             1.0,
             math.inf,
+            low_inclusive=False,
             high_inclusive=False,
-            hint="Use 1 to disable the recovery, or a bit above 1 (e.g. 1.1).",
+            hint="It is the largest factor one check may cut or grow C by, e.g. 10.",
         )
-        check_finite_positive("recover_above", self.recover_above, "It is a step margin s_max, e.g. 4.")
+        check_finite_positive("recover_above", self.recover_above, "It is a step margin s_max, e.g. 2.")
+        if self.recover_above * self.safety < 1.0:
+            raise ValueError(
+                f"`recover_above` must be >= 1/safety = {1.0 / self.safety:g} so that the hold band"
+                f" [1/safety, recover_above] is not empty, got recover_above={self.recover_above!r} with"
+                f" safety={self.safety!r}. Raise recover_above, e.g. to {2.0 / self.safety:g}."
+            )
+        check_int_at_least("guard_window", self.guard_window, 1, "3 (the default) ignores one outlier.")
+        check_in_range(
+            "anneal_to",
+            self.anneal_to,
+            0.0,
+            1.0,
+            low_inclusive=False,
+            hint="It is the decay factor at the end of the run, e.g. 0.1; 1 disables the run-length decay.",
+        )
         check_in_range(
             "min_stability_factor",
             self.min_stability_factor,
@@ -129,8 +158,13 @@ class StableLRConfig:
 
     @property
     def resolved_decay_rate(self) -> float:
-        """``λ`` per epoch, resolved from ``decay_rate``/``half_life`` (``DEFAULT_DECAY_RATE`` = 0 when neither is given)."""
+        """``λ`` per epoch from ``decay_rate``/``half_life`` (0 when neither is given: see :attr:`run_length_decay`)."""
         return resolve_decay_rate(self.decay_rate, self.half_life)
+
+    @property
+    def run_length_decay(self) -> bool:
+        """True when neither ``decay_rate`` nor ``half_life`` is given: the decay follows the run's length."""
+        return self.decay_rate is None and self.half_life is None and self.anneal_to < 1.0
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (primitives only)."""
@@ -182,6 +216,7 @@ class StableLRController:
             )
         self.config = config
         self.decay_rate = config.resolved_decay_rate
+        self.total_steps: float | None = None
         self.version = self.VERSION
         self.gap_factor = 1.0
         self.stability_factor = 1.0
@@ -192,8 +227,26 @@ class StableLRController:
         self.nonfinite_steps = 0
         self.checks = 0
         self.validations = 0
+        self.margins = MarginWindow(config.guard_window)
+        self.guard_counts: dict[str, int] = dict.fromkeys(GUARD_REASONS, 0)
+        self.last_guard_reason: str | None = None
+        self.robust_margin: float | None = None
+        self.confirm_pending = False
         self._train_loss_sum = 0.0
         self._train_loss_weight = 0.0
+
+    def set_run_length(self, total_steps: float, steps_per_epoch: float) -> bool:
+        """Tell the controller how many optimizer steps the run has; returns whether the decay follows it.
+
+        With neither ``decay_rate`` nor ``half_life`` given, ``λ = ln(1/anneal_to) · steps_per_epoch /
+        total_steps`` (:func:`~lightning_stablelr.schedule.run_length_decay_rate`). An unknown length
+        (``inf``, e.g. an endless stream) leaves ``λ = 0`` and returns False; so does an explicit decay.
+        """
+        if not self.config.run_length_decay:
+            return False
+        self.total_steps = float(total_steps)
+        self.decay_rate = run_length_decay_rate(total_steps, steps_per_epoch, self.config.anneal_to)
+        return self.decay_rate > 0.0
 
     # ------------------------------------------------------------------ closed form of the step count
     def epochs_elapsed(self, global_step: int, steps_per_epoch: float, epoch: int) -> float:
@@ -285,30 +338,69 @@ class StableLRController:
             )
         return GapDecision(gap, overfitting, self.gap_factor, improved, self.overfit_streak)
 
-    def observe_line(self, line: LineModel) -> float:
-        """Apply :func:`~lightning_stablelr.schedule.update_stability_factor` to one line model; return ``C``."""
+    def observe_line(self, line: LineModel, step: int | None = None, epochs_elapsed: float = 0.0) -> float:
+        """One guard check of the step ``step`` (its lr factor is recomputed in closed form); returns ``C``.
+
+        The rule is :func:`~lightning_stablelr.schedule.update_stability_factor`: the step's margin is
+        normalized to the full lr, pushed into the window, and ``C`` moves only when the window's robust
+        margin leaves the hold band. A non-finite line model counts as a non-finite step
+        (:meth:`observe_nonfinite`); an unresolved one (losses within their rounding) changes nothing.
+        Without ``step`` the probed lr factor is taken as ``C`` alone (no warmup, decay or ``G``).
+        """
         self.checks += 1
         self.last_step_margin = line.step_margin
-        self.stability_factor = self._update_stability(line, nonfinite=False)
-        return self.stability_factor
+        if not line.finite:
+            return self._cut_nonfinite()
+        if not line.resolved:
+            return self._decided(self.stability_factor, "unresolved", confirm=False)
+        rest = 1.0 if step is None else self._rest_factor(step, epochs_elapsed)
+        probed = max(self.config.min_lr_ratio, rest * self.stability_factor)
+        margin = full_lr_margin(line.step_margin, probed)
+        self.margins.push(margin)
+        self.robust_margin = self.margins.robust()
+        following = 1.0 if step is None else self._rest_factor(step + 1, epochs_elapsed)
+        factor, reason = update_stability_factor(
+            self.stability_factor,
+            self.robust_margin,
+            lr_factor=following,
+            safety=self.config.safety,
+            recover_above=self.config.recover_above,
+            recovery=self.config.recovery,
+            min_factor=self.config.min_stability_factor,
+            min_lr_ratio=self.config.min_lr_ratio,
+        )
+        # A margin below the band asks for a confirmation check at the next step, so that a real
+        # instability is acted on two steps later instead of one check period later.
+        low = self.config.safety * line.step_margin < 1.0
+        return self._decided(factor, reason, confirm=low and reason != "overshoot")
 
     def observe_nonfinite(self) -> float:
         """Count a step with a NaN/Inf loss or gradient and halve ``C`` (not below ``min_stability_factor``)."""
         self.nonfinite_steps += 1
-        self.stability_factor = self._update_stability(None, nonfinite=True)
-        return self.stability_factor
+        return self._cut_nonfinite()
 
-    def _update_stability(self, line: LineModel | None, *, nonfinite: bool) -> float:
-        config = self.config
-        return update_stability_factor(
-            self.stability_factor,
-            line,
-            nonfinite=nonfinite,
-            safety=config.safety,
-            recovery=config.recovery,
-            min_factor=config.min_stability_factor,
-            recover_above=config.recover_above,
-        )
+    def take_confirmation_request(self) -> bool:
+        """True once after a check asked for a confirmation check at the next optimizer step."""
+        pending, self.confirm_pending = self.confirm_pending, False
+        return pending
+
+    def _cut_nonfinite(self) -> float:
+        # Margins measured before a blow-up say nothing about the state after it: recover on fresh evidence.
+        self.margins.clear()
+        self.robust_margin = None
+        factor = max(self.config.min_stability_factor, min(1.0, self.stability_factor * 0.5))
+        return self._decided(factor, "nonfinite", confirm=True)
+
+    def _decided(self, factor: float, reason: str, *, confirm: bool) -> float:
+        self.stability_factor = factor
+        self.last_guard_reason = reason
+        self.guard_counts[reason] = self.guard_counts.get(reason, 0) + 1
+        self.confirm_pending = confirm
+        return factor
+
+    def _rest_factor(self, step: int, epochs_elapsed: float) -> float:
+        """``warmup · decay · G`` at ``step``: the lr factor without ``C``."""
+        return warmup_factor(step, self.config.warmup_steps) * self.decay(epochs_elapsed) * self.gap_factor
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -325,6 +417,12 @@ class StableLRController:
             "nonfinite_steps": self.nonfinite_steps,
             "checks": self.checks,
             "validations": self.validations,
+            "margins": list(self.margins.margins),
+            "guard_counts": dict(self.guard_counts),
+            "last_guard_reason": self.last_guard_reason,
+            "confirm_pending": self.confirm_pending,
+            "decay_rate": self.decay_rate,
+            "total_steps": self.total_steps,
             "train_loss_sum": self._train_loss_sum,
             "train_loss_weight": self._train_loss_weight,
         }
@@ -346,6 +444,17 @@ class StableLRController:
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.checks = int(state.get("checks", 0))
         self.validations = int(state.get("validations", 0))
+        self.margins.clear()
+        for margin in state.get("margins", []):
+            self.margins.push(float(margin))
+        self.robust_margin = self.margins.robust()
+        self.guard_counts = dict.fromkeys(GUARD_REASONS, 0)
+        self.guard_counts.update({str(k): int(v) for k, v in state.get("guard_counts", {}).items()})
+        self.last_guard_reason = state.get("last_guard_reason")
+        self.confirm_pending = bool(state.get("confirm_pending", False))
+        if self.config.run_length_decay and state.get("total_steps") is not None:
+            self.total_steps = float(state["total_steps"])
+            self.decay_rate = float(state.get("decay_rate", self.decay_rate))
         self._train_loss_sum = float(state.get("train_loss_sum", 0.0))
         self._train_loss_weight = float(state.get("train_loss_weight", 0.0))
 

@@ -17,16 +17,64 @@ It predicts a decrease of the loss for step scales ``s`` in ``(0, s_max)`` with
 
 The step actually taken is ``s = 1``; ``s_max`` is the *step margin* logged as
 ``stablelr/step_margin`` and ``lyapunov/step_margin``.
+
+**Resolution.** Under ``bf16-true``/``16-true`` the losses are rounded to a few significant bits, and a
+healthy step moves them by only a few units in the last place (ulp): a and c are then rounding noise.
+:func:`loss_resolution` recovers the ulp from the values themselves (three losses that are all exactly
+representable in bf16 were almost surely rounded to it), and :attr:`LineModel.resolved` is False when the
+losses moved by less than :data:`RESOLVED_ULPS` ulps, so the guard can skip such a check.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
-__all__ = ["LineModel", "line_model"]
+__all__ = ["RESOLVED_ULPS", "LineModel", "line_model", "loss_resolution"]
 
 _EPS = 1e-12
+
+RESOLVED_ULPS = 8.0
+"""A line model is resolved when ``|a| + |c|/2 = max(|L+ - L0|, |L- - L0|)`` exceeds this many ulps of the
+losses' format: a and c then carry at most ~25% rounding error, enough to tell an overshoot (``c > 2|a|``)."""
+
+# (mantissa bits, low bits of a float32 that must be zero, smallest normal exponent) per format, coarsest first
+_FORMATS = ((7, 16, -126), (10, 13, -14))
+
+
+def _float32_bits(value: float) -> int | None:
+    try:
+        packed = struct.pack("<f", value)
+    except OverflowError:
+        return None
+    if struct.unpack("<f", packed)[0] != value:
+        return None  # not a float32 value (a float64 loss): use float64's resolution
+    return struct.unpack("<I", packed)[0]
+
+
+def loss_resolution(*losses: float) -> float:
+    """The ulp of the coarsest float format (bf16, fp16, fp32, fp64) in which every loss is exact.
+
+    ``ulp = 2**(floor(log2(max|L|)) - mantissa_bits)``: 7 bits for bf16, 10 for fp16, 23 for fp32, 52 for
+    fp64. Losses computed in fp32 are exact in bf16 with probability ``2**-16`` each, so three of them
+    betray a bf16 loss. Returns 0.0 when every loss is 0 or a loss is not finite.
+    """
+    values = [float(v) for v in losses]
+    if not all(math.isfinite(v) for v in values):
+        return 0.0
+    largest = max((abs(v) for v in values), default=0.0)
+    if largest == 0.0:
+        return 0.0
+    exponent = math.floor(math.log2(largest))
+    bits = [_float32_bits(v) for v in values]
+    if any(b is None for b in bits):
+        return 2.0 ** (exponent - 52)
+    for mantissa, low_bits, min_exponent in _FORMATS:
+        mask = (1 << low_bits) - 1
+        if exponent >= min_exponent and all(b & mask == 0 for b in bits):  # type: ignore[operator]
+            return 2.0 ** (exponent - mantissa)
+    return 2.0 ** (exponent - 23)
 
 
 @dataclass(frozen=True)
@@ -38,12 +86,23 @@ class LineModel:
         curvature: ``c = L+ + L- - 2·L0``, approximately ``ΔθᵀHΔθ``.
         step_margin: ``s_max`` (``-2a/c``, ``+inf`` or ``0.0``); NaN when an input loss is not finite.
         taylor_error: relative error of the model, see :func:`line_model`; NaN when not finite.
+        resolution: the losses' ulp (:func:`loss_resolution`); 0 when unknown (a model built by hand).
     """
 
     first_order: float
     curvature: float
     step_margin: float
     taylor_error: float
+    resolution: float = 0.0
+
+    @property
+    def resolved(self) -> bool:
+        """True when the losses moved by more than :data:`RESOLVED_ULPS` ulps: ``|a| + |c|/2 > 8·ulp``.
+
+        Also False for a step that did not move the loss at all (``a == c == 0``).
+        """
+        moved = abs(self.first_order) + 0.5 * abs(self.curvature)
+        return moved > RESOLVED_ULPS * self.resolution and moved > 0.0
 
     @property
     def finite(self) -> bool:
@@ -94,6 +153,7 @@ def line_model(
         inputs.append(float(directional_derivative))
     if not all(math.isfinite(value) for value in inputs):
         return LineModel(first_order, curvature, math.nan, math.nan)
+    resolution = loss_resolution(l0, lp, lm)
 
     if first_order >= 0:
         step_margin = 0.0
@@ -108,4 +168,4 @@ def line_model(
     else:
         exact = float(directional_derivative)
         taylor_error = abs(first_order - exact) / max(abs(exact), eps)
-    return LineModel(first_order, curvature, step_margin, taylor_error)
+    return LineModel(first_order, curvature, step_margin, taylor_error, resolution)

@@ -7,7 +7,22 @@ For a param group with base learning rate ``η0`` the controller sets
 - ``t``: epochs elapsed (fractional with ``interval="step"``), ``λ``: decay rate per epoch
   (:func:`resolve_decay_rate`), ``warmup``: :func:`warmup_factor`.
 - ``G``: the validation-gap factor, non-increasing (:func:`relative_gap`, :func:`update_gap_factor`).
-- ``C``: the stability factor in ``[min_factor, 1]`` (:func:`update_stability_factor`).
+- ``C``: the stability factor in ``[min_factor, 1]`` (:func:`update_stability_factor`), the guard that
+  reacts to instability, not to noise:
+
+  * every check stores the lr-normalized step margin ``m = s_max · f`` of the probed step;
+  * ``M`` = the upper median of the last 3 ``m`` (one noisy margin never decides);
+  * predicted margin of the next step ``s = M / (f' · C)``; the band ``1/safety <= s <= recover_above``
+    (default ``[1, 2]``, edge of stability included) holds ``C``;
+  * below the band ``C`` is cut in proportion to the overshoot, to put ``s`` at the band's centre
+    ``sqrt(recover_above/safety)`` (at most ``recovery``-fold per check); above it ``C`` grows back the
+    same way, never above 1;
+  * a NaN/Inf loss or gradient halves ``C`` at once; losses that moved less than their rounding (bf16)
+    are skipped.
+
+- With neither ``decay_rate`` nor ``half_life``, the decay follows the run's length:
+  ``λ = ln(1/anneal_to) / epochs of the run`` (:func:`run_length_decay_rate`), so the decay reaches
+  ``anneal_to`` at the end, the way cosine and WSD schedules anneal.
 
 :class:`lightning_stablelr.controller.StableLRController` holds ``G`` and ``C`` and calls these.
 """
@@ -16,16 +31,19 @@ from __future__ import annotations
 
 import math
 
-from lightning_stablelr.curvature import LineModel
 from lightning_stablelr.validation import check_finite_positive, check_non_negative
 
 __all__ = [
     "DEFAULT_DECAY_RATE",
+    "GUARD_REASONS",
+    "MarginWindow",
     "decay_factor",
     "floored_lr",
+    "full_lr_margin",
     "improved_on_best",
     "relative_gap",
     "resolve_decay_rate",
+    "run_length_decay_rate",
     "update_gap_factor",
     "update_stability_factor",
     "warmup_factor",
@@ -62,6 +80,17 @@ def resolve_decay_rate(decay_rate: float | None, half_life: float | None) -> flo
     return check_non_negative(
         "decay_rate", decay_rate, "Use a non-negative decay per epoch, or pass half_life instead."
     )
+
+
+def run_length_decay_rate(total_steps: float, steps_per_epoch: float, anneal_to: float) -> float:
+    """``λ`` per epoch that makes ``exp(-λ·t)`` reach ``anneal_to`` after ``total_steps`` optimizer steps.
+
+    ``λ = ln(1/anneal_to) · steps_per_epoch / total_steps``. Returns 0 (no decay) when ``anneal_to >= 1``
+    or when the run's length is unknown (``total_steps`` not finite or not positive).
+    """
+    if anneal_to >= 1.0 or not math.isfinite(total_steps) or total_steps <= 0:
+        return 0.0
+    return math.log(1.0 / anneal_to) * steps_per_epoch / total_steps
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -112,51 +141,105 @@ def update_gap_factor(
     return gap_factor * math.exp(-gap_strength * (gap - gap_tolerance))
 
 
+GUARD_REASONS = ("hold", "overshoot", "recovery", "nonfinite", "unresolved", "warming")
+"""Why a guard check moved ``C`` or left it (logged as counters ``stablelr/guard_<reason>``):
+
+- ``overshoot``: the robust margin says the step leaves the decrease region; ``C`` was cut.
+- ``recovery``: the robust margin says the lr can grow; ``C`` grew (never above 1).
+- ``nonfinite``: a NaN/Inf loss or gradient; ``C`` was halved.
+- ``hold``: the robust margin is inside the band; ``C`` unchanged.
+- ``unresolved``: the losses moved by less than their rounding (bf16) or not at all; no information.
+- ``warming``: fewer than two margins in the window yet; no decision on one sample.
+"""
+
+
+def full_lr_margin(step_margin: float, lr_factor: float) -> float:
+    """The margin the same step would have had at the full base lr: ``m = s_max · f``.
+
+    ``f`` is the lr of the probed step as a fraction of the base lr. The line model scales as
+    ``a ∝ f`` and ``c ∝ f²`` (the update ``Δθ`` is proportional to the lr for SGD, momentum and Adam), so
+    ``s_max = -2a/c ∝ 1/f`` and ``m`` does not depend on the lr the step happened to use. ``+inf`` (no
+    positive curvature) and ``0`` (not a descent direction) pass through; NaN stays NaN.
+    """
+    if math.isnan(step_margin) or step_margin == 0.0 or math.isinf(step_margin):
+        return step_margin
+    return step_margin * lr_factor
+
+
+class MarginWindow:
+    """The last ``size`` full-lr margins ``m_i`` (:func:`full_lr_margin`) and their robust value.
+
+    :meth:`robust` is the upper median ``sorted(m)[n // 2]`` once ``n >= min(2, size)``: with ``size = 3``
+    one outlier, low or high, never decides, and two samples must agree before ``C`` moves; ``size = 1``
+    acts on every margin.
+    """
+
+    def __init__(self, size: int = 3) -> None:
+        self.size = int(size)
+        self.margins: list[float] = []
+
+    def push(self, margin: float) -> None:
+        self.margins = [*self.margins, float(margin)][-self.size :]
+
+    def clear(self) -> None:
+        self.margins = []
+
+    def robust(self) -> float | None:
+        if len(self.margins) < min(2, self.size):
+            return None
+        return sorted(self.margins)[len(self.margins) // 2]
+
+
 def update_stability_factor(
     stability_factor: float,
-    line: LineModel | None,
+    robust_margin: float | None,
     *,
-    nonfinite: bool,
+    lr_factor: float,
     safety: float,
+    recover_above: float,
     recovery: float,
     min_factor: float,
-    recover_above: float = 4.0,
-) -> float:
-    """Update the stability factor ``C`` (the curvature and divergence guard) after one check.
+    min_lr_ratio: float = 0.0,
+) -> tuple[float, str]:
+    """One guard decision: the new stability factor ``C`` and its reason (:data:`GUARD_REASONS`).
 
-    With ``a``, ``c``, ``s_max`` from the line model (:mod:`lightning_stablelr.curvature`), the rule is
-    evaluated top to bottom:
+    The rule (a proportional controller on a robust, lr-normalized margin):
 
-    1. ``nonfinite`` (a NaN/Inf loss or gradient): ``C ← C · 0.5``.
-    2. ``line`` is None, or the update did not move the loss at all (``a == 0`` and ``c == 0``):
-       ``C`` is unchanged (no information).
-    3. The model is not finite, or the step ``s = 1`` is outside the safe decrease region, i.e.
-       ``a >= 0``, or ``c > 0`` and ``1 > safety · s_max``:
-       ``C ← C · shrink`` with ``shrink = clip(safety · s_max, 0.1, 0.5)`` when ``s_max`` is finite and
-       ``> 0``, else ``shrink = 0.5``. With ``safety · s_max < 0.5`` this puts the next step (about
-       ``shrink`` times as large) inside the safe region, and it never cuts by more than a factor of 10 at once.
-    4. ``s_max > recover_above`` (comfortably inside the region): ``C ← C · recovery``.
-    5. Otherwise ``C`` is unchanged.
+    1. Each check measures ``s_max`` of the step it probed (:mod:`lightning_stablelr.curvature`) and
+       stores the full-lr margin ``m = s_max · f`` (:func:`full_lr_margin`; ``f`` = that step's lr over
+       the base lr). ``M`` = upper median of the last 3 (:class:`MarginWindow`): one noisy margin is noise.
+       With fewer than two margins nothing moves (``warming``).
+    2. The next step's margin at the current ``C`` is predicted as ``s = M / max(min_lr_ratio, f'·C)``,
+       where ``f' = warmup · decay · G`` is the rest of the lr factor (``lr_factor``).
+    3. **Overshoot** when ``safety · s < 1`` (default ``safety = 1``: the step is predicted to increase the
+       loss). ``C`` is set so that the predicted margin lands at the band's centre ``s* = sqrt(recover_above /
+       safety)``: ``C ← max(C / recovery, M / (s* · f'))``, a cut in proportion to the measured overshoot,
+       at most ``recovery``-fold (default 10) per check.
+    4. **Recovery** when ``s > recover_above`` and ``C < 1``: ``C ← min(1, C · recovery, M / (s* · f'))``,
+       the mirror image of the cut: ``C`` comes back as readily as it goes down.
+    5. **Hold** inside the band ``1/safety <= s <= recover_above`` (default ``[1, 2]``): edge-of-stability
+       steps, between the line minimum (``s_max = 2``) and the point where the model predicts no decrease
+       (``s_max = 1``), are normal for a good lr.
 
-    The result is always clipped to ``[min_factor, 1]``.
+    A non-finite loss or gradient is handled by the caller (``C ← C/2`` at once,
+    :meth:`~lightning_stablelr.controller.StableLRController.observe_nonfinite`). The result is clipped
+    to ``[min_factor, 1]``.
     """
     factor = stability_factor
-    if nonfinite:
-        factor *= 0.5
-    elif line is None or (line.first_order == 0.0 and line.curvature == 0.0):
-        pass
+    if robust_margin is None or math.isnan(robust_margin):
+        return factor, "warming"
+    lr_factor = max(lr_factor, 1e-300)
+    effective = max(min_lr_ratio, lr_factor * factor)
+    predicted = robust_margin / effective if robust_margin != 0.0 else 0.0
+    centre = math.sqrt(recover_above / safety)
+    target = robust_margin / (centre * lr_factor)  # C whose predicted margin is the band's centre
+    if safety * predicted < 1.0:
+        factor, reason = max(factor / recovery, target), "overshoot"
+    elif predicted > recover_above and factor < 1.0:
+        factor, reason = min(1.0, factor * recovery, target), "recovery"
     else:
-        margin = line.step_margin
-        outside = not line.finite or line.first_order >= 0 or (line.curvature > 0 and safety * margin < 1.0)
-        if outside:
-            if math.isfinite(margin) and margin > 0:
-                shrink = min(0.5, max(0.1, safety * margin))
-            else:
-                shrink = 0.5
-            factor *= shrink
-        elif margin > recover_above:
-            factor *= recovery
-    return min(1.0, max(min_factor, factor))
+        return factor, "hold"
+    return min(1.0, max(min_factor, factor)), reason
 
 
 def floored_lr(base_lr: float, factor: float, min_lr_ratio: float) -> float:

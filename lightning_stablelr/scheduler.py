@@ -13,6 +13,7 @@ so nothing drifts, and ``state_dict()`` reproduces the trajectory exactly after 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -51,8 +52,11 @@ class StableLRScheduler(LRScheduler):
         optimizer: the wrapped optimizer; ``base_lrs`` are the groups' ``initial_lr`` (their ``lr`` at creation).
         steps_per_epoch: optimizer steps per epoch (``>= 1``): converts steps to the epochs ``t`` of the decay.
         decay_rate, half_life, interval, warmup_steps, min_lr_ratio, gap_tolerance, gap_strength, min_delta,
-            gap_patience, safety, recovery, recover_above, min_stability_factor: see
+            gap_patience, safety, recovery, recover_above, min_stability_factor, guard_window, anneal_to: see
             :class:`~lightning_stablelr.controller.StableLRConfig` (same names, same defaults).
+        total_steps: optimizer steps of the whole run; with neither ``decay_rate`` nor ``half_life`` the
+            decay then reaches ``anneal_to`` at the last step. Without it (and without a decay) the lr
+            does not decay, with one warning.
         last_epoch: optimizer steps already taken; ``-1`` starts fresh (prefer :meth:`load_state_dict` to resume).
     """
 
@@ -70,10 +74,13 @@ class StableLRScheduler(LRScheduler):
         gap_strength: float = 1.0,
         min_delta: float = 0.0,
         gap_patience: int = 1,
-        safety: float = 0.0625,
-        recovery: float = 1.1,
-        recover_above: float = 4.0,
+        safety: float = 0.25,
+        recovery: float = 10.0,
+        recover_above: float = 8.0,
         min_stability_factor: float = 1e-3,
+        guard_window: int = 3,
+        anneal_to: float = 0.1,
+        total_steps: int | None = None,
         last_epoch: int = -1,
     ) -> None:
         self.steps_per_epoch = check_int_at_least(
@@ -96,8 +103,21 @@ class StableLRScheduler(LRScheduler):
             recovery=recovery,
             recover_above=recover_above,
             min_stability_factor=min_stability_factor,
+            guard_window=guard_window,
+            anneal_to=anneal_to,
         )
         self.controller = StableLRController(config)
+        if total_steps is not None:
+            check_int_at_least("total_steps", total_steps, 1, "Pass the run's number of optimizer steps.")
+            self.controller.set_run_length(total_steps, self.steps_per_epoch)
+        elif config.run_length_decay:
+            warnings.warn(
+                "StableLRScheduler: no `total_steps` and no `decay_rate`/`half_life`, so the lr does not decay"
+                " (the default decay follows the run's length). Pass total_steps=<optimizer steps of the"
+                " run> to anneal to `anneal_to`, or decay_rate=0 to silence this.",
+                UserWarning,
+                stacklevel=2,
+            )
         self._snapshot: list[torch.Tensor] | None = None
         super().__init__(optimizer, last_epoch)
 
@@ -151,7 +171,9 @@ class StableLRScheduler(LRScheduler):
     def observe_line(self, l0: float, l_plus: float, l_minus: float) -> LineModel:
         """Update ``C`` from ``L0 = L(θ)``, ``L+ = L(θ+Δθ)``, ``L- = L(θ-Δθ)`` measured by the caller."""
         line = line_model(l0, l_plus, l_minus)
-        self.controller.observe_line(line)
+        step = max(self.last_epoch, 0)
+        elapsed = self.controller.epochs_elapsed(step, self.steps_per_epoch, step // self.steps_per_epoch)
+        self.controller.observe_line(line, step, elapsed)
         self._apply_lrs()
         return line
 

@@ -102,7 +102,7 @@ def test_plain_engine_reproduces_the_lightning_callback() -> None:
 
     task = build_task("digits")
     # dense checks on steps 0-1, then the callback's periodic rule (every 3rd step): 5 of the 9 steps
-    cadence = {"dense_check_steps": 2, "check_every_n_steps": 3}
+    cadence = {"dense_check_steps": 2, "check_every_n_steps": 3, "guard_window": 1}
     for policy_name, optimizer, lr in (("stablelr", "sgd", 3.0), ("plateau", "adamw", 0.01)):
         policy = load_policy(policy_name, 3, cadence)
         runs = [engine(task, policy, optimizer=optimizer, lr=lr, seed=1, epochs=3, batch_size=100)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pickle
+import random
 
 import pytest
 
@@ -14,7 +15,7 @@ from lightning_stablelr.curvature import LineModel, line_model
 
 def test_default_config() -> None:
     config = StableLRConfig()
-    assert config.resolved_decay_rate == 0.0  # defaults chosen by benchmarks/RESULTS.md
+    assert config.resolved_decay_rate == 0.0 and config.run_length_decay  # the decay follows the run's length
     assert (config.interval, config.warmup_steps, config.min_lr_ratio) == ("step", 10, 0.01)
     assert (config.gap_tolerance, config.gap_strength, config.min_delta, config.gap_patience) == (
         0.25,
@@ -23,11 +24,12 @@ def test_default_config() -> None:
         1,
     )
     assert (config.safety, config.recovery, config.recover_above, config.min_stability_factor) == (
-        0.0625,
-        1.1,
-        4.0,
+        0.25,
+        10.0,
+        8.0,
         1e-3,
     )
+    assert (config.guard_window, config.anneal_to) == (3, 0.1)
     assert StableLRController(half_life=2.0).decay_rate == math.log(2.0) / 2.0
     assert pickle.loads(pickle.dumps(StableLRController(config))).config == config
 
@@ -134,37 +136,106 @@ def test_validation_without_train_loss_or_with_nan_leaves_gap_factor() -> None:
     assert controller.best_val_loss == 1.0
 
 
-def test_stability_factor_through_the_controller() -> None:
-    controller = StableLRController(safety=0.5)
-    # s_max = 2: safety * s_max = 1 is exactly on the boundary (safe), and 2 <= recover_above: unchanged
-    controller.stability_factor = 0.5
-    assert controller.observe_line(line_model(1.0, 0.0, 4.0)) == 0.5
-    controller = StableLRController(safety=0.5)
-    too_big = LineModel(-0.3, 1.0, 0.6, 0.0)  # safety * s_max = 0.3 < 1
-    assert controller.observe_line(too_big) == pytest.approx(0.3, rel=1e-15)
-    assert controller.last_step_margin == 0.6
-    comfortable = LineModel(-5.0, 1.0, 10.0, 0.0)
-    assert controller.observe_line(comfortable) == pytest.approx(0.33, rel=1e-12)
-    assert controller.observe_nonfinite() == pytest.approx(0.165, rel=1e-12)
-    assert (controller.checks, controller.nonfinite_steps) == (2, 1)
+def _margin(s_max: float) -> LineModel:
+    """A line model with step margin ``s_max`` (c = 1, a = -s_max/2)."""
+    return LineModel(-s_max / 2.0, 1.0, s_max, 0.0)
+
+
+def _simulate(controller: StableLRController, full_lr_margins, noise) -> list[float]:
+    """Feed checks of a plant whose margin at lr factor f is ``m / f`` times a noise factor; returns C after each."""
+    trajectory = []
+    for step, (margin, scatter) in enumerate(zip(full_lr_margins, noise)):
+        probed = controller.stability_factor  # no warmup, decay or G: f = C
+        controller.observe_line(_margin(margin / probed * scatter), step=1000 + step)
+        trajectory.append(controller.stability_factor)
+    return trajectory
+
+
+def test_noisy_but_stable_margins_leave_the_stability_factor_at_one() -> None:
+    # The issue's sawtooth: margins scattering between ~10 and 50, with one low sample in eight.
+    rng = random.Random(0)
+    controller = StableLRController(warmup_steps=0)
+    noise = [rng.uniform(10.0, 50.0) if i % 8 else rng.uniform(0.05, 0.9) for i in range(400)]
+    trajectory = _simulate(controller, [1.0] * 400, noise)
+    assert min(trajectory) == 1.0
+    assert controller.guard_counts["overshoot"] == 0 and controller.guard_counts["hold"] == 399
+    # with the band at [1, 2], edge of stability (1 <= s <= 2) is left alone too
+    controller = StableLRController(warmup_steps=0, safety=1.0, recover_above=2.0)
+    assert min(_simulate(controller, [1.0] * 200, [rng.uniform(1.0, 2.0) for _ in range(200)])) == 1.0
+
+
+def test_a_persistent_overshoot_shrinks_the_factor_in_proportion() -> None:
+    controller = StableLRController(warmup_steps=0, safety=1.0, recover_above=2.0)
+    # the full-lr margin is 0.3: the step at the base lr overshoots the decrease region
+    trajectory = _simulate(controller, [0.3] * 12, [1.0] * 12)
+    assert trajectory[0] == 1.0  # one sample never decides
+    assert trajectory[1] == pytest.approx(0.3 / math.sqrt(2.0), rel=1e-12)  # straight to the band's centre
+    assert trajectory[-1] == pytest.approx(0.3 / math.sqrt(2.0), rel=1e-12)  # and stays there (s = 1.41)
+    assert controller.guard_counts["overshoot"] == 1 and controller.last_guard_reason == "hold"
+    # a bigger overshoot: the cut is bigger but at most 10-fold per check
+    controller = StableLRController(warmup_steps=0, safety=1.0, recover_above=2.0)
+    trajectory = _simulate(controller, [1e-2] * 6, [1.0] * 6)
+    # 10-fold cuts until the predicted margin s = 0.01 / C reaches the band [1, 2] (here its lower edge)
+    assert trajectory == pytest.approx([1.0, 0.1, 0.01, 0.01, 0.01, 0.01], rel=1e-12)
+
+
+def test_recovery_returns_the_factor_once_the_instability_passes() -> None:
+    controller = StableLRController(warmup_steps=0, safety=1.0, recover_above=2.0)
+    trajectory = _simulate(controller, [0.05] * 6 + [20.0] * 6, [1.0] * 12)
+    assert trajectory[5] == pytest.approx(0.05 / math.sqrt(2.0), rel=1e-12)
+    assert trajectory[6] == trajectory[5]  # one good margin is one sample
+    assert trajectory[7] == pytest.approx(min(1.0, 10 * trajectory[5]), rel=1e-12)
+    assert trajectory[-1] == 1.0
+    assert controller.guard_counts["recovery"] == 2
+
+
+def test_nonfinite_checks_and_steps_halve_and_ask_for_confirmation() -> None:
+    controller = StableLRController(warmup_steps=0, safety=1.0, recover_above=2.0)
+    assert controller.observe_nonfinite() == 0.5
+    assert controller.take_confirmation_request() and not controller.take_confirmation_request()
+    assert controller.observe_line(line_model(1.0, math.nan, 1.0)) == 0.25  # a NaN loss in the probe
+    assert (controller.nonfinite_steps, controller.guard_counts["nonfinite"]) == (1, 2)
     for _ in range(20):
         controller.observe_nonfinite()
     assert controller.stability_factor == 1e-3
     assert controller.lr(1.0, 100, 0.0) == 0.01  # the floor wins over C
-    for _ in range(200):
-        controller.observe_line(comfortable)
-    assert controller.stability_factor == 1.0
+    # one low margin asks for a confirmation check; the window then decides on two samples
+    controller = StableLRController(warmup_steps=0, safety=1.0, recover_above=2.0)
+    controller.observe_line(_margin(0.5), step=0)
+    assert controller.take_confirmation_request() and controller.stability_factor == 1.0
+
+
+def test_unresolved_bf16_losses_change_nothing() -> None:
+    controller = StableLRController(warmup_steps=0)
+    quantized = line_model(2.3125, 2.3125, 2.328125)  # bf16 values one ulp apart: rounding, not curvature
+    assert quantized.resolution == 2.0**-6 and not quantized.resolved
+    for _ in range(5):
+        controller.observe_line(quantized, step=0)
+    assert controller.stability_factor == 1.0 and controller.guard_counts["unresolved"] == 5
+    assert controller.margins.margins == []
+
+
+def test_run_length_decay_follows_the_run() -> None:
+    controller = StableLRController(warmup_steps=0)
+    assert controller.decay_rate == 0.0
+    assert controller.set_run_length(1000, 100)
+    assert controller.lr(1.0, 1000, 10.0) == pytest.approx(0.1, rel=1e-12)
+    assert not controller.set_run_length(math.inf, 100) and controller.decay_rate == 0.0
+    explicit = StableLRController(decay_rate=0.05)
+    assert not explicit.set_run_length(1000, 100) and explicit.decay_rate == 0.05
 
 
 def test_state_dict_round_trip_gives_identical_lrs() -> None:
     config = StableLRConfig(decay_rate=0.2, warmup_steps=3, gap_patience=2)
     original = StableLRController(config)
     _run_gap_script(original, SCRIPT)
-    original.observe_line(LineModel(-0.3, 1.0, 0.6, 0.0))
+    for step in range(3):
+        original.observe_line(LineModel(-0.3, 1.0, 0.6, 0.0), step=step)
+    original.set_run_length(500, 5)
     original.record_train_loss(0.7)
     state = pickle.loads(pickle.dumps(original.state_dict()))
     assert state["version"] == 1
-    assert all(isinstance(value, (int, float, str, type(None), dict)) for value in state.values())
+    assert all(isinstance(value, (int, float, str, type(None), dict, list)) for value in state.values())
     resumed = StableLRController(config)
     resumed.load_state_dict(state)
     assert resumed.state_dict() == original.state_dict()
@@ -193,8 +264,16 @@ BAD_ARGUMENTS = [
     ({"gap_patience": 0}, "`gap_patience` must be an integer >= 1, got 0."),
     ({"safety": 0.0}, "`safety` must be a finite number in (0, 1], got 0.0."),
     ({"safety": 1.5}, "`safety` must be a finite number in (0, 1], got 1.5."),
-    ({"recovery": 0.9}, "`recovery` must be a finite number in [1, inf), got 0.9."),
+    ({"recovery": 0.9}, "`recovery` must be a finite number in (1, inf), got 0.9."),
+    ({"recovery": 1.0}, "`recovery` must be a finite number in (1, inf), got 1.0."),
     ({"recover_above": 0.0}, "`recover_above` must be a finite number > 0, got 0.0."),
+    (
+        {"recover_above": 1.5, "safety": 0.5},
+        "`recover_above` must be >= 1/safety = 2 so that the hold band [1/safety, recover_above] is not empty,"
+        " got recover_above=1.5 with safety=0.5. Raise recover_above, e.g. to 4.",
+    ),
+    ({"guard_window": 0}, "`guard_window` must be an integer >= 1, got 0."),
+    ({"anneal_to": 0.0}, "`anneal_to` must be a finite number in (0, 1], got 0.0."),
     ({"min_stability_factor": 0.0}, "`min_stability_factor` must be a finite number in (0, 1], got 0.0."),
     (
         {"min_stability_factor": math.nan},

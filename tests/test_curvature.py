@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_stablelr.curvature import LineModel, line_model
+from lightning_stablelr.curvature import LineModel, line_model, loss_resolution
 
 
 def _quadratic(seed: int):
@@ -68,7 +68,7 @@ def test_cubic_term_shows_up_in_taylor_error_with_directional_derivative() -> No
 
 def test_step_margin_cases() -> None:
     # a < 0, c > 0: L(s) = 1 - 2 s + s^2 -> a = -2, c = 2, s_max = 2.
-    assert line_model(1.0, 0.0, 4.0) == LineModel(-2.0, 2.0, 2.0, 0.0)
+    assert line_model(1.0, 0.0, 4.0) == LineModel(-2.0, 2.0, 2.0, 0.0, resolution=2.0**-5)
     # a < 0, c <= 0: concave along the line -> no upper limit.
     concave = line_model(1.0, 0.0, 1.0)
     assert (concave.first_order, concave.curvature, concave.step_margin) == (-0.5, -1.0, math.inf)
@@ -90,3 +90,22 @@ def test_non_finite_loss_gives_non_finite_model(bad: float, position: int) -> No
     assert math.isnan(model.taylor_error)
     assert not model.finite
     assert not model.predicts_decrease
+
+
+def test_loss_resolution_detects_the_losses_format() -> None:
+    import torch
+
+    def rounded(dtype: torch.dtype, *values: float) -> list[float]:
+        return [float(torch.tensor(v, dtype=dtype).float()) for v in values]
+
+    bf16 = rounded(torch.bfloat16, 2.31, 2.30, 2.33)
+    assert loss_resolution(*bf16) == 2.0**-6  # 2.3 lies in [2, 4): ulp 2^(1-7)
+    assert loss_resolution(*rounded(torch.float16, 2.31, 2.30, 2.33)) == 2.0**-9
+    assert loss_resolution(*rounded(torch.float32, 2.31, 2.30, 2.33)) == 2.0**-22
+    assert loss_resolution(2.31, 2.30, 2.33) == 2.0**-51  # Python floats: float64
+    assert loss_resolution(0.0, 0.0, 0.0) == 0.0 and loss_resolution(1.0, math.nan, 1.0) == 0.0
+    # bf16 losses one or two ulps apart are rounding: unresolved; the same step in fp32 is resolved
+    assert not line_model(*bf16).resolved
+    assert line_model(*rounded(torch.float32, 2.31, 2.30, 2.33)).resolved
+    assert line_model(*rounded(torch.bfloat16, 2.5, 2.0, 3.5)).resolved  # a real overshoot is seen in bf16
+    assert not line_model(1.0, 1.0, 1.0).resolved  # the loss did not move

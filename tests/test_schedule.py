@@ -6,14 +6,16 @@ import math
 
 import pytest
 
-from lightning_stablelr.curvature import LineModel, line_model
 from lightning_stablelr.schedule import (
     DEFAULT_DECAY_RATE,
+    MarginWindow,
     decay_factor,
     floored_lr,
+    full_lr_margin,
     improved_on_best,
     relative_gap,
     resolve_decay_rate,
+    run_length_decay_rate,
     update_gap_factor,
     update_stability_factor,
     warmup_factor,
@@ -26,7 +28,7 @@ from lightning_stablelr.validation import (
     check_non_negative,
 )
 
-GUARD = {"safety": 0.5, "recovery": 1.1, "min_factor": 1e-3, "recover_above": 4.0}
+GUARD = {"safety": 1.0, "recovery": 10.0, "min_factor": 1e-3, "recover_above": 2.0, "lr_factor": 1.0}
 
 
 def test_resolve_decay_rate() -> None:
@@ -100,53 +102,77 @@ def test_update_gap_factor() -> None:
     assert update_gap_factor(0.8, gap=math.nan, improved=False, **kwargs) == 0.8
 
 
-def test_stability_factor_shrinks_to_put_next_step_inside_region() -> None:
-    # s_max = 1.6 -> safety * s_max = 0.8 < 1: shrink by clip(0.8, 0.1, 0.5) = 0.5
-    line = LineModel(-0.8, 1.0, 1.6, 0.0)
-    assert update_stability_factor(1.0, line, nonfinite=False, **GUARD) == 0.5
-    # s_max = 0.6 -> shrink 0.3
-    line = LineModel(-0.3, 1.0, 0.6, 0.0)
-    assert update_stability_factor(1.0, line, nonfinite=False, **GUARD) == pytest.approx(0.3, rel=1e-15)
-    # s_max = 0.02 -> shrink clipped at 0.1
-    line = LineModel(-0.01, 1.0, 0.02, 0.0)
-    assert update_stability_factor(0.5, line, nonfinite=False, **GUARD) == pytest.approx(0.05, rel=1e-15)
-    # ascent direction: s_max = 0 -> shrink 0.5
-    assert update_stability_factor(0.5, line_model(1.0, 2.0, 0.5), nonfinite=False, **GUARD) == 0.25
-    # non-finite model -> shrink 0.5
-    assert update_stability_factor(0.5, line_model(1.0, math.inf, 0.5), nonfinite=False, **GUARD) == 0.25
+def _guard(factor: float, robust: float | None, **overrides: float) -> tuple[float, str]:
+    return update_stability_factor(factor, robust, **{**GUARD, **overrides})
 
 
-def test_stability_factor_recovers_only_when_comfortably_inside() -> None:
-    inside = LineModel(-2.5, 1.0, 5.0, 0.0)  # s_max = 5 > 4
-    assert update_stability_factor(0.5, inside, nonfinite=False, **GUARD) == 0.5 * 1.1
-    assert update_stability_factor(0.95, inside, nonfinite=False, **GUARD) == 1.0
-    assert update_stability_factor(1.0, inside, nonfinite=False, **GUARD) == 1.0
-    concave = line_model(1.0, 0.0, 1.0)  # s_max = inf
-    assert update_stability_factor(0.5, concave, nonfinite=False, **GUARD) == 0.5 * 1.1
-    middle = LineModel(-1.5, 1.0, 3.0, 0.0)  # safe (1.5 >= 1) but not comfortably: unchanged
-    assert update_stability_factor(0.5, middle, nonfinite=False, **GUARD) == 0.5
-    assert update_stability_factor(0.5, None, nonfinite=False, **GUARD) == 0.5
-    still = line_model(1.0, 1.0, 1.0)  # the update did not move the loss: no information
-    assert update_stability_factor(0.5, still, nonfinite=False, **GUARD) == 0.5
+def test_guard_holds_inside_the_band_and_waits_for_two_margins() -> None:
+    # band [1/safety, recover_above] = [1, 2]: edge-of-stability margins leave C alone
+    for robust in (1.0, 1.2, 1.99, 2.0):
+        assert _guard(1.0, robust) == (1.0, "hold")
+    assert _guard(0.5, 0.75) == (0.5, "hold")  # predicted margin 0.75 / 0.5 = 1.5
+    assert _guard(0.5, None) == (0.5, "warming")
+    assert _guard(1.0, 5.0) == (1.0, "hold")  # C is already 1: nothing to recover
 
 
-def test_stability_factor_bounds_and_nonfinite_halving() -> None:
-    factor = 1.0
-    trajectory = []
-    for _ in range(12):
-        factor = update_stability_factor(factor, None, nonfinite=True, **GUARD)
-        trajectory.append(factor)
-    assert trajectory[:3] == [0.5, 0.25, 0.125]
-    assert trajectory[-1] == 1e-3
-    assert min(trajectory) == 1e-3
-    bad = LineModel(-0.01, 1.0, 0.02, 0.0)
-    assert update_stability_factor(1.5e-3, bad, nonfinite=False, **GUARD) == 1e-3
-    inside = LineModel(-2.5, 1.0, 5.0, 0.0)
+def test_guard_cuts_in_proportion_to_the_overshoot() -> None:
+    centre = math.sqrt(2.0)  # sqrt(recover_above / safety)
+    for robust in (0.9, 0.5, 0.2):
+        factor, reason = _guard(1.0, robust)
+        assert reason == "overshoot"
+        assert factor == pytest.approx(robust / centre, rel=1e-15)  # puts the next margin at the centre
+    assert _guard(1.0, 0.001) == (pytest.approx(0.1, rel=1e-15), "overshoot")  # at most recovery-fold
+    assert _guard(1.0, 0.0) == (pytest.approx(0.1, rel=1e-15), "overshoot")  # not a descent direction
+    # the rest of the lr factor (warmup, decay, G) counts: at f' = 0.5 a full-lr margin 1.2 predicts 2.4
+    assert _guard(1.0, 1.2, lr_factor=0.5) == (1.0, "hold")
+    assert _guard(1.0, 0.4, lr_factor=0.5) == (pytest.approx(0.4 / (centre * 0.5), rel=1e-15), "overshoot")
+
+
+def test_guard_recovers_as_readily_as_it_cuts() -> None:
+    centre = math.sqrt(2.0)
+    cut, _ = _guard(1.0, 0.25)
+    assert cut == pytest.approx(0.25 / centre)
+    # the same margins seen from the cut lr: the robust full-lr margin 3.0 (the instability passed)
+    factor, reason = _guard(cut, 3.0)
+    assert reason == "recovery" and factor == 1.0  # min(1, C * 10, 3 / centre)
+    assert _guard(0.05, 1.0) == (pytest.approx(0.5, rel=1e-15), "recovery")  # 10-fold, the mirror of a cut
+    assert _guard(0.5, math.inf) == (pytest.approx(1.0), "recovery")  # concave line: no curvature limit
+    assert _guard(0.5, 1.4) == (pytest.approx(1.4 / centre, rel=1e-15), "recovery")
+
+
+def test_guard_bounds() -> None:
+    assert _guard(1.5e-3, 1e-6) == (1e-3, "overshoot")
     factor = 1e-3
-    for _ in range(200):
-        factor = update_stability_factor(factor, inside, nonfinite=False, **GUARD)
-        assert factor <= 1.0
+    for _ in range(10):
+        factor, _ = _guard(factor, 100.0)
     assert factor == 1.0
+    with_floor = _guard(0.5, 0.004, min_lr_ratio=0.01)  # floor 0.01 of the base lr: predicted 0.004/0.01
+    assert with_floor[1] == "overshoot"
+
+
+def test_margin_window_ignores_one_outlier_each_way() -> None:
+    window = MarginWindow(3)
+    window.push(30.0)
+    assert window.robust() is None
+    window.push(0.01)  # one noisy low margin: upper median of two is the larger
+    assert window.robust() == 30.0
+    window.push(25.0)
+    assert window.robust() == 25.0
+    window.push(0.02)
+    window.push(0.03)  # two of the last three low: a persistent overshoot
+    assert window.margins == [25.0, 0.02, 0.03] and window.robust() == 0.03
+    single = MarginWindow(1)
+    single.push(0.5)
+    assert single.robust() == 0.5
+    assert full_lr_margin(3.0, 0.25) == 0.75
+    assert full_lr_margin(math.inf, 0.25) == math.inf and full_lr_margin(0.0, 0.25) == 0.0
+
+
+def test_run_length_decay_rate_reaches_anneal_to() -> None:
+    rate = run_length_decay_rate(1000, 50, 0.1)  # per epoch; the run is 20 epochs
+    assert decay_factor(20.0, rate) == pytest.approx(0.1, rel=1e-12)
+    assert run_length_decay_rate(math.inf, 50, 0.1) == 0.0
+    assert run_length_decay_rate(1000, 50, 1.0) == 0.0
 
 
 def test_validation_messages() -> None:

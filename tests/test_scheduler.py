@@ -109,7 +109,7 @@ def _scripted_run(
         if step % 4 == 3:
             scheduler.observe(val_loss=1.0 + 0.02 * step)  # gets worse: overfitting
         if step in (2, 9):
-            scheduler.observe_line(1.0, 0.9, 1.5)  # a = -0.3, c = 0.4, s_max = 1.5: shrink by 0.5 * 1.5 / 2
+            scheduler.observe_line(1.0, 0.9, 1.5)  # a = -0.3, c = 0.4, s_max = 1.5
         if step == 13:
             scheduler.observe_line(1.0, 0.0, 2.0)  # c = 0: s_max = inf, recovery
         scheduler.step()
@@ -147,7 +147,9 @@ def test_guard_restores_parameters_bit_exactly_and_shrinks_a_too_large_step() ->
     hessian = torch.tensor([1.0, 10.0], dtype=torch.float64)
     theta = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
     optimizer = torch.optim.SGD([theta], lr=0.3)
-    scheduler = StableLRScheduler(optimizer, steps_per_epoch=100, decay_rate=0.0, warmup_steps=0, safety=0.5)
+    scheduler = StableLRScheduler(
+        optimizer, steps_per_epoch=100, decay_rate=0.0, warmup_steps=0, safety=0.5, recover_above=4.0, guard_window=1
+    )
 
     def loss() -> torch.Tensor:
         return 0.5 * (hessian * theta**2).sum()
@@ -181,7 +183,7 @@ def test_guard_restores_parameters_bit_exactly_and_shrinks_a_too_large_step() ->
     assert line.curvature == pytest.approx(expected_c, rel=1e-12)
     margin = -2.0 * expected_a / expected_c  # 0.6727 < 2: the step overshoots
     assert line.step_margin == pytest.approx(margin, rel=1e-12)
-    shrink = 0.5 * margin  # clip(safety · s_max, 0.1, 0.5)
+    shrink = margin / math.sqrt(8.0)  # guard_window=1: to the centre sqrt(recover_above/safety) of the band
     assert scheduler.controller.stability_factor == pytest.approx(shrink, rel=1e-12)
     assert scheduler.get_last_lr() == pytest.approx([0.3 * shrink], rel=1e-12)
     scheduler.step()
@@ -193,9 +195,7 @@ def test_guard_keeps_a_diverging_quadratic_finite() -> None:
         hessian = torch.tensor([1.0, 10.0], dtype=torch.float64)
         theta = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
         optimizer = torch.optim.SGD([theta], lr=0.3)
-        scheduler = StableLRScheduler(
-            optimizer, steps_per_epoch=10, decay_rate=0.0, recovery=1.0, warmup_steps=0, safety=0.5
-        )
+        scheduler = StableLRScheduler(optimizer, steps_per_epoch=10, decay_rate=0.0, warmup_steps=0)
         for _ in range(60):
             optimizer.zero_grad()
             loss = 0.5 * (hessian * theta**2).sum()

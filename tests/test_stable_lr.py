@@ -266,14 +266,18 @@ def test_guard_step_margin_is_the_analytic_one_for_sgd_on_a_quadratic(tmp_path):
     expected_margin = float(2 * grad @ grad / (lr * grad @ hessian @ grad))
 
     callback = StableLR(
-        decay_rate=0.0, check_every_n_steps=0, dense_check_steps=1, gap_strength=0.0, warmup_steps=0, safety=0.5
-    )
+        decay_rate=0.0, check_every_n_steps=0, dense_check_steps=1, gap_strength=0.0, warmup_steps=0, safety=0.5,
+        recover_above=4.0, guard_window=1,
+    )  # fmt: skip
     trainer, recorder = _fit(tmp_path, model, callback, epochs=1)
     assert callback.controller.checks == 1
     assert callback.controller.last_step_margin == pytest.approx(expected_margin, rel=1e-4)
     assert float(trainer.callback_metrics["stablelr/step_margin"]) == pytest.approx(expected_margin, rel=1e-4)
+    # guard_window=1 acts on this one margin: below the band [2, 4] C puts it at the centre sqrt(8).
+    assert 0.5 * expected_margin < 1.0
     stability = callback.controller.stability_factor
-    assert (stability < 1.0) == (0.5 * expected_margin < 1.0)
+    assert stability == pytest.approx(max(0.1, expected_margin / math.sqrt(8.0)), rel=1e-4)
+    assert callback.controller.guard_counts["overshoot"] == 1
     assert [lrs[0] for lrs in recorder.lrs][1:] == pytest.approx([lr * stability] * 3, rel=1e-12)
 
 

@@ -32,6 +32,10 @@ CONFIG = {
     "min_delta": 100.0,
     "check_every_n_steps": 2,
     "dense_check_steps": 4,
+    # a strict band on single margins so that C moves on this short run and its reduced decision is tested
+    "safety": 0.25,
+    "recover_above": 8.0,
+    "guard_window": 1,
 }
 
 

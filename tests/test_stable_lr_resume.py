@@ -34,12 +34,16 @@ TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 # about 0.5 from the first validation on; with min_delta = 100 only the first validation counts as an
 # improvement, so G shrinks at every later validation and last.ckpt holds G < 1 whatever the optimizer
 # did. The lr is high (SGD 0.2, momentum 0.9) and the checks dense, so the guard moves C before and after
-# the kill.
+# the kill (with a band narrow enough for this healthy lr).
 CONFIG = {
     "decay_rate": 0.2,
     "min_delta": 100.0,
     "check_every_n_steps": 2,
     "dense_check_steps": 4,
+    # a strict band (cut below s = 4, grow above 8) and a short window keep C moving on this healthy run
+    "safety": 0.25,
+    "recover_above": 8.0,
+    "guard_window": 1,
 }
 
 

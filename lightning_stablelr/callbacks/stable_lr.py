@@ -45,11 +45,14 @@ from lightning_stablelr.callbacks._shared import (
     set_group_lr,
 )
 from lightning_stablelr.controller import StableLRConfig, StableLRController
+from lightning_stablelr.schedule import GUARD_REASONS
 from lightning_stablelr.validation import check_choice, check_int_at_least
 
 __all__ = ["StableLR"]
 
 CONFLICT_POLICIES = ("error", "compose")
+GUARD_ACTIONS = tuple(reason for reason in GUARD_REASONS if reason not in ("hold", "warming"))
+"""Guard reasons logged as cumulative counts ``stablelr/guard_<reason>``: why C moved, and how often."""
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -62,7 +65,8 @@ class StableLR(Callback):
     """Controls the learning rate: exponential decay, validation-gap factor and curvature guard.
 
     Args:
-        decay_rate: ``λ``, decay per epoch (default 0, no time decay, when ``half_life`` is None too).
+        decay_rate: ``λ``, decay per epoch. With neither it nor ``half_life`` the decay follows the run's
+            length (see ``anneal_to``); an endless run (unknown length) then has no decay, with one warning.
         half_life: epochs after which the decay halves the lr (``λ = ln 2 / half_life``); excludes ``decay_rate``.
         interval: ``"step"`` (``t`` fractional, smooth per step) or ``"epoch"`` (``t`` = integer epoch).
         warmup_steps: linear warmup over this many optimizer steps (default 10; 0 = none).
@@ -71,10 +75,15 @@ class StableLR(Callback):
         gap_strength: ``G ← G · exp(-gap_strength · (r - gap_tolerance))`` on overfitting (0 disables ``G``).
         min_delta: the validation loss must beat its best by more than this to count as improved.
         gap_patience: consecutive overfitting validations before ``G`` shrinks.
-        safety: a checked step is safe when ``1 <= safety · s_max``; otherwise ``C`` shrinks (default 1/16).
-        recovery: ``C ← min(1, C · recovery)`` after a check with ``s_max > recover_above``.
-        recover_above: step margin above which ``C`` recovers.
+        safety: ``C`` is cut when the robust predicted step margin ``s`` has ``safety · s < 1`` (default 1:
+            only steps predicted to increase the loss; edge-of-stability margins ``1 <= s <= 2`` are healthy).
+        recovery: the largest factor one check may cut or grow ``C`` by (default 10).
+        recover_above: ``C`` grows back while the robust predicted margin exceeds this (default 2).
         min_stability_factor: lower bound of ``C``.
+        guard_window: ``C`` follows the upper median of the last ``guard_window`` margins (default 3: one
+            noisy margin never moves ``C``). The rule: :func:`lightning_stablelr.schedule.update_stability_factor`.
+        anneal_to: with neither ``decay_rate`` nor ``half_life``, the decay follows the run's length
+            (``trainer.estimated_stepping_batches``) and reaches ``anneal_to`` at the end (default 0.1).
         monitor: validation metric ``L_va`` (read from ``trainer.callback_metrics`` at validation end).
         strict: a missing ``monitor`` raises (True) or warns once and leaves ``G`` unchanged (False).
         check_every_n_steps: run the three-point guard on every n-th optimizer step (the steps with
@@ -101,10 +110,12 @@ class StableLR(Callback):
         gap_strength: float = 1.0,
         min_delta: float = 0.0,
         gap_patience: int = 1,
-        safety: float = 0.0625,
-        recovery: float = 1.1,
-        recover_above: float = 4.0,
+        safety: float = 0.25,
+        recovery: float = 10.0,
+        recover_above: float = 8.0,
         min_stability_factor: float = 1e-3,
+        guard_window: int = 3,
+        anneal_to: float = 0.1,
         monitor: str = "val_loss",
         strict: bool = True,
         check_every_n_steps: int = 50,
@@ -119,6 +130,7 @@ class StableLR(Callback):
             min_lr_ratio=min_lr_ratio, gap_tolerance=gap_tolerance, gap_strength=gap_strength,
             min_delta=min_delta, gap_patience=gap_patience, safety=safety, recovery=recovery,
             recover_above=recover_above, min_stability_factor=min_stability_factor,
+            guard_window=guard_window, anneal_to=anneal_to,
         )  # fmt: skip
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(
@@ -155,6 +167,8 @@ class StableLR(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._hook_handles: list[Any] = []
         self._warned_missing = False
+        self._warned_endless = False
+        self._warned_unresolved = False
         self._metric_cache: dict[str, tuple[float, Tensor]] = {}
         self._state_key = self._make_state_key()
 
@@ -224,6 +238,7 @@ class StableLR(Callback):
             self._resolved_steps_per_epoch = self.steps_per_epoch
         elif self._resolved_steps_per_epoch is None and self.config.interval == "step":
             self._resolved_steps_per_epoch = infer_steps_per_epoch(trainer, type(self).__name__)
+        self._set_run_length(trainer)
         self._remove_hooks()
         for i in sorted(self._scheduled):
             optimizer = trainer.optimizers[i]
@@ -235,7 +250,7 @@ class StableLR(Callback):
     ) -> None:
         step = trainer.global_step
         self._apply_lrs(trainer, step)
-        if self._is_check_step(step):
+        if self._is_check_step(step) or self.controller.take_confirmation_request():
             self._check_step = step
             line_probe_session(trainer).request(step)
         if step != self._logged_step:  # once per optimizer step, also under gradient accumulation
@@ -266,7 +281,8 @@ class StableLR(Callback):
         self._check_step = None
         result = line_probe_session(trainer).result(trainer, pl_module, batch, batch_idx)
         if result is not None and not result.failed:
-            self.controller.observe_line(result.line)
+            self.controller.observe_line(result.line, step, self._epochs(trainer, step))
+            self._warn_unresolved(result.line)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush_train_loss(trainer)
@@ -295,6 +311,35 @@ class StableLR(Callback):
         if step < self.dense_check_steps:
             return True
         return self.check_every_n_steps > 0 and (step + 1) % self.check_every_n_steps == 0
+
+    def _set_run_length(self, trainer: pl.Trainer) -> None:
+        if not self.config.run_length_decay:
+            return
+        total = float(trainer.estimated_stepping_batches)
+        if self.config.interval == "epoch":
+            per_epoch = 1.0
+            total = float(trainer.max_epochs) if trainer.max_epochs not in (None, -1) else math.inf
+        else:
+            per_epoch = float(self._resolved_steps_per_epoch or math.inf)
+        if not self.controller.set_run_length(total, per_epoch) and not self._warned_endless:
+            self._warned_endless = True
+            rank_zero_warn(
+                "StableLR: the run's length is unknown (no max_steps/max_epochs or an endless loader), so the"
+                " default decay, which follows the run's length, is off: the lr only follows G and C. Pass"
+                " `decay_rate` or `half_life` for a time decay, or set max_steps. (shown once)"
+            )
+
+    def _warn_unresolved(self, line: Any) -> None:
+        # Only a coarse (bf16/fp16) rounding is worth a warning; a step too small for fp32 is just converged.
+        coarse = line.resolution > 2.0**-12 * max(abs(line.first_order), 1e-30)
+        if line.finite and not line.resolved and coarse and not self._warned_unresolved:
+            self._warned_unresolved = True
+            rank_zero_warn(
+                f"StableLR: the probe's losses are rounded to {line.resolution:.3g} (low-precision loss,"
+                " e.g. precision='bf16-true'), more than a checked step moved them, so such checks are"
+                " skipped and do not change C. Compute the loss in float32 (e.g. `loss.float()` in"
+                " `probe_loss`, or precision='bf16-mixed') to let the guard see small overshoots. (shown once)"
+            )
 
     def _epochs(self, trainer: pl.Trainer, step: int) -> float:
         steps_per_epoch = self._resolved_steps_per_epoch or math.inf
@@ -425,4 +470,8 @@ class StableLR(Callback):
             metrics["stablelr/gap"] = controller.last_gap
         if controller.last_step_margin is not None:
             metrics["stablelr/step_margin"] = controller.last_step_margin
+        if controller.robust_margin is not None:
+            metrics["stablelr/robust_margin"] = controller.robust_margin
+        for reason in GUARD_ACTIONS:
+            metrics[f"stablelr/guard_{reason}"] = float(controller.guard_counts.get(reason, 0))
         return metrics
