@@ -29,7 +29,8 @@ from benchmarks.common import tensor_loader
 from benchmarks.policies import Policy, load_optimizer
 from benchmarks.tasks import Task
 
-__all__ = ["CALLBACK_ONLY", "Outcome", "RunTracker", "run_lightning", "run_plain", "stablelr_cadence", "stablelr_check_steps"]
+__all__ = ["CALLBACK_ONLY", "Outcome", "RunTracker", "run_lightning", "run_plain", "stable_step", "stablelr_cadence",
+           "stablelr_check_rule", "stablelr_check_steps"]
 
 # StableLR callback arguments that the torch scheduler does not take (Lightning-side behaviour).
 CALLBACK_ONLY = ("monitor", "strict", "check_every_n_steps", "dense_check_steps", "skip_nonfinite",
@@ -67,6 +68,20 @@ def stablelr_check_steps(overrides: dict[str, Any]) -> Callable[[int], bool]:
     from lightning_stablelr import StableLR
 
     return StableLR(**overrides)._is_check_step
+
+
+def stablelr_check_rule() -> str:
+    """8 hex digits of SHA-1 over the bytecode of the callback's check-step rule (``StableLR._is_check_step``).
+
+    Part of a StableLR run's config fingerprint: a change of the rule reruns StableLR's rows. The loaded
+    bytecode is hashed (not the file, which may change under a running sweep; not the docstring).
+    """
+    import hashlib
+
+    from lightning_stablelr import StableLR
+
+    code = StableLR._is_check_step.__code__
+    return hashlib.sha1(code.co_code + repr((code.co_names, code.co_consts[1:])).encode()).hexdigest()[:8]
 
 
 def _controller_stats(controller: Any) -> dict[str, float]:
@@ -177,7 +192,7 @@ def run_plain(task: Task, policy: Policy, *, optimizer: str, lr: float, seed: in
                 outcome.nonfinite_losses += 1
             if stable is not None:
                 check = is_check_step(step) or stable.controller.take_confirmation_request()
-                _stable_step(stable, opt, module, batch, check, probe_seed(step))
+                stable_step(stable, opt, lambda batch=batch: module.probe_loss(batch), check, probe_seed(step))
             else:
                 opt.step()
             step += 1
@@ -204,9 +219,13 @@ def run_plain(task: Task, policy: Policy, *, optimizer: str, lr: float, seed: in
     return outcome
 
 
-def _stable_step(stable: Any, opt: torch.optim.Optimizer, module: torch.nn.Module, batch: Any, check: bool,
-                 seed: int) -> None:
-    """One optimizer step under StableLR, in the callback's order: finite check, snapshot, step, probe."""
+def stable_step(stable: Any, opt: torch.optim.Optimizer, probe: Callable[[], torch.Tensor], check: bool,
+                seed: int, module: torch.nn.Module | None = None) -> None:
+    """One optimizer step under StableLR, in the callback's order: finite check, snapshot, step, probe.
+
+    ``probe()`` is the loss of the current batch at the current parameters; pass ``module`` when it runs
+    BatchNorm in train mode, so that the probe restores its running statistics.
+    """
     grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
     if not all(bool(torch.isfinite(grad).all()) for grad in grads):
         stable.observe_nonfinite()  # the callback drops the step (grads set to None) and halves C
@@ -215,6 +234,5 @@ def _stable_step(stable: Any, opt: torch.optim.Optimizer, module: torch.nn.Modul
             stable.snapshot()
         opt.step()
         if check:
-            probe: Callable[[], torch.Tensor] = lambda: module.probe_loss(batch)  # noqa: E731
-            stable.check_step(probe, seed=seed)
+            stable.check_step(probe, seed=seed, module=module)
     stable.step()

@@ -30,7 +30,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -120,18 +120,12 @@ def run_config(optimizer: str, policy: str, stablelr: tuple[tuple[str, Any], ...
     optimizer_cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "optimizer" / f"{optimizer}.yaml"))
     optimizer_cfg.pop("lr", None)
     if policy == "stablelr":
-        from benchmarks.engines import CALLBACK_ONLY, stablelr_cadence
+        from benchmarks.engines import CALLBACK_ONLY, stablelr_cadence, stablelr_check_rule
         from lightning_stablelr.controller import StableLRConfig
 
         overrides = dict(stablelr)
         config = StableLRConfig(**{k: v for k, v in overrides.items() if k not in CALLBACK_ONLY}).to_dict()
-        from lightning_stablelr import StableLR
-
-        # The callback's check-step rule is part of the run: a change there must rerun StableLR's rows.
-        # Hash the loaded bytecode (not the file, which may change under a running sweep; not the docstring).
-        code = StableLR._is_check_step.__code__
-        rule = hashlib.sha1(code.co_code + repr((code.co_names, code.co_consts[1:])).encode()).hexdigest()[:8]
-        policy_cfg: Any = {**config, "cadence": stablelr_cadence(overrides), "check_rule": rule}
+        policy_cfg: Any = {**config, "cadence": stablelr_cadence(overrides), "check_rule": stablelr_check_rule()}
     elif policy == "schedulefree":
         policy_cfg = "schedulefree.AdamWScheduleFree"
     else:
@@ -275,8 +269,13 @@ def _init_worker() -> None:
     quiet_lightning()
 
 
-def run_specs(specs: Sequence[RunSpec], results: Path, workers: int, progress: bool = True) -> int:
-    """Run the specs whose key is not yet in ``results``, appending one JSON line each; returns how many ran."""
+def run_specs(specs: Sequence[Any], results: Path, workers: int, progress: bool = True,
+              runner: Callable[[Any], dict[str, Any]] = run_one, desc: str = "robustness") -> int:
+    """Run the specs whose key is not yet in ``results``, appending one JSON line each; returns how many ran.
+
+    A spec has ``key`` (``(task, optimizer, policy, lr, seed)``), ``config`` and ``data`` fingerprints; its
+    line counts as done only while all three match. ``runner(spec)`` (picklable) returns the line.
+    """
     done = {_identity(record) for record in load_results(results)}
     pending = [spec for spec in specs if _spec_identity(spec) not in done]
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +283,7 @@ def run_specs(specs: Sequence[RunSpec], results: Path, workers: int, progress: b
         return 0
     from tqdm import tqdm
 
-    bar = tqdm(total=len(specs), initial=len(specs) - len(pending), desc="robustness", unit="run",
+    bar = tqdm(total=len(specs), initial=len(specs) - len(pending), desc=desc, unit="run",
                disable=not progress, dynamic_ncols=True)
     # Repair a torn last line (killed mid-write) so that appending starts on a fresh line.
     if results.exists() and results.stat().st_size and not results.read_bytes().endswith(b"\n"):
@@ -293,12 +292,12 @@ def run_specs(specs: Sequence[RunSpec], results: Path, workers: int, progress: b
     with results.open("a") as handle:
         if workers <= 1:
             _init_worker()
-            outputs: Iterable[dict[str, Any]] = map(run_one, pending)
+            outputs: Iterable[dict[str, Any]] = map(runner, pending)
             _append_all(outputs, handle, bar)
         else:
             context = multiprocessing.get_context("spawn")
             with context.Pool(workers, initializer=_init_worker, maxtasksperchild=200) as pool:
-                _append_all(pool.imap_unordered(run_one, pending, chunksize=1), handle, bar)
+                _append_all(pool.imap_unordered(runner, pending, chunksize=1), handle, bar)
     bar.close()
     return len(pending)
 
