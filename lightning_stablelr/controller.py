@@ -21,6 +21,7 @@ from lightning_stablelr.curvature import LineModel
 from lightning_stablelr.schedule import (
     GUARD_REASONS,
     MarginWindow,
+    anneal_start,
     decay_factor,
     floored_lr,
     full_lr_margin,
@@ -76,6 +77,8 @@ class StableLRConfig:
             one outlier).
         anneal_to: with neither ``decay_rate`` nor ``half_life``, the decay factor reached at the end of a
             run of known length (in ``(0, 1]``; 1 = no decay).
+        anneal_fraction: the run-length decay runs over this last fraction of the run (in ``(0, 1]``);
+            before it the decay is 1 (warmup-stable-decay with an exponential cool-down).
     """
 
     decay_rate: float | None = None
@@ -92,7 +95,8 @@ class StableLRConfig:
     recover_above: float = 8.0
     min_stability_factor: float = 1e-3
     guard_window: int = 3
-    anneal_to: float = 0.1
+    anneal_to: float = 0.01
+    anneal_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         resolve_decay_rate(self.decay_rate, self.half_life)
@@ -145,7 +149,15 @@ class StableLRConfig:
             0.0,
             1.0,
             low_inclusive=False,
-            hint="It is the decay factor at the end of the run, e.g. 0.1; 1 disables the run-length decay.",
+            hint="It is the decay factor at the end of the run, e.g. 0.01; 1 disables the run-length decay.",
+        )
+        check_in_range(
+            "anneal_fraction",
+            self.anneal_fraction,
+            0.0,
+            1.0,
+            low_inclusive=False,
+            hint="It is the last fraction of the run over which the lr anneals, e.g. 0.2.",
         )
         check_in_range(
             "min_stability_factor",
@@ -217,6 +229,7 @@ class StableLRController:
         self.config = config
         self.decay_rate = config.resolved_decay_rate
         self.total_steps: float | None = None
+        self.decay_start = 0.0
         self.version = self.VERSION
         self.gap_factor = 1.0
         self.stability_factor = 1.0
@@ -245,7 +258,9 @@ class StableLRController:
         if not self.config.run_length_decay:
             return False
         self.total_steps = float(total_steps)
-        self.decay_rate = run_length_decay_rate(total_steps, steps_per_epoch, self.config.anneal_to)
+        fraction = self.config.anneal_fraction
+        self.decay_rate = run_length_decay_rate(total_steps, steps_per_epoch, self.config.anneal_to, fraction)
+        self.decay_start = anneal_start(total_steps, steps_per_epoch, fraction) if self.decay_rate else 0.0
         return self.decay_rate > 0.0
 
     # ------------------------------------------------------------------ closed form of the step count
@@ -261,8 +276,8 @@ class StableLRController:
         return global_step / steps_per_epoch
 
     def decay(self, epochs_elapsed: float) -> float:
-        """``exp(-λ · t)``."""
-        return decay_factor(epochs_elapsed, self.decay_rate)
+        """``exp(-λ · max(0, t - t0))``; ``t0`` is 0 except for the run-length decay (:meth:`set_run_length`)."""
+        return decay_factor(max(0.0, epochs_elapsed - self.decay_start), self.decay_rate)
 
     def factor(self, global_step: int, epochs_elapsed: float) -> float:
         """``warmup(global_step) · exp(-λ · t) · G · C`` (before the floor)."""
@@ -422,6 +437,7 @@ class StableLRController:
             "last_guard_reason": self.last_guard_reason,
             "confirm_pending": self.confirm_pending,
             "decay_rate": self.decay_rate,
+            "decay_start": self.decay_start,
             "total_steps": self.total_steps,
             "train_loss_sum": self._train_loss_sum,
             "train_loss_weight": self._train_loss_weight,
@@ -455,6 +471,7 @@ class StableLRController:
         if self.config.run_length_decay and state.get("total_steps") is not None:
             self.total_steps = float(state["total_steps"])
             self.decay_rate = float(state.get("decay_rate", self.decay_rate))
+            self.decay_start = float(state.get("decay_start", 0.0))
         self._train_loss_sum = float(state.get("train_loss_sum", 0.0))
         self._train_loss_weight = float(state.get("train_loss_weight", 0.0))
 

@@ -20,9 +20,9 @@ For a param group with base learning rate ``η0`` the controller sets
   * a NaN/Inf loss or gradient halves ``C`` at once; losses that moved less than their rounding (bf16)
     are skipped.
 
-- With neither ``decay_rate`` nor ``half_life``, the decay follows the run's length:
-  ``λ = ln(1/anneal_to) / epochs of the run`` (:func:`run_length_decay_rate`), so the decay reaches
-  ``anneal_to`` at the end, the way cosine and WSD schedules anneal.
+- With neither ``decay_rate`` nor ``half_life``, the decay follows the run's length: it holds 1 for the
+  first ``1 - anneal_fraction`` of the run, then decays exponentially to ``anneal_to`` at the last step
+  (:func:`run_length_decay_rate`, :func:`anneal_start`), the way warmup-stable-decay schedules anneal.
 
 :class:`lightning_stablelr.controller.StableLRController` holds ``G`` and ``C`` and calls these.
 """
@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_DECAY_RATE",
     "GUARD_REASONS",
     "MarginWindow",
+    "anneal_start",
     "decay_factor",
     "floored_lr",
     "full_lr_margin",
@@ -82,15 +83,26 @@ def resolve_decay_rate(decay_rate: float | None, half_life: float | None) -> flo
     )
 
 
-def run_length_decay_rate(total_steps: float, steps_per_epoch: float, anneal_to: float) -> float:
-    """``λ`` per epoch that makes ``exp(-λ·t)`` reach ``anneal_to`` after ``total_steps`` optimizer steps.
+def run_length_decay_rate(
+    total_steps: float, steps_per_epoch: float, anneal_to: float, anneal_fraction: float = 1.0
+) -> float:
+    """``λ`` per epoch that makes the decay fall from 1 to ``anneal_to`` over the last ``anneal_fraction``
+    of a run of ``total_steps`` optimizer steps.
 
-    ``λ = ln(1/anneal_to) · steps_per_epoch / total_steps``. Returns 0 (no decay) when ``anneal_to >= 1``
-    or when the run's length is unknown (``total_steps`` not finite or not positive).
+    ``λ = ln(1/anneal_to) · steps_per_epoch / (anneal_fraction · total_steps)``; the decay starts at
+    :func:`anneal_start` epochs. Returns 0 (no decay) when ``anneal_to >= 1`` or when the run's length is
+    unknown (``total_steps`` not finite or not positive).
     """
     if anneal_to >= 1.0 or not math.isfinite(total_steps) or total_steps <= 0:
         return 0.0
-    return math.log(1.0 / anneal_to) * steps_per_epoch / total_steps
+    return math.log(1.0 / anneal_to) * steps_per_epoch / (anneal_fraction * total_steps)
+
+
+def anneal_start(total_steps: float, steps_per_epoch: float, anneal_fraction: float) -> float:
+    """Epochs before the run-length decay starts: ``(1 - anneal_fraction) · total_steps / steps_per_epoch``."""
+    if not math.isfinite(total_steps) or total_steps <= 0:
+        return 0.0
+    return (1.0 - anneal_fraction) * total_steps / steps_per_epoch
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:

@@ -52,7 +52,8 @@ class StableLRScheduler(LRScheduler):
         optimizer: the wrapped optimizer; ``base_lrs`` are the groups' ``initial_lr`` (their ``lr`` at creation).
         steps_per_epoch: optimizer steps per epoch (``>= 1``): converts steps to the epochs ``t`` of the decay.
         decay_rate, half_life, interval, warmup_steps, min_lr_ratio, gap_tolerance, gap_strength, min_delta,
-            gap_patience, safety, recovery, recover_above, min_stability_factor, guard_window, anneal_to: see
+            gap_patience, safety, recovery, recover_above, min_stability_factor, guard_window, anneal_to,
+            anneal_fraction: see
             :class:`~lightning_stablelr.controller.StableLRConfig` (same names, same defaults).
         total_steps: optimizer steps of the whole run; with neither ``decay_rate`` nor ``half_life`` the
             decay then reaches ``anneal_to`` at the last step. Without it (and without a decay) the lr
@@ -79,7 +80,8 @@ class StableLRScheduler(LRScheduler):
         recover_above: float = 8.0,
         min_stability_factor: float = 1e-3,
         guard_window: int = 3,
-        anneal_to: float = 0.1,
+        anneal_to: float = 0.01,
+        anneal_fraction: float = 0.2,
         total_steps: int | None = None,
         last_epoch: int = -1,
     ) -> None:
@@ -104,7 +106,7 @@ class StableLRScheduler(LRScheduler):
             recover_above=recover_above,
             min_stability_factor=min_stability_factor,
             guard_window=guard_window,
-            anneal_to=anneal_to,
+            anneal_to=anneal_to, anneal_fraction=anneal_fraction,
         )
         self.controller = StableLRController(config)
         if total_steps is not None:

@@ -29,7 +29,7 @@ def test_default_config() -> None:
         8.0,
         1e-3,
     )
-    assert (config.guard_window, config.anneal_to) == (3, 0.1)
+    assert (config.guard_window, config.anneal_to, config.anneal_fraction) == (3, 0.01, 0.2)
     assert StableLRController(half_life=2.0).decay_rate == math.log(2.0) / 2.0
     assert pickle.loads(pickle.dumps(StableLRController(config))).config == config
 
@@ -216,9 +216,11 @@ def test_unresolved_bf16_losses_change_nothing() -> None:
 
 
 def test_run_length_decay_follows_the_run() -> None:
-    controller = StableLRController(warmup_steps=0)
+    controller = StableLRController(warmup_steps=0, anneal_to=0.1, anneal_fraction=0.5)
     assert controller.decay_rate == 0.0
-    assert controller.set_run_length(1000, 100)
+    assert controller.set_run_length(1000, 100)  # 10 epochs: hold for 5, then exp down to 0.1 at 10
+    assert controller.decay_start == 5.0
+    assert [controller.decay(t) for t in (0.0, 5.0, 7.5, 10.0)] == pytest.approx([1, 1, 0.1**0.5, 0.1], rel=1e-12)
     assert controller.lr(1.0, 1000, 10.0) == pytest.approx(0.1, rel=1e-12)
     assert not controller.set_run_length(math.inf, 100) and controller.decay_rate == 0.0
     explicit = StableLRController(decay_rate=0.05)

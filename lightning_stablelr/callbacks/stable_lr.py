@@ -83,7 +83,9 @@ class StableLR(Callback):
         guard_window: ``C`` follows the upper median of the last ``guard_window`` margins (default 3: one
             noisy margin never moves ``C``). The rule: :func:`lightning_stablelr.schedule.update_stability_factor`.
         anneal_to: with neither ``decay_rate`` nor ``half_life``, the decay follows the run's length
-            (``trainer.estimated_stepping_batches``) and reaches ``anneal_to`` at the end (default 0.1).
+            (``trainer.estimated_stepping_batches``): it holds for the first ``1 - anneal_fraction`` of the run,
+            then decays exponentially to ``anneal_to`` at the end (defaults 0.01 and 0.2).
+        anneal_fraction: see ``anneal_to``.
         monitor: validation metric ``L_va`` (read from ``trainer.callback_metrics`` at validation end).
         strict: a missing ``monitor`` raises (True) or warns once and leaves ``G`` unchanged (False).
         check_every_n_steps: run the three-point guard on every n-th optimizer step (the steps with
@@ -115,7 +117,8 @@ class StableLR(Callback):
         recover_above: float = 8.0,
         min_stability_factor: float = 1e-3,
         guard_window: int = 3,
-        anneal_to: float = 0.1,
+        anneal_to: float = 0.01,
+        anneal_fraction: float = 0.2,
         monitor: str = "val_loss",
         strict: bool = True,
         check_every_n_steps: int = 50,
@@ -130,7 +133,7 @@ class StableLR(Callback):
             min_lr_ratio=min_lr_ratio, gap_tolerance=gap_tolerance, gap_strength=gap_strength,
             min_delta=min_delta, gap_patience=gap_patience, safety=safety, recovery=recovery,
             recover_above=recover_above, min_stability_factor=min_stability_factor,
-            guard_window=guard_window, anneal_to=anneal_to,
+            guard_window=guard_window, anneal_to=anneal_to, anneal_fraction=anneal_fraction,
         )  # fmt: skip
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(
