@@ -106,6 +106,12 @@ class RunSpec:
         return (self.task, self.optimizer, self.policy, float(self.lr), int(self.seed))
 
 
+#: Identifies the guard's check-step rule (``CheckCadence.should_check``) in the run fingerprints: bump it
+#: whenever that rule changes, so StableLR's recorded runs rerun. Its value is the hash the benchmark
+#: recorded for this rule before it moved into ``lightning_stablelr.config``, so recorded runs stay valid.
+CHECK_RULE_ID = "1e3d3ad1"
+
+
 @cache
 def run_config(optimizer: str, policy: str, stablelr: tuple[tuple[str, Any], ...], epochs: int,
                batch_size: int) -> str:
@@ -120,17 +126,12 @@ def run_config(optimizer: str, policy: str, stablelr: tuple[tuple[str, Any], ...
     optimizer_cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "optimizer" / f"{optimizer}.yaml"))
     optimizer_cfg.pop("lr", None)
     if policy == "stablelr":
-        from benchmarks.engines import CALLBACK_ONLY, stablelr_cadence
-        from lightning_stablelr.controller import StableLRConfig
+        from benchmarks.engines import stablelr_cadence
+        from lightning_stablelr.config import StableLRConfig, config_field_names
 
         overrides = dict(stablelr)
-        config = StableLRConfig(**{k: v for k, v in overrides.items() if k not in CALLBACK_ONLY}).to_dict()
-        from lightning_stablelr import StableLR
-
-        # The callback's check-step rule is part of the run: a change there must rerun StableLR's rows.
-        # Hash the loaded bytecode (not the file, which may change under a running sweep; not the docstring).
-        code = StableLR._is_check_step.__code__
-        rule = hashlib.sha1(code.co_code + repr((code.co_names, code.co_consts[1:])).encode()).hexdigest()[:8]
+        config = StableLRConfig(**{k: v for k, v in overrides.items() if k in config_field_names()}).to_dict()
+        rule = CHECK_RULE_ID
         policy_cfg: Any = {**config, "cadence": stablelr_cadence(overrides), "check_rule": rule}
     elif policy == "schedulefree":
         policy_cfg = "schedulefree.AdamWScheduleFree"

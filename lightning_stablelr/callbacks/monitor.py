@@ -16,7 +16,7 @@ from lightning_stablelr.callbacks._governor import ProbeGovernor
 from lightning_stablelr.callbacks._monitor_config import MonitorConfig
 from lightning_stablelr.callbacks._monitor_probes import MonitorProbes
 from lightning_stablelr.callbacks._monitor_support import detached_copy
-from lightning_stablelr.callbacks._shared import line_probe_session
+from lightning_stablelr.callbacks.line_probe_session import LineProbeSession, line_probe_session
 from lightning_stablelr.certificates import CertificateWindow, LossEMA, ValidationTrend
 from lightning_stablelr.probe import ObjectiveProbe
 
@@ -139,6 +139,8 @@ class StabilityMonitor(MonitorProbes, Callback):
         self.failed_probes = 0
         self._certificate_step: int | None = None
         self._last_step_seen = -1
+        #: The line-probe session; the one of the first callback carrying one is shared by all.
+        self.line_probe = LineProbeSession()
         self._reset_runtime()
 
     # ------------------------------------------------------------------ state
@@ -190,6 +192,7 @@ class StabilityMonitor(MonitorProbes, Callback):
         if stage != "fit":
             return
         self._reset_runtime()
+        line_probe_session(trainer).reset()
         self._probe = ObjectiveProbe(pl_module, forward_context=trainer.precision_plugin.forward_context)
         config = self.config
         self._tracker = ConnectivityTracker(

@@ -1,0 +1,82 @@
+"""What StableLR reads from the trainer: each step's training loss and the validation metric, over all ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+from lightning_stablelr.callbacks._lightning_access import reducer
+from lightning_stablelr.collectives import RankMeanAccumulator, reduce_with_flag
+
+__all__ = ["TrainerInputs", "check_bool"]
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool.
+
+    Raises:
+        ValueError: it is not (``1`` or ``"yes"`` is refused: a config typo must not pass silently).
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+    return value
+
+
+class TrainerInputs:
+    """The training-loss running mean (on device, flushed with one collective) and the validation metric.
+
+    Args:
+        monitor: the validation metric's key in ``trainer.callback_metrics``.
+        strict: a missing ``monitor`` raises (True) or warns once (False).
+    """
+
+    def __init__(self, monitor: str, strict: bool) -> None:
+        self.monitor = monitor
+        self.strict = strict
+        self.train_loss = RankMeanAccumulator()
+        self._warned_missing = False
+
+    def record_train_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
+        """Add the step's loss (``outputs`` or ``outputs["loss"]``) to the running mean; no host sync on GPU."""
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            # Lightning divided the loss by accumulate_grad_batches (automatic optimization only).
+            scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+            self.train_loss.add(loss, scale)
+
+    def flush_train_loss(self, trainer: pl.Trainer) -> tuple[float, float] | None:
+        """``(mean, count)`` over all ranks since the last flush, or None; a collective."""
+        return self.train_loss.flush(reducer(trainer), trainer.strategy.root_device, trainer.world_size)
+
+    def validation_value(self, trainer: pl.Trainer) -> float | None:
+        """``L_va`` averaged over ranks, or None (strict=False) when a rank lacks the key; a collective.
+
+        Raises:
+            RuntimeError: the key is missing on some rank and ``strict`` is True (the message lists the
+                available keys).
+        """
+        value = trainer.callback_metrics.get(self.monitor)
+        local = None if value is None else [float(value)]
+        (mean_value,), missing = reduce_with_flag(
+            reducer(trainer), local, size=1, device=trainer.strategy.root_device, dtype=torch.float32
+        )
+        if not missing:
+            return mean_value
+        available = [key for key in trainer.callback_metrics if not key.startswith("stablelr/")]
+        keys = f"one of the available keys: `{'`, `'.join(available)}`" if available else "a metric (none is logged yet)"
+        message = (
+            f"StableLR conditioned on metric `{self.monitor}` which is not available. Log it in"
+            f" `validation_step` (self.log), or pass `StableLR(monitor=...)` {keys}."
+            " Use `StableLR(strict=False)` to leave the gap factor unchanged instead."
+        )
+        if self.strict:
+            raise RuntimeError(message)
+        if not self._warned_missing:
+            self._warned_missing = True
+            rank_zero_warn(message + " (shown once)", category=RuntimeWarning)
+        return None
