@@ -12,8 +12,11 @@ from torch import Tensor
 
 from lightning_stablelr.callbacks._lightning_access import reducer
 from lightning_stablelr.collectives import RankMeanAccumulator, reduce_with_flag
+from lightning_stablelr.validation import check_choice, check_int_at_least
 
-__all__ = ["TrainerInputs", "check_bool"]
+__all__ = ["CONFLICT_POLICIES", "TrainerInputs", "check_bool", "check_callback_arguments"]
+
+CONFLICT_POLICIES = ("error", "compose")
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -25,6 +28,25 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"`{name}` must be True or False, got {value!r}.")
     return value
+
+
+def check_callback_arguments(
+    monitor: Any, strict: Any, skip_nonfinite: Any, on_scheduler_conflict: Any, steps_per_epoch: Any
+) -> tuple[str, bool, bool, str, int | None]:
+    """StableLR's own (non-controller) arguments, checked, in this order.
+
+    Raises:
+        ValueError: one is out of range (the message names it, the value received and what to pass).
+    """
+    if not isinstance(monitor, str) or not monitor:
+        raise ValueError(f"`monitor` must be a non-empty metric name, got {monitor!r}. For example 'val_loss'.")
+    conflict = check_choice(
+        "on_scheduler_conflict", on_scheduler_conflict, CONFLICT_POLICIES,
+        "Remove the scheduler from configure_optimizers, or compose the two.",
+    )  # fmt: skip
+    if steps_per_epoch is not None:
+        check_int_at_least("steps_per_epoch", steps_per_epoch, 1, "Or leave it None to infer it.")
+    return monitor, check_bool("strict", strict), check_bool("skip_nonfinite", skip_nonfinite), conflict, steps_per_epoch
 
 
 class TrainerInputs:

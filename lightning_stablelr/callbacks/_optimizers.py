@@ -14,6 +14,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
+from lightning_stablelr.metric_names import LR_PREFIX
+
 __all__ = [
     "LR_PREFIX",
     "SchedulerComposition",
@@ -24,8 +26,6 @@ __all__ = [
     "set_group_lr",
 ]
 
-#: Prefix of the lr metrics: ``stablelr/`` + LearningRateMonitor's name (``stablelr/lr-SGD``, ...).
-LR_PREFIX = "stablelr/"
 
 
 def param_group_lr_names(optimizers: list[torch.optim.Optimizer], prefix: str = LR_PREFIX) -> dict[tuple[int, int], str]:

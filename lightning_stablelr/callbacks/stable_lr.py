@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_stablelr.callbacks._inputs import TrainerInputs, check_bool
+from lightning_stablelr.callbacks._inputs import TrainerInputs, check_callback_arguments
 from lightning_stablelr.callbacks._lightning_access import log_to_loggers, put_callback_metrics, reducer
 from lightning_stablelr.callbacks._optimizers import (
     SchedulerComposition,
@@ -46,13 +46,12 @@ from lightning_stablelr.callbacks.line_probe_session import LineProbeSession, li
 from lightning_stablelr.collectives import nonfinite_across_ranks
 from lightning_stablelr.config import CheckCadence, StableLRConfig, config_field_names
 from lightning_stablelr.controller import StableLRController
-from lightning_stablelr.validation import check_choice, check_int_at_least
+from lightning_stablelr.metric_names import controller_metrics
 
 __all__ = ["StableLR"]
 
 _CONFIG = StableLRConfig()  # the defaults of the controller arguments: written once, in StableLRConfig
 _CADENCE = CheckCadence()
-CONFLICT_POLICIES = ("error", "compose")
 
 
 class StableLR(Callback):
@@ -113,21 +112,10 @@ class StableLR(Callback):
         super().__init__()
         arguments = locals()
         self.config = StableLRConfig(**{name: arguments[name] for name in config_field_names()})
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(
-                f"`monitor` must be a non-empty metric name, got {monitor!r}. For example 'val_loss'."
-            )
-        self.monitor = monitor
-        self.strict = check_bool("strict", strict)
+        (self.monitor, self.strict, self.skip_nonfinite, self.on_scheduler_conflict, self.steps_per_epoch) = (
+            check_callback_arguments(monitor, strict, skip_nonfinite, on_scheduler_conflict, steps_per_epoch)
+        )
         self.cadence = CheckCadence(check_every_n_steps, dense_check_steps)
-        self.skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
-        self.on_scheduler_conflict = check_choice(
-            "on_scheduler_conflict", on_scheduler_conflict, CONFLICT_POLICIES,
-            "Remove the scheduler from configure_optimizers, or compose the two.",
-        )  # fmt: skip
-        if steps_per_epoch is not None:
-            check_int_at_least("steps_per_epoch", steps_per_epoch, 1, "Or leave it None to infer it.")
-        self.steps_per_epoch = steps_per_epoch
         self.controller = StableLRController(self.config)
         self.base_lrs: dict[str, float] = {}
         self.last_lrs: dict[str, float] = {}
@@ -359,14 +347,4 @@ class StableLR(Callback):
             )
 
     def _metrics(self) -> dict[str, float]:
-        controller = self.controller
-        metrics = dict(self.last_lrs)
-        metrics["stablelr/decay"] = controller.decay(self._epochs_elapsed)
-        metrics["stablelr/gap_factor"] = controller.gap_factor
-        metrics["stablelr/stability_factor"] = controller.stability_factor
-        metrics["stablelr/nonfinite_steps"] = float(controller.nonfinite_steps)
-        if controller.last_gap is not None:
-            metrics["stablelr/gap"] = controller.last_gap
-        if controller.last_step_margin is not None:
-            metrics["stablelr/step_margin"] = controller.last_step_margin
-        return metrics
+        return controller_metrics(self.controller, self.last_lrs, self._epochs_elapsed)
