@@ -6,8 +6,9 @@ pull in Lightning.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_stablelr._lazy import lazy_attributes
 
 _LAZY = {
     "LineProbeSession": "lightning_stablelr.callbacks.line_probe_session",
@@ -24,13 +25,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_stablelr.callbacks.stable_lr import StableLR
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lightning_stablelr.callbacks' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes('lightning_stablelr.callbacks', _LAZY, globals(), __all__)

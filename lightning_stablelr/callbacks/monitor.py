@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_stablelr.callbacks._connectivity_probe import ConnectivityReport, ConnectivityTracker
 from lightning_stablelr.callbacks._governor import ProbeGovernor
@@ -145,10 +146,12 @@ class StabilityMonitor(MonitorProbes, Callback):
 
     # ------------------------------------------------------------------ state
     @property
+    @override
     def state_key(self) -> str:
         # Lightning reads this on every hook call (profiler names): computed once, the config is frozen.
         return self._state_key
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Primitives only: the certificate window, loss EMA, last validation loss and counters."""
         return {
@@ -160,6 +163,7 @@ class StabilityMonitor(MonitorProbes, Callback):
             "failed_probes": self.failed_probes,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; missing keys keep their defaults (snapshots are not checkpointed)."""
         self._window.load_state_dict(state_dict.get("window", {}))
@@ -188,6 +192,7 @@ class StabilityMonitor(MonitorProbes, Callback):
         self.last_report: ConnectivityReport | None = None
 
     # ------------------------------------------------------------------ hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -199,6 +204,7 @@ class StabilityMonitor(MonitorProbes, Callback):
             config.snapshot_window, config.probe_points, config.connected_tol, config.snapshot_device
         )
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._governor.start()
         self._last_step_seen = trainer.global_step
@@ -213,6 +219,7 @@ class StabilityMonitor(MonitorProbes, Callback):
                 " are skipped; the scalars still go to every logger."
             )
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -238,6 +245,7 @@ class StabilityMonitor(MonitorProbes, Callback):
             self._certificate_step = step
             self._governor.charge("certificate", time.perf_counter() - start)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -257,6 +265,7 @@ class StabilityMonitor(MonitorProbes, Callback):
         if stepped and every and trainer.global_step % every == 0 and self._allowed(trainer, "sharpness"):
             self._run_sharpness(trainer, pl_module)
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         key = self.config.val_monitor
         if trainer.state.fn != "fit" or trainer.sanity_checking or key not in trainer.callback_metrics:
@@ -267,6 +276,7 @@ class StabilityMonitor(MonitorProbes, Callback):
         if decrease is not None:
             self._log(trainer, {"lyapunov/val_decrease": decrease})
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = self.config.probe_every_n_epochs
         if every and (trainer.current_epoch + 1) % every == 0 and self._tracker is not None:
