@@ -4,8 +4,9 @@
   policy's callbacks: the StableLR **callback** itself, or the peer's torch scheduler stepped by Lightning.
 - :func:`run_plain`: a plain PyTorch loop that reproduces what Lightning does for these runs, hook for hook,
   with StableLR as :class:`~lightning_stablelr.StableLRScheduler` (the same controller as the callback):
-  lr set before every step, the three-point guard on the steps the callback checks (its own
-  ``_is_check_step``: every step below ``dense_check_steps``, then every ``check_every_n_steps``-th), a step with non-finite gradients dropped and
+  lr set before every step, the three-point guard on the steps the callback checks
+  (``StableLRScheduler.should_check``, the callback's rule: every step below ``dense_check_steps``, then
+  every ``check_every_n_steps``-th), a step with non-finite gradients dropped and
   ``C`` halved, ``L_tr`` = mean of the finite step losses, ``G`` updated after each validation; the peers'
   schedulers stepped once per epoch after validation (``ReduceLROnPlateau`` with ``val_loss``).
 
@@ -16,10 +17,9 @@ dominates runs this small: on 2 shared cores the full grid would not fit its tim
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import lightning as L
@@ -29,12 +29,8 @@ from benchmarks.common import tensor_loader
 from benchmarks.policies import Policy, load_optimizer
 from benchmarks.tasks import Task
 
-__all__ = ["CALLBACK_ONLY", "Outcome", "RunTracker", "run_lightning", "run_plain", "stable_step", "stablelr_cadence",
-           "stablelr_check_rule", "stablelr_check_steps"]
-
-# StableLR callback arguments that the torch scheduler does not take (Lightning-side behaviour).
-CALLBACK_ONLY = ("monitor", "strict", "check_every_n_steps", "dense_check_steps", "skip_nonfinite",
-                 "on_scheduler_conflict", "steps_per_epoch")
+__all__ = ["Outcome", "RunTracker", "run_lightning", "run_plain", "scheduler_arguments", "stable_step",
+           "stablelr_cadence"]
 
 
 @dataclass
@@ -53,35 +49,21 @@ class Outcome:
 
 
 def stablelr_cadence(overrides: dict[str, Any]) -> tuple[int, int]:
-    """``(check_every_n_steps, dense_check_steps)``: the overrides, else the StableLR callback's defaults."""
-    from lightning_stablelr import StableLR
+    """``(check_every_n_steps, dense_check_steps)``: the overrides, else the library's defaults."""
+    from lightning_stablelr.config import CheckCadence
 
-    parameters = inspect.signature(StableLR.__init__).parameters
-    every = overrides.get("check_every_n_steps", parameters["check_every_n_steps"].default)
-    dense = overrides.get("dense_check_steps", parameters["dense_check_steps"].default)
-    return int(every), int(dense)
+    cadence = CheckCadence(**{f.name: overrides[f.name] for f in fields(CheckCadence) if f.name in overrides})
+    return cadence.check_every_n_steps, cadence.dense_check_steps
 
 
-def stablelr_check_steps(overrides: dict[str, Any]) -> Callable[[int], bool]:
-    """The callback's own rule for which optimizer steps run the guard (``StableLR._is_check_step``), so
-    that the plain loop checks exactly the steps the callback would."""
-    from lightning_stablelr import StableLR
+def scheduler_arguments(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The StableLR callback ``overrides`` that ``StableLRScheduler`` takes too: the controller's
+    :class:`~lightning_stablelr.config.StableLRConfig` fields and the check cadence (the rest, such as
+    ``monitor`` or ``skip_nonfinite``, is Lightning-side behaviour that the plain loop reproduces itself)."""
+    from lightning_stablelr.config import CheckCadence, config_field_names
 
-    return StableLR(**overrides)._is_check_step
-
-
-def stablelr_check_rule() -> str:
-    """8 hex digits of SHA-1 over the bytecode of the callback's check-step rule (``StableLR._is_check_step``).
-
-    Part of a StableLR run's config fingerprint: a change of the rule reruns StableLR's rows. The loaded
-    bytecode is hashed (not the file, which may change under a running sweep; not the docstring).
-    """
-    import hashlib
-
-    from lightning_stablelr import StableLR
-
-    code = StableLR._is_check_step.__code__
-    return hashlib.sha1(code.co_code + repr((code.co_names, code.co_consts[1:])).encode()).hexdigest()[:8]
+    names = {*config_field_names(), *(f.name for f in fields(CheckCadence))}
+    return {key: value for key, value in overrides.items() if key in names}
 
 
 def _controller_stats(controller: Any) -> dict[str, float]:
@@ -158,7 +140,7 @@ def run_plain(task: Task, policy: Policy, *, optimizer: str, lr: float, seed: in
               batch_size: int) -> Outcome:
     """Train in a plain loop that mirrors :func:`run_lightning` step for step; see the module docstring."""
     from lightning_stablelr import StableLRScheduler
-    from lightning_stablelr.callbacks._shared import probe_seed
+    from lightning_stablelr.rng import probe_seed
 
     module, outcome = _setup(task, policy, optimizer, lr, seed)
     train_loader, _ = _loaders(task, batch_size, seed)
@@ -166,13 +148,11 @@ def run_plain(task: Task, policy: Policy, *, optimizer: str, lr: float, seed: in
     opt = configured["optimizer"] if isinstance(configured, dict) else configured
     scheduler = configured["lr_scheduler"]["scheduler"] if isinstance(configured, dict) else None
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    stable, is_check_step = None, None
+    stable = None
     if policy.stablelr is not None:
-        overrides = dict(policy.stablelr)
-        is_check_step = stablelr_check_steps(overrides)
-        config = {key: value for key, value in overrides.items() if key not in CALLBACK_ONLY}
+        arguments = scheduler_arguments(dict(policy.stablelr))
         stable = StableLRScheduler(opt, steps_per_epoch=len(train_loader), total_steps=epochs * len(train_loader),
-                                   **config)
+                                   **arguments)
     step = 0
     for epoch in range(epochs):
         train_loader.batch_sampler.sampler.set_epoch(epoch)
@@ -191,8 +171,8 @@ def run_plain(task: Task, policy: Policy, *, optimizer: str, lr: float, seed: in
             else:
                 outcome.nonfinite_losses += 1
             if stable is not None:
-                check = is_check_step(step) or stable.controller.take_confirmation_request()
-                stable_step(stable, opt, lambda batch=batch: module.probe_loss(batch), check, probe_seed(step))
+                stable_step(stable, opt, lambda batch=batch: module.probe_loss(batch), stable.should_check(step),
+                            probe_seed(step))
             else:
                 opt.step()
             step += 1

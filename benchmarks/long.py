@@ -42,7 +42,7 @@ from benchmarks.long_panels import PANELS
 __all__ = ["GRID", "QUICK_GRID", "LongGrid", "LongSpec", "grid_specs", "main", "run_config", "run_one"]
 
 # Sources whose change reruns StableLR's runs: the guard's math and the scheduler that applies it.
-STABLELR_SOURCES = ("schedule.py", "controller.py", "scheduler.py", "curvature.py")
+STABLELR_SOURCES = ("schedule.py", "controller.py", "config.py", "scheduler.py", "curvature.py")
 
 
 @dataclass(frozen=True)
@@ -110,12 +110,13 @@ def run_config(panel: str, policy: str, steps: int, eval_every: int) -> str:
     built = build_panel(panel)
     policy_cfg: Any = {"name": policy}
     if policy == "stablelr":
-        from benchmarks.engines import stablelr_cadence, stablelr_check_rule
+        from benchmarks.engines import stablelr_cadence
         from benchmarks.long_engine import stablelr_overrides
+        from benchmarks.robustness import CHECK_RULE_ID
         from lightning_stablelr.controller import StableLRConfig
 
         policy_cfg.update(config=StableLRConfig(**stablelr_overrides()).to_dict(), cadence=stablelr_cadence({}),
-                          check_rule=stablelr_check_rule(), source=_source_hash())
+                          check_rule=CHECK_RULE_ID, source=_source_hash())
     elif policy in ("schedulefree", "prodigy"):
         policy_cfg["version"] = version("prodigyopt" if policy == "prodigy" else "schedulefree")
     text = json.dumps({"panel": panel, "optimizer": built.optimizer, "weight_decay": built.weight_decay,

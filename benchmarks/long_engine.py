@@ -154,8 +154,8 @@ def _finite_params(model: nn.Module) -> bool:
 
 def train_run(panel: Panel, policy: str, lr: float, seed: int, *, steps: int, eval_every: int) -> dict[str, Any]:
     """Train one run; return its measurements (see :func:`benchmarks.long.run_one` for the fields)."""
-    from benchmarks.engines import stable_step, stablelr_check_steps
-    from lightning_stablelr.callbacks._shared import probe_seed
+    from benchmarks.engines import stable_step
+    from lightning_stablelr.rng import probe_seed
 
     torch.manual_seed(seed)
     model = panel.make_model()
@@ -164,9 +164,6 @@ def train_run(panel: Panel, policy: str, lr: float, seed: int, *, steps: int, ev
     multiplier = lr_multiplier(policy, steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, multiplier) if multiplier else None
     stable = _stablelr(opt, panel, steps) if policy == "stablelr" else None
-    # TODO(should_check): use StableLRScheduler.should_check(step) once it is public; until then the
-    # callback's own rule (StableLR._is_check_step, via benchmarks.engines) picks the guard's steps.
-    is_check = stablelr_check_steps({}) if stable is not None else None
     if policy == "schedulefree":
         opt.train()
     initial = _evaluate(model, panel, opt, policy)
@@ -189,7 +186,7 @@ def train_run(panel: Panel, policy: str, lr: float, seed: int, *, steps: int, ev
         if stable is not None:
             if math.isfinite(value):
                 stable.observe(train_loss=value)
-            check = is_check(step) or stable.controller.take_confirmation_request()
+            check = stable.should_check(step)  # the callback's cadence and the guard's confirmation checks
             stable_step(stable, opt, lambda batch=batch: panel.loss(model, batch), check,
                         probe_seed(step), module=model if panel.batchnorm else None)
             factor = stable.controller.stability_factor

@@ -106,6 +106,12 @@ class RunSpec:
         return (self.task, self.optimizer, self.policy, float(self.lr), int(self.seed))
 
 
+#: Identifies the guard's check-step rule (``CheckCadence.should_check``) in the run fingerprints: bump it
+#: whenever that rule changes, so StableLR's recorded runs rerun. Its value is the hash the benchmark
+#: recorded for this rule before it moved into ``lightning_stablelr.config``, plus the guard's confirmation checks.
+CHECK_RULE_ID = "1e3d3ad1+confirm"
+
+
 @cache
 def run_config(optimizer: str, policy: str, stablelr: tuple[tuple[str, Any], ...], epochs: int,
                batch_size: int) -> str:
@@ -120,12 +126,13 @@ def run_config(optimizer: str, policy: str, stablelr: tuple[tuple[str, Any], ...
     optimizer_cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "optimizer" / f"{optimizer}.yaml"))
     optimizer_cfg.pop("lr", None)
     if policy == "stablelr":
-        from benchmarks.engines import CALLBACK_ONLY, stablelr_cadence, stablelr_check_rule
-        from lightning_stablelr.controller import StableLRConfig
+        from benchmarks.engines import stablelr_cadence
+        from lightning_stablelr.config import StableLRConfig, config_field_names
 
         overrides = dict(stablelr)
-        config = StableLRConfig(**{k: v for k, v in overrides.items() if k not in CALLBACK_ONLY}).to_dict()
-        policy_cfg: Any = {**config, "cadence": stablelr_cadence(overrides), "check_rule": stablelr_check_rule()}
+        config = StableLRConfig(**{k: v for k, v in overrides.items() if k in config_field_names()}).to_dict()
+        rule = CHECK_RULE_ID
+        policy_cfg: Any = {**config, "cadence": stablelr_cadence(overrides), "check_rule": rule}
     elif policy == "schedulefree":
         policy_cfg = "schedulefree.AdamWScheduleFree"
     else:

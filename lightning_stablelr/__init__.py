@@ -13,8 +13,9 @@ does not pull in Lightning.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_stablelr._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -34,13 +35,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_stablelr.scheduler import StableLRScheduler
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lightning_stablelr' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes('lightning_stablelr', _LAZY, globals(), __all__)

@@ -18,7 +18,7 @@ the step margin ``s_max``. Three forward passes, any optimizer (the update is re
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,15 @@ from torch import Tensor
 from lightning_stablelr.curvature import LineModel, line_model
 from lightning_stablelr.probe import ObjectiveProbe
 
-__all__ = ["LineProbeResult", "line_points", "three_point_losses", "three_point_probe"]
+__all__ = [
+    "LineProbeResult",
+    "directional_derivative",
+    "has_active_dropout",
+    "line_losses",
+    "line_points",
+    "three_point_losses",
+    "three_point_probe",
+]
 
 
 @dataclass(frozen=True)
@@ -95,8 +103,8 @@ def line_points(
 ) -> tuple[dict[str, Tensor], Tensor]:
     """``(θ - Δθ, ‖Δθ‖²)`` with ``Δθ = θ_after - θ_before``.
 
-    The arithmetic runs in fp32 (so that bf16/fp16 weights do not lose the small update), and the
-    mirrored point is cast back to each parameter's dtype. ``‖Δθ‖²`` is a 0-d fp32 tensor on the
+    The arithmetic runs in fp32 or wider (so that bf16/fp16 weights do not lose the small update), and the
+    mirrored point is cast back to each parameter's dtype. ``‖Δθ‖²`` is a 0-d tensor (fp32, fp64 for fp64 weights) on the
     device of the first parameter (no host synchronisation here).
     """
     if set(theta_before) != set(theta_after):
@@ -120,11 +128,35 @@ def line_points(
     mirror: dict[str, Tensor] = {}
     squares: list[Tensor] = []
     for name, before, after in zip(names, befores, afters):
-        before32 = before.float()
-        delta = after.float() - before32
-        mirror[name] = (before32 - delta).to(before.dtype)
-        squares.append(delta.pow(2).sum().to(device))
-    return mirror, torch.stack(squares).sum()
+        dtype = torch.promote_types(before.dtype, torch.float32)  # fp64 stays fp64
+        wide = before.to(dtype)
+        delta = after.to(dtype) - wide
+        mirror[name] = (wide - delta).to(before.dtype)
+        squares.append(delta.pow(2).sum().to(device, torch.float64))
+    wide = any(before.dtype == torch.float64 for before in befores)
+    return mirror, torch.stack(squares).sum().to(torch.float64 if wide else torch.float32)
+
+
+def line_losses(
+    evaluate: Callable[[Sequence[Mapping[str, Tensor]]], Sequence[Tensor]],
+    theta_before: Mapping[str, Tensor],
+    theta_after: Mapping[str, Tensor],
+) -> Tensor:
+    """The three-point probe: ``[L0, L+, L-, ‖Δθ‖²]`` as one tensor on the loss device (no host sync).
+
+    fp32, or fp64 when a loss is fp64 (a closure computing in double precision keeps it).
+
+    ``evaluate(points)`` returns the loss at each of ``[θ_before, θ_after, θ_before - Δθ]`` (one batch,
+    every point under the same seed); :func:`line_points` builds the mirrored point. This is the one
+    implementation behind the callbacks' shared probe (``evaluate`` = :meth:`ObjectiveProbe.point_losses`)
+    and :meth:`~lightning_stablelr.StableLRScheduler.check_step` (``evaluate`` writes each point into the
+    parameters and calls the user's closure).
+    """
+    mirror, norm_sq = line_points(theta_before, theta_after)
+    losses = [torch.as_tensor(loss).detach().reshape(()) for loss in evaluate([theta_before, theta_after, mirror])]
+    dtype = torch.float64 if any(loss.dtype == torch.float64 for loss in losses) else torch.float32
+    device = losses[0].device
+    return torch.stack([*(loss.to(device, dtype) for loss in losses), norm_sq.to(device, dtype)])
 
 
 def three_point_losses(
@@ -136,14 +168,37 @@ def three_point_losses(
     batch_idx: int = 0,
     seed: int = 0,
 ) -> Tensor:
-    """``[L0, L+, L-, ‖Δθ‖²]`` as one fp32 tensor on the loss device (one probe, one seed, no sync).
+    """:func:`line_losses` through ``probe`` on ``batch``: ``[L0, L+, L-, ‖Δθ‖²]`` (one seed, no sync).
 
     Kept as a tensor so that a distributed caller can all-reduce it in a single collective.
     """
-    mirror, norm_sq = line_points(theta_before, theta_after)
-    losses = probe.point_losses(batch, [theta_before, theta_after, mirror], batch_idx=batch_idx, seed=seed)
-    device = losses[0].device
-    return torch.stack([*losses, norm_sq.to(device)])
+
+    def evaluate(points: Sequence[Mapping[str, Tensor]]) -> list[Tensor]:
+        return probe.point_losses(batch, points, batch_idx=batch_idx, seed=seed)
+
+    return line_losses(evaluate, theta_before, theta_after)
+
+
+def directional_derivative(
+    gradient: Mapping[str, Tensor] | None, theta_before: Mapping[str, Tensor], theta_after: Mapping[str, Tensor]
+) -> Tensor:
+    """``gᵀΔθ = Σ_p ⟨g_p, θ_after,p - θ_before,p⟩`` in fp32 (NaN when no gradient was kept)."""
+    device = next(iter(theta_after.values())).device if theta_after else torch.device("cpu")
+    if not gradient:
+        return torch.tensor(math.nan, device=device)
+    terms = [
+        (grad.float() * (theta_after[name].float() - theta_before[name].float())).sum()
+        for name, grad in gradient.items()
+    ]
+    return torch.stack(terms).sum().to(device)
+
+
+def has_active_dropout(module: torch.nn.Module) -> bool:
+    """True when a dropout layer with ``p > 0`` is in training mode (its mask differs between calls)."""
+    return any(
+        isinstance(layer, torch.nn.modules.dropout._DropoutNd) and layer.training and layer.p > 0
+        for layer in module.modules()
+    )
 
 
 def three_point_probe(

@@ -16,15 +16,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from lightning_stablelr.rng import isolated_rng
 
 __all__ = ["ObjectiveProbe", "ProbeError"]
 
@@ -84,36 +84,6 @@ def _silenced_logging(module: nn.Module) -> Iterator[None]:
                 module.__dict__.pop(name, None)
             else:
                 object.__setattr__(module, name, value)
-
-
-def _reseed(seed: int, cuda: bool) -> None:
-    torch.random.default_generator.manual_seed(seed)
-    if cuda:
-        torch.cuda.manual_seed_all(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-@contextlib.contextmanager
-def _isolated_rng() -> Iterator[Callable[[int], None]]:
-    """Save torch (CPU + initialised CUDA), ``random`` and numpy RNG states; yield a re-seeder; restore all.
-
-    ``torch.manual_seed`` is avoided on purpose: when CUDA is not initialised it queues a lazy
-    re-seed that would fire at CUDA initialisation, long after the probe, and change the user's run.
-    One save/restore serves all points of a probe (numpy's state is slow to copy); each point re-seeds.
-    """
-    cpu_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()
-    try:
-        yield functools.partial(_reseed, cuda=cuda_states is not None)
-    finally:
-        torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
 
 
 @contextlib.contextmanager
@@ -337,7 +307,7 @@ class ObjectiveProbe:
         """
         grad_mode = contextlib.nullcontext() if create_graph else torch.no_grad()
         values: list[Tensor] = []
-        with _isolated_rng() as reseed, _restored_training_flags(self.module), grad_mode:
+        with isolated_rng() as reseed, _restored_training_flags(self.module), grad_mode:
             for params in points:
                 arguments = self._call_arguments(params, buffers)
                 reseed(seed)

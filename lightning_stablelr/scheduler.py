@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_stablelr.controller import GapDecision, StableLRConfig, StableLRController
+from lightning_stablelr.config import CheckCadence, StableLRConfig, make_config
+from lightning_stablelr.controller import GapDecision, StableLRController
 from lightning_stablelr.curvature import LineModel, line_model
+from lightning_stablelr.line_probe import line_losses
+from lightning_stablelr.rng import isolated_rng
 from lightning_stablelr.validation import check_int_at_least
 
 __all__ = ["StableLRScheduler"]
 
-_NOT_STATE = ("optimizer", "controller", "_snapshot")
+_NOT_STATE = ("optimizer", "controller", "_snapshot", "cadence")
+_CADENCE = CheckCadence()
 
 
 class StableLRScheduler(LRScheduler):
@@ -45,20 +49,28 @@ class StableLRScheduler(LRScheduler):
     The curvature guard (``C``) needs the loss on the same batch at three points of the line through the
     update ``Δθ``: call :meth:`snapshot` just before ``optimizer.step()`` and :meth:`check_step` just after::
 
-        scheduler.snapshot(); optimizer.step()
-        scheduler.check_step(lambda: loss_fn(model(x), y))
+        if scheduler.should_check():    # the callback's cadence: dense early, then every n-th step
+            scheduler.snapshot()
+        optimizer.step()
+        if scheduler.should_check():
+            scheduler.check_step(lambda: loss_fn(model(x), y))
 
     Args:
         optimizer: the wrapped optimizer; ``base_lrs`` are the groups' ``initial_lr`` (their ``lr`` at creation).
         steps_per_epoch: optimizer steps per epoch (``>= 1``): converts steps to the epochs ``t`` of the decay.
-        decay_rate, half_life, interval, warmup_steps, min_lr_ratio, gap_tolerance, gap_strength, min_delta,
-            gap_patience, safety, recovery, recover_above, min_stability_factor, guard_window, anneal_to,
-            anneal_fraction: see
-            :class:`~lightning_stablelr.controller.StableLRConfig` (same names, same defaults).
+        config: a :class:`~lightning_stablelr.config.StableLRConfig`; or pass its fields as keyword
+            ``**overrides`` (``decay_rate=``, ``half_life=``, ...; the same names and defaults as the callback).
+        check_every_n_steps, dense_check_steps: the guard's cadence, read by :meth:`should_check` (see
+            :class:`~lightning_stablelr.config.CheckCadence`; the callback's defaults).
         total_steps: optimizer steps of the whole run; with neither ``decay_rate`` nor ``half_life`` the
-            decay then reaches ``anneal_to`` at the last step. Without it (and without a decay) the lr
-            does not decay, with one warning.
+            decay then holds, and cools down exponentially to ``anneal_to`` over the last
+            ``anneal_fraction`` of the run. Without it (and without a decay) the lr does not decay, with
+            one warning.
         last_epoch: optimizer steps already taken; ``-1`` starts fresh (prefer :meth:`load_state_dict` to resume).
+
+    Raises:
+        TypeError: a keyword argument is not a :class:`~lightning_stablelr.config.StableLRConfig` field.
+        ValueError: a value is out of its range (the message names it), or both ``config`` and overrides are given.
     """
 
     def __init__(
@@ -66,24 +78,12 @@ class StableLRScheduler(LRScheduler):
         optimizer: Optimizer,
         *,
         steps_per_epoch: int,
-        decay_rate: float | None = None,
-        half_life: float | None = None,
-        interval: str = "step",
-        warmup_steps: int = 10,
-        min_lr_ratio: float = 0.01,
-        gap_tolerance: float = 0.25,
-        gap_strength: float = 1.0,
-        min_delta: float = 0.0,
-        gap_patience: int = 1,
-        safety: float = 0.25,
-        recovery: float = 10.0,
-        recover_above: float = 8.0,
-        min_stability_factor: float = 1e-3,
-        guard_window: int = 3,
-        anneal_to: float = 0.01,
-        anneal_fraction: float = 0.2,
+        config: StableLRConfig | None = None,
+        check_every_n_steps: int = _CADENCE.check_every_n_steps,
+        dense_check_steps: int = _CADENCE.dense_check_steps,
         total_steps: int | None = None,
         last_epoch: int = -1,
+        **overrides: Any,
     ) -> None:
         self.steps_per_epoch = check_int_at_least(
             "steps_per_epoch",
@@ -91,28 +91,12 @@ class StableLRScheduler(LRScheduler):
             1,
             "Pass the number of optimizer steps per epoch, e.g. len(loader).",
         )
-        config = StableLRConfig(
-            decay_rate=decay_rate,
-            half_life=half_life,
-            interval=interval,
-            warmup_steps=warmup_steps,
-            min_lr_ratio=min_lr_ratio,
-            gap_tolerance=gap_tolerance,
-            gap_strength=gap_strength,
-            min_delta=min_delta,
-            gap_patience=gap_patience,
-            safety=safety,
-            recovery=recovery,
-            recover_above=recover_above,
-            min_stability_factor=min_stability_factor,
-            guard_window=guard_window,
-            anneal_to=anneal_to, anneal_fraction=anneal_fraction,
-        )
-        self.controller = StableLRController(config)
+        self.cadence = CheckCadence(check_every_n_steps, dense_check_steps)
+        self.controller = StableLRController(make_config(config, overrides, type(self).__name__))
         if total_steps is not None:
             check_int_at_least("total_steps", total_steps, 1, "Pass the run's number of optimizer steps.")
             self.controller.set_run_length(total_steps, self.steps_per_epoch)
-        elif config.run_length_decay:
+        elif self.controller.config.run_length_decay:
             warnings.warn(
                 "StableLRScheduler: no `total_steps` and no `decay_rate`/`half_life`, so the lr does not decay"
                 " (the default decay follows the run's length). Pass total_steps=<optimizer steps of the"
@@ -122,6 +106,14 @@ class StableLRScheduler(LRScheduler):
             )
         self._snapshot: list[torch.Tensor] | None = None
         super().__init__(optimizer, last_epoch)
+
+    def should_check(self, step: int | None = None) -> bool:
+        """Whether optimizer step ``step`` (default: the next one, ``last_epoch``) runs the guard, by the
+        same rule as the :class:`~lightning_stablelr.StableLR` callback (:class:`~lightning_stablelr.config.CheckCadence`),
+        plus the confirmation check the guard asks for after a low margin."""
+        step = self.last_epoch if step is None else step
+        # A low margin asks for a confirmation check at the next step (cleared by that check).
+        return self.cadence.should_check(step) or self.controller.confirm_pending
 
     # ------------------------------------------------------------------ the closed form
     def get_lr(self) -> list[float]:
@@ -199,12 +191,17 @@ class StableLRScheduler(LRScheduler):
 
         ``closure()`` must return the loss on the current batch at the model's current parameters (it runs
         under ``torch.no_grad``). It is called at ``θ_after = θ_before + Δθ`` (``L+``), ``θ_before`` (``L0``)
-        and ``θ_before - Δθ`` (``L-``), with the parameters written in place; afterwards they are restored
-        bit-exactly to ``θ_after``, also when the closure raises. ``.grad`` is never touched. Each call runs
-        under a forked RNG seeded with ``seed`` (default: the step count), so all three points see the same
-        dropout masks and the caller's random stream is unchanged. Pass ``module=model`` when the closure
+        and ``θ_before - Δθ`` (``L-``), in that order, with the parameters written in place; afterwards they are restored
+        bit-exactly to ``θ_after``, also when the closure raises. ``.grad`` is never touched. The three points
+        are those of the callbacks' probe (:func:`~lightning_stablelr.line_probe.line_losses`) and run inside
+        :func:`~lightning_stablelr.rng.isolated_rng`, re-seeded with ``seed`` (default: the step count;
+        the callbacks use :func:`~lightning_stablelr.rng.probe_seed`) before each, so all three see the
+        same dropout masks and the caller's random streams are unchanged. Pass ``module=model`` when the closure
         runs the model in train mode with BatchNorm: its buffers (running statistics) are then restored
         bit-exactly too. Returns the :class:`LineModel`.
+
+        Raises:
+            RuntimeError: :meth:`snapshot` was not called before the step, or the param groups changed since.
         """
         if self._snapshot is None:
             raise RuntimeError(
@@ -219,30 +216,31 @@ class StableLRScheduler(LRScheduler):
                 "snapshot() again after changing the param groups."
             )
         seed = self.last_epoch if seed is None else seed
-        devices = sorted({param.device.index or 0 for param in params if param.device.type == "cuda"})
-
-        def evaluate() -> float:
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
-                return float(closure())
-
         buffers = list(module.buffers()) if module is not None else []
+        keys = [str(index) for index in range(len(params))]
+
+        def evaluate(points: Sequence[Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:
+            losses: dict[int, torch.Tensor] = {}
+            with isolated_rng() as reseed:
+                for index in (1, 0, 2):  # L+ first, at the parameters as the step left them; then L0, L-
+                    for param, key in zip(params, keys):
+                        param.copy_(points[index][key])
+                    reseed(seed)
+                    loss = closure()  # a Python float is a double: keep it one
+                    losses[index] = loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss), dtype=torch.float64)
+            return [losses[0], losses[1], losses[2]]
+
         with torch.no_grad():
             after = [param.detach().clone() for param in params]
             saved_buffers = [buffer.detach().clone() for buffer in buffers]
             try:
-                loss_plus = evaluate()
-                for param, start in zip(params, before):
-                    param.copy_(start)
-                loss_before = evaluate()
-                for param, start, end in zip(params, before, after):
-                    param.copy_(start - (end - start))
-                loss_minus = evaluate()
+                values = line_losses(evaluate, dict(zip(keys, before)), dict(zip(keys, after)))
             finally:
                 for param, end in zip(params, after):
                     param.copy_(end)
                 for buffer, saved in zip(buffers, saved_buffers):
                     buffer.copy_(saved)
+        loss_before, loss_plus, loss_minus, _ = values.tolist()
         return self.observe_line(loss_before, loss_plus, loss_minus)
 
     # ------------------------------------------------------------------ state

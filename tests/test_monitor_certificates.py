@@ -12,6 +12,7 @@ import torch
 from lightning_stablelr.callbacks._connectivity_probe import ConnectivityTracker
 from lightning_stablelr.callbacks.monitor import StabilityMonitor
 from lightning_stablelr.certificates import CertificateWindow, LossEMA, ValidationTrend, certificate
+from lightning_stablelr.collectives import reduce_with_flag
 from lightning_stablelr.curvature import line_model
 
 
@@ -90,9 +91,13 @@ def test_tracker_reuses_endpoint_losses_and_evicts_the_oldest_snapshot():
     assert report.consecutive.barrier == 0.0
     assert float(report.matrix.values[0, 2]) == 0.0
     assert [segment[:2] for segment in report.segments] == [(1, 3), (2, 3)]
-    summed = tracker.pack([1.0] * tracker.num_evaluations()) + tracker.pack(None)
-    failed, _ = ConnectivityTracker.unpack(summed)
-    assert failed
+    # Two ranks, the second failing: the mean of [values, 0] and [NaN..., 1] flags the failure everywhere.
+    size = tracker.num_evaluations()
+    sent = []
+    for local in ([1.0] * size, None):
+        reduce_with_flag(lambda t, op: sent.append(t) or t, local, size=size, device="cpu")
+    assert reduce_with_flag(lambda t, op: (sent[0] + sent[1]) / 2, [1.0] * size, size=size, device="cpu").failed
+    assert sent[0].tolist() == [1.0] * size + [0.0] and sent[1][-1].item() == 1.0
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_stablelr.callbacks._shared import all_finite, line_probe_session
+from lightning_stablelr.callbacks.line_probe_session import LineProbeSession, line_probe_session
+from lightning_stablelr.collectives import all_finite
 from lightning_stablelr.line_probe import LineProbeResult, line_points, three_point_probe
 from lightning_stablelr.probe import ObjectiveProbe, ProbeError
 from tests.helpers import TinyClassifier, TinyRegression, make_trainer, regression_data
@@ -269,6 +270,7 @@ class _Requester(Callback):
 
     def __init__(self) -> None:
         self.results: list = []
+        self.line_probe = LineProbeSession()  # the first requester's session is the one both use
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         line_probe_session(trainer).request(trainer.global_step)

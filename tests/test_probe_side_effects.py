@@ -97,7 +97,7 @@ def test_monitor_certifies_stablelr_checked_steps_for_free(tmp_path):
                            limit_val_batches=0)  # fmt: skip
     trainer.fit(QuadraticModule(dim=3, lr=0.1), train_dataloaders=constant_loader(20))
     assert sorted(series(logger, "lyapunov/delta_v")) == [0, 1, 2, 3, 6, 9, 13, 19]
-    from lightning_stablelr.callbacks._shared import line_probe_session
+    from lightning_stablelr.callbacks.line_probe_session import line_probe_session
 
     assert line_probe_session(trainer).probes_run == 8
 

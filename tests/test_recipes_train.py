@@ -22,7 +22,7 @@ from recipes.train import train
 from tests.test_recipes_helpers import SMALL_DIGITS, compose_train, with_output_dir
 
 STABLELR_TAGS = {
-    "stablelr/lr", "stablelr/decay", "stablelr/gap", "stablelr/gap_factor", "stablelr/stability_factor",
+    "stablelr/lr-SGD", "stablelr/decay", "stablelr/gap", "stablelr/gap_factor", "stablelr/stability_factor",
     "stablelr/step_margin", "stablelr/nonfinite_steps",
 }  # fmt: skip
 MONITOR_TAGS = {
@@ -87,7 +87,7 @@ def test_default_job_writes_every_documented_tensorboard_tag(digits_run):
 def test_default_job_lr_is_the_stablelr_formula_from_the_optimizer_lr(digits_run):
     run_dir, _, _ = digits_run
     _, scalars = _scalars(run_dir)
-    lrs = scalars["stablelr/lr"]
+    lrs = scalars["stablelr/lr-SGD"]
     assert len(lrs) >= 4
     for step, lr in lrs.items():
         decay = scalars["stablelr/decay"][step]

@@ -14,15 +14,14 @@ import math
 import pickle
 from dataclasses import fields
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_stablelr.callbacks._shared import RankMeanAccumulator
 from lightning_stablelr.callbacks.stable_lr import StableLR
+from lightning_stablelr.collectives import RankMeanAccumulator
 from lightning_stablelr.controller import StableLRConfig
 from tests.helpers import TinyRegression, make_trainer, regression_loader
 
@@ -88,8 +87,9 @@ def test_param_groups_keep_their_ratios_and_get_named_metrics(tmp_path):
         assert weight_lr == pytest.approx(0.2 * decay, rel=1e-12)
         assert bias_lr == pytest.approx(0.05 * decay, rel=1e-12)
     assert callback.base_lrs == {"0/0": 0.2, "0/1": 0.05}
-    assert {"stablelr/lr-weight", "stablelr/lr-bias"} <= set(trainer.callback_metrics)
-    assert "stablelr/lr" not in trainer.callback_metrics
+    # LearningRateMonitor's names, prefixed: lr-{optimizer class}/{group name}
+    assert {"stablelr/lr-SGD/weight", "stablelr/lr-SGD/bias"} <= set(trainer.callback_metrics)
+    assert "stablelr/lr-SGD" not in trainer.callback_metrics
 
 
 def test_constructor_defaults_match_the_controller_config():
@@ -233,7 +233,7 @@ def test_compose_multiplies_an_epoch_scheduler(tmp_path):
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.get_last_lr() == pytest.approx([0.1 * 0.5**3], rel=1e-12)  # never saw our factor
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3, rel=1e-12)
-    assert float(trainer.callback_metrics["stablelr/lr"]) == pytest.approx(expected[-1], rel=1e-6)
+    assert float(trainer.callback_metrics["stablelr/lr-SGD"]) == pytest.approx(expected[-1], rel=1e-6)
 
 
 def test_compose_with_a_chainable_step_scheduler_does_not_compound(tmp_path):
@@ -352,7 +352,7 @@ def test_metrics_reach_callback_metrics_and_a_csv_logger(tmp_path):
     trainer.fit(model, regression_loader(32, 8), regression_loader(16, 8, seed=1))
     metrics = trainer.callback_metrics
     for key in (
-        "stablelr/lr",
+        "stablelr/lr-SGD",
         "stablelr/decay",
         "stablelr/gap",
         "stablelr/gap_factor",
@@ -361,12 +361,12 @@ def test_metrics_reach_callback_metrics_and_a_csv_logger(tmp_path):
         assert isinstance(metrics[key], torch.Tensor), key
     assert float(metrics["stablelr/nonfinite_steps"]) == 0.0
     with open(logger.log_dir + "/metrics.csv") as handle:
-        rows = [row for row in csv.DictReader(handle) if row.get("stablelr/lr")]
+        rows = [row for row in csv.DictReader(handle) if row.get("stablelr/lr-SGD")]
     # log_every_n_steps=2: steps 1, 3, 5, 7, each with the lr that step used
     assert [int(row["step"]) for row in rows] == [1, 3, 5, 7]
     for row in rows:
         step = int(row["step"])
-        assert float(row["stablelr/lr"]) == pytest.approx(0.1 * math.exp(-0.5 * step / 4), rel=1e-9)
+        assert float(row["stablelr/lr-SGD"]) == pytest.approx(0.1 * math.exp(-0.5 * step / 4), rel=1e-9)
         assert float(row["stablelr/decay"]) == pytest.approx(math.exp(-0.5 * step / 4), rel=1e-9)
         assert float(row["stablelr/gap_factor"]) == 1.0 and float(row["stablelr/stability_factor"]) == 1.0
 
@@ -400,12 +400,19 @@ def test_loader_without_length_uses_the_validation_interval_or_asks_for_steps_pe
 
 
 def test_state_key_and_duplicate_callbacks(tmp_path):
-    assert StableLR().state_key == StableLR().state_key
-    assert StableLR(monitor="a").state_key != StableLR(monitor="b").state_key
-    assert StableLR(decay_rate=0.1).state_key != StableLR(decay_rate=0.2).state_key
-    assert StableLR(interval="epoch").state_key != StableLR().state_key
-    with pytest.raises(MisconfigurationException, match="Keep only one StableLR"):
+    # One StableLR per Trainer: its state key is the class name, whatever the arguments (issue 9, point 8).
+    assert StableLR().state_key == StableLR(monitor="a", decay_rate=0.1, interval="epoch").state_key == "StableLR"
+    # Lightning itself refuses two stateful callbacks with one key, before StableLR's own fit-start check.
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `StableLR`"):
         _fit(tmp_path, TinyRegression(), StableLR(monitor="a", **NO_GUARD), recorder=StableLR(monitor="b"))
+
+
+def test_a_checkpoint_with_the_old_argument_state_key_still_loads():
+    callback = StableLR()
+    state = {"version": 1, "controller": {"gap_factor": 0.5}, "base_lrs": {"0/0": 0.3}}
+    legacy = "StableLR{'monitor': 'val_loss', 'interval': 'step', 'decay_rate': 0.0}"
+    callback.on_load_checkpoint(None, None, {"callbacks": {legacy: state}})
+    assert callback._pending_state == state
 
 
 def test_bf16_mixed_probes_run_under_the_precision_context(tmp_path):
@@ -424,10 +431,10 @@ def test_bf16_mixed_probes_run_under_the_precision_context(tmp_path):
 
 
 def test_rank_mean_accumulator_ignores_non_finite_and_resets():
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     accumulator = RankMeanAccumulator()
     for value in (1.0, math.nan, 3.0, math.inf):
         accumulator.add(torch.tensor(value), scale=2.0)
     assert accumulator.pending() == (8.0, 2.0)
-    assert accumulator.flush(trainer) == (4.0, 2.0)
-    assert accumulator.pending() == (0.0, 0.0) and accumulator.flush(trainer) is None
+    one_process = lambda tensor, op: tensor  # noqa: E731
+    assert accumulator.flush(one_process, "cpu", world_size=1) == (4.0, 2.0)
+    assert accumulator.pending() == (0.0, 0.0) and accumulator.flush(one_process, "cpu", world_size=1) is None

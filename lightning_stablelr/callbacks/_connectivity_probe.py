@@ -10,7 +10,8 @@ point is the mean over the cached evaluation batches of the training objective i
 
 The endpoint losses are computed once per snapshot (when it is the newest) and reused, so a probe
 costs ``1 + n_previous·(P - 2)`` point evaluations. Under DDP each rank evaluates its own batches and
-the callback sums ``[failed, 1, L…]`` across ranks (:meth:`ConnectivityTracker.reduce_packed`), so the
+the callback averages the losses across ranks with a failure flag
+(:func:`~lightning_stablelr.collectives.reduce_with_flag`), so the
 metrics are identical everywhere and a failure on one rank is seen by all.
 """
 
@@ -157,7 +158,7 @@ class ConnectivityTracker:
     """The window of snapshots, their endpoint losses and the pairwise barriers.
 
     One probe is :meth:`previous` (which snapshots to compare with), :meth:`local_losses` (this rank's
-    point losses), a sum across ranks of :meth:`pack` and then :meth:`commit` with the reduced losses.
+    point losses), their mean across ranks with a failure flag, and then :meth:`commit` with the reduced losses.
 
     Args:
         window: how many previous snapshots the newest is compared with (>= 1).
@@ -201,25 +202,6 @@ class ConnectivityTracker:
             start = {name: tensor.to(device) for name, tensor in older.params.items()}
             values.extend(loss(interpolate(start, theta, alpha)) for alpha in interior)
         return values
-
-    def pack(
-        self, values: Sequence[float] | None, device: torch.device | str = "cpu", segments: int | None = None
-    ) -> Tensor:
-        """``[failed, 1, values…]`` (float64) to sum across ranks; ``values=None`` marks a failure and
-        sends zeros of the same length, so every rank joins the same collective."""
-        count = self.num_evaluations(segments)
-        if values is not None and len(values) != count:
-            raise ValueError(f"`values` must hold {count} losses, got {len(values)}.")
-        body = [0.0] * count if values is None else [float(v) for v in values]
-        failed = 1.0 if values is None else 0.0
-        return torch.tensor([failed, 1.0, *body], dtype=torch.float64, device=device)
-
-    @staticmethod
-    def unpack(summed: Tensor) -> tuple[bool, list[float]]:
-        """``(any rank failed, rank-mean losses)`` from the summed :meth:`pack` tensor."""
-        values = summed.detach().to("cpu", torch.float64).tolist()
-        failed, ranks = values[0] > 0.5, values[1]
-        return failed, [v / ranks for v in values[2:]]
 
     def commit(
         self, theta: Mapping[str, Tensor], losses: Sequence[float], *, epoch: int, step: int,

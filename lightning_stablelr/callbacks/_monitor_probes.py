@@ -18,14 +18,12 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_stablelr.callbacks._connectivity_probe import ConnectivityReport, ConnectivityTracker, EvalLoss
-from lightning_stablelr.callbacks._monitor_support import (
-    detached_copy,
-    first_batches,
-    isolated_rng,
-    measure_sharpness,
-)
-from lightning_stablelr.callbacks._shared import line_probe_session, probe_seed, put_callback_metrics
+from lightning_stablelr.callbacks._lightning_access import log_step, put_callback_metrics, reducer
+from lightning_stablelr.callbacks._monitor_support import detached_copy, first_batches, measure_sharpness
+from lightning_stablelr.callbacks.line_probe_session import line_probe_session
 from lightning_stablelr.certificates import certificate
+from lightning_stablelr.collectives import reduce_with_flag
+from lightning_stablelr.rng import CONNECTIVITY_SEED, isolated_rng, probe_seed
 
 if TYPE_CHECKING:
     from lightning_stablelr.callbacks._governor import ProbeGovernor
@@ -33,15 +31,7 @@ if TYPE_CHECKING:
     from lightning_stablelr.certificates import CertificateWindow, LossEMA
     from lightning_stablelr.probe import ObjectiveProbe
 
-__all__ = ["MonitorProbes", "log_step"]
-
-# Fixed, so that the endpoint loss of an old snapshot, measured when it was new, stays comparable.
-_CONNECTIVITY_SEED = 0xC0DE
-
-
-def log_step(trainer: pl.Trainer) -> int:
-    """The step Lightning's own logging and ``LearningRateMonitor`` write at (batches that stepped)."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+__all__ = ["MonitorProbes"]
 
 
 class MonitorProbes:
@@ -95,10 +85,10 @@ class MonitorProbes:
     def _run_certificate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         start = time.perf_counter()
         result = line_probe_session(trainer).result(trainer, pl_module, batch, batch_idx)
-        packed = self._ema.packed()
-        packed = torch.zeros(2, dtype=torch.float64) if packed is None else packed
         # The EMA is linear: the mean over ranks of (m, n) is the EMA of the rank-mean losses.
-        mean, count = trainer.strategy.reduce(packed.to(pl_module.device), reduce_op="mean").tolist()
+        packed = self._ema.packed()
+        local = [0.0, 0.0] if packed is None else packed  # a rank without a finite loss yet sends (0, 0)
+        (mean, count), _ = reduce_with_flag(reducer(trainer), local, size=2, device=pl_module.device)
         self._governor.record("certificate", time.perf_counter() - start)
         if result is None:
             return
@@ -115,7 +105,7 @@ class MonitorProbes:
 
     def _run_sharpness(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.perf_counter()
-        values = torch.tensor([0.0, 0.0], dtype=torch.float64)
+        values: list[float] | None = None
         reading = None
         try:
             if self._probe is None or not self._train_batches:
@@ -129,13 +119,12 @@ class MonitorProbes:
                     init_preconditioned=init_preconditioned,
                 )
             self._sharpness_vector = (reading.preconditioned, reading.vector)
-            values = torch.tensor([reading.sharpness, 0.0], dtype=torch.float64)
+            values = [reading.sharpness]
         except Exception as error:
             self._report_local_failure("sharpness", trainer, error)
-            values = torch.tensor([0.0, 1.0], dtype=torch.float64)
-        sharpness, failed = trainer.strategy.reduce(values.to(pl_module.device), reduce_op="mean").tolist()
+        (sharpness,), failed = reduce_with_flag(reducer(trainer), values, size=1, device=pl_module.device)
         self._governor.record("sharpness", time.perf_counter() - start)
-        if failed > 0 or reading is None or not math.isfinite(sharpness):
+        if failed or reading is None or not math.isfinite(sharpness):
             self._skip_failed("sharpness", trainer)
             return
         self._log(trainer, reading.metrics(sharpness))
@@ -154,13 +143,13 @@ class MonitorProbes:
                 recalibration = [
                     detached_copy(b, device) for b in self._train_batches[: self.config.bn_recalibration_batches]
                 ]
-                loss = EvalLoss(self._probe, batches, recalibration, seed=_CONNECTIVITY_SEED)
+                loss = EvalLoss(self._probe, batches, recalibration, seed=CONNECTIVITY_SEED)
                 values = tracker.local_losses(theta, loss, segments)
         except Exception as error:
             self._report_local_failure("connectivity", trainer, error)
-        packed = tracker.pack(values, device=pl_module.device, segments=segments)
-        summed = trainer.strategy.reduce(packed, reduce_op="sum")
-        failed, losses = tracker.unpack(summed)
+        losses, failed = reduce_with_flag(
+            reducer(trainer), values, size=tracker.num_evaluations(segments), device=pl_module.device
+        )
         if failed:
             self._skip_failed("connectivity", trainer)
             return None

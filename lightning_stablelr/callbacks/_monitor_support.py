@@ -1,22 +1,16 @@
 """Helpers of :class:`~lightning_stablelr.StabilityMonitor` that need no Lightning import.
 
-- :func:`isolated_rng`: every data access and probe of the monitor runs inside it, so the global
-  random streams (torch CPU and initialised CUDA, ``random``, numpy) are exactly as before, even when
-  the block raises. Creating a DataLoader iterator alone draws from the torch generator.
 - :func:`detached_copy` and :func:`first_batches`: batches cached by the monitor are copies, on the snapshot device.
 - :func:`measure_sharpness`: λ_max (or Adam's preconditioned sharpness) and the optimizer's threshold.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,26 +27,8 @@ __all__ = [
     "SharpnessReading",
     "detached_copy",
     "first_batches",
-    "isolated_rng",
     "measure_sharpness",
 ]
-
-
-@contextlib.contextmanager
-def isolated_rng() -> Iterator[None]:
-    """Save torch (CPU + initialised CUDA), ``random`` and numpy RNG states; restore them on exit, always."""
-    cpu_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
 
 
 def detached_copy(data: Any, device: torch.device | str) -> Any:

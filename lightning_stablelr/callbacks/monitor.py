@@ -10,13 +10,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_stablelr.callbacks._connectivity_probe import ConnectivityReport, ConnectivityTracker
 from lightning_stablelr.callbacks._governor import ProbeGovernor
 from lightning_stablelr.callbacks._monitor_config import MonitorConfig
 from lightning_stablelr.callbacks._monitor_probes import MonitorProbes
 from lightning_stablelr.callbacks._monitor_support import detached_copy
-from lightning_stablelr.callbacks._shared import line_probe_session
+from lightning_stablelr.callbacks.line_probe_session import LineProbeSession, line_probe_session
 from lightning_stablelr.certificates import CertificateWindow, LossEMA, ValidationTrend
 from lightning_stablelr.probe import ObjectiveProbe
 
@@ -139,14 +140,18 @@ class StabilityMonitor(MonitorProbes, Callback):
         self.failed_probes = 0
         self._certificate_step: int | None = None
         self._last_step_seen = -1
+        #: The line-probe session; the one of the first callback carrying one is shared by all.
+        self.line_probe = LineProbeSession()
         self._reset_runtime()
 
     # ------------------------------------------------------------------ state
     @property
+    @override
     def state_key(self) -> str:
         # Lightning reads this on every hook call (profiler names): computed once, the config is frozen.
         return self._state_key
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Primitives only: the certificate window, loss EMA, last validation loss and counters."""
         return {
@@ -158,6 +163,7 @@ class StabilityMonitor(MonitorProbes, Callback):
             "failed_probes": self.failed_probes,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; missing keys keep their defaults (snapshots are not checkpointed)."""
         self._window.load_state_dict(state_dict.get("window", {}))
@@ -186,16 +192,19 @@ class StabilityMonitor(MonitorProbes, Callback):
         self.last_report: ConnectivityReport | None = None
 
     # ------------------------------------------------------------------ hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._reset_runtime()
+        line_probe_session(trainer).reset()
         self._probe = ObjectiveProbe(pl_module, forward_context=trainer.precision_plugin.forward_context)
         config = self.config
         self._tracker = ConnectivityTracker(
             config.snapshot_window, config.probe_points, config.connected_tol, config.snapshot_device
         )
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._governor.start()
         self._last_step_seen = trainer.global_step
@@ -210,6 +219,7 @@ class StabilityMonitor(MonitorProbes, Callback):
                 " are skipped; the scalars still go to every logger."
             )
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -235,6 +245,7 @@ class StabilityMonitor(MonitorProbes, Callback):
             self._certificate_step = step
             self._governor.charge("certificate", time.perf_counter() - start)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -254,6 +265,7 @@ class StabilityMonitor(MonitorProbes, Callback):
         if stepped and every and trainer.global_step % every == 0 and self._allowed(trainer, "sharpness"):
             self._run_sharpness(trainer, pl_module)
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         key = self.config.val_monitor
         if trainer.state.fn != "fit" or trainer.sanity_checking or key not in trainer.callback_metrics:
@@ -264,6 +276,7 @@ class StabilityMonitor(MonitorProbes, Callback):
         if decrease is not None:
             self._log(trainer, {"lyapunov/val_decrease": decrease})
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = self.config.probe_every_n_epochs
         if every and (trainer.current_epoch + 1) % every == 0 and self._tracker is not None:

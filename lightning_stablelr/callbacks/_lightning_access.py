@@ -1,0 +1,75 @@
+"""Every access to Lightning's private or trainer-internal API, in one place.
+
+``tests/test_lightning_access.py`` pins each of them against the installed Lightning (the supported
+range is ``lightning>=2.2`` in ``pyproject.toml``): when an upgrade renames one, that test fails and
+names it, and this module is the only one to change. Everything else in the callbacks uses public API.
+
+- ``trainer.fit_loop.epoch_loop._batches_that_stepped``: the step Lightning's own ``self.log`` and
+  ``LearningRateMonitor`` write at (:func:`log_step`);
+- ``trainer._logger_connector.should_update_logs``: ``Trainer(log_every_n_steps)`` (:func:`log_to_loggers`);
+- ``trainer._logger_connector._callback_metrics``: the dict behind ``trainer.callback_metrics``, whose
+  public property rebuilds the logged metrics on every access (:func:`put_callback_metrics`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_stablelr.collectives import Reduce
+
+__all__ = ["log_step", "log_to_loggers", "put_callback_metrics", "reducer"]
+
+
+def reducer(trainer: pl.Trainer) -> Reduce:
+    """``reduce(tensor, op)`` over the trainer's ranks (``trainer.strategy.reduce``; identity on one process)."""
+
+    def reduce(tensor: Tensor, op: str) -> Tensor:
+        return trainer.strategy.reduce(tensor, reduce_op=op)
+
+    return reduce
+
+
+def log_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's own logging and ``LearningRateMonitor`` write at (batches that stepped)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], *, every_n_steps: bool = True) -> None:
+    """Write ``metrics`` to every logger at :func:`log_step`, as ``LearningRateMonitor`` does.
+
+    ``every_n_steps``: respect ``Trainer(log_every_n_steps)`` (the logger connector's ``should_update_logs``);
+    False writes now (the monitor's probes have their own, sparser cadence).
+    """
+    if not trainer.loggers or (every_n_steps and not trainer._logger_connector.should_update_logs):
+        return
+    step = log_step(trainer)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
+def put_callback_metrics(
+    trainer: pl.Trainer, metrics: dict[str, float], cache: dict[str, tuple[float, Tensor]] | None = None
+) -> None:
+    """Store ``metrics`` as 0-d CPU tensors in ``trainer.callback_metrics`` (what EarlyStopping reads).
+
+    Writes into the connector's dict directly: the public property rebuilds the logged metrics on every
+    access, which is too slow for a per-step hot path. With ``cache`` (owned by the caller), a value
+    that did not change reuses its tensor instead of allocating a new one.
+    """
+    target = getattr(trainer._logger_connector, "_callback_metrics", None)
+    if target is None:
+        target = trainer.callback_metrics
+    for name, value in metrics.items():
+        value = float(value)
+        cached = cache.get(name) if cache is not None else None
+        if cached is not None and (cached[0] == value or (math.isnan(value) and math.isnan(cached[0]))):
+            tensor = cached[1]
+        else:
+            tensor = torch.tensor(value)
+            if cache is not None:
+                cache[name] = (value, tensor)
+        target[name] = tensor

@@ -1,0 +1,179 @@
+"""Optimizer-side helpers of the StableLR callback: lr metric names, setting a group's lr, steps per epoch."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+
+from lightning_stablelr.metric_names import LR_PREFIX
+
+__all__ = [
+    "LR_PREFIX",
+    "SchedulerComposition",
+    "composed_lr",
+    "infer_steps_per_epoch",
+    "param_group_lr_names",
+    "scheduled_optimizers",
+    "set_group_lr",
+]
+
+
+
+def param_group_lr_names(optimizers: list[torch.optim.Optimizer], prefix: str = LR_PREFIX) -> dict[tuple[int, int], str]:
+    """Metric name of each ``(optimizer index, group index)``: ``prefix`` + LearningRateMonitor's name.
+
+    ``lr-{OptimizerClass}`` for an optimizer (``-{k}`` appended for the k-th further optimizer of the
+    same class); with several param groups ``/{group "name"}`` or ``/pg{j+1}``; with one named group
+    ``/{name}``. So ``stablelr/lr-SGD``, ``stablelr/lr-Adam/pg1``, ``stablelr/lr-Adam/head``.
+
+    Raises:
+        MisconfigurationException: two param groups of one optimizer have the same ``"name"`` (as
+            ``LearningRateMonitor`` raises).
+    """
+    names: dict[tuple[int, int], str] = {}
+    seen: Counter[type] = Counter()
+    for i, optimizer in enumerate(optimizers):
+        groups = optimizer.param_groups
+        labels = [group.get("name", f"pg{j}") for j, group in enumerate(groups, start=1)]
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise MisconfigurationException(
+                f"Optimizer {i} ({type(optimizer).__name__}) has several param groups named {duplicates}; StableLR"
+                " logs one lr per group name, as LearningRateMonitor does. Give every param group a distinct"
+                " `name` (or none, for `pg1`, `pg2`, ...)."
+            )
+        seen[type(optimizer)] += 1
+        count = seen[type(optimizer)]
+        base = f"{prefix}lr-{type(optimizer).__name__}" + (f"-{count - 1}" if count > 1 else "")
+        for j, group in enumerate(groups):
+            if len(groups) > 1:
+                names[(i, j)] = f"{base}/{labels[j]}"
+            else:
+                names[(i, j)] = f"{base}/{group['name']}" if group.get("name") else base
+    return names
+
+
+def set_group_lr(group: dict[str, Any], lr: float) -> None:
+    """Set a param group's lr in place, keeping a Tensor lr a Tensor (capturable/fused optimizers need it)."""
+    current = group["lr"]
+    if isinstance(current, Tensor):
+        current.fill_(lr)
+    else:
+        group["lr"] = lr
+
+
+def infer_steps_per_epoch(trainer: pl.Trainer, owner: str) -> int:
+    """Optimizer steps per epoch: ``ceil(num_training_batches / accumulate_grad_batches)``.
+
+    Lightning also steps on the last, incomplete accumulation of an epoch, hence the ceiling. A train
+    loader without length (IterableDataset) has no epoch; then the validation interval
+    (``Trainer(val_check_interval=k)``) stands in for it, and without one this raises.
+    """
+    accumulate = max(1, int(trainer.accumulate_grad_batches))
+    batches = trainer.num_training_batches
+    if math.isfinite(batches) and batches > 0:
+        return max(1, math.ceil(batches / accumulate))
+    val_check = trainer.val_check_batch
+    if isinstance(val_check, (int, float)) and math.isfinite(val_check) and val_check > 0:
+        steps = max(1, math.ceil(val_check / accumulate))
+        rank_zero_info(
+            f"{owner}: the train dataloader has no length, so one 'epoch' of the decay is the validation"
+            f" interval: {steps} optimizer steps. Pass `steps_per_epoch` to choose another unit."
+        )
+        return steps
+    raise MisconfigurationException(
+        f"{owner}(interval='step') counts time in epochs, but the train dataloader has no length and there is"
+        " no step-based validation interval. Pass `steps_per_epoch=N` (optimizer steps per epoch of decay),"
+        " or set `Trainer(val_check_interval=N)`."
+    )
+
+
+def composed_lr(base_lr: float, scheduler_lr: float, factor: float, min_lr_ratio: float) -> float:
+    """``min(η_s, max(min_lr_ratio · η0, η_s · factor))``: never above the scheduler, floored at StableLR's floor."""
+    scaled = scheduler_lr * factor
+    if math.isnan(scaled):
+        scaled = 0.0
+    return min(scheduler_lr, max(min_lr_ratio * base_lr, scaled))
+
+
+def scheduled_optimizers(trainer: pl.Trainer, on_conflict: str) -> set[int]:
+    """Indices of the optimizers that a scheduler of ``configure_optimizers`` drives too.
+
+    Raises:
+        MisconfigurationException: such an optimizer exists and ``on_conflict == "error"``.
+    """
+    scheduled: set[int] = set()
+    for config in trainer.lr_scheduler_configs:
+        optimizer = getattr(config.scheduler, "optimizer", None)
+        index = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), None)
+        if index is None:
+            continue
+        if on_conflict == "error":
+            name = type(config.scheduler).__name__
+            raise MisconfigurationException(
+                f"StableLR drives the learning rate of optimizer {index} ({type(optimizer).__name__}), but the"
+                f" scheduler {name} returned by `configure_optimizers` drives it too. Either remove {name}"
+                " from `configure_optimizers` (StableLR already decays the lr), or pass"
+                " `StableLR(on_scheduler_conflict='compose')` to multiply the scheduler's lr by StableLR's factor."
+            )
+        scheduled.add(index)
+    return scheduled
+
+
+class SchedulerComposition:
+    """Optimizer step pre/post hooks that scale a scheduler's lr only for the step itself.
+
+    The pre-hook sets ``compose(η0, η_s)`` on every group of a scheduled optimizer and remembers ``η_s``;
+    the post-hook puts ``η_s`` back, so the scheduler (chainable forms read ``group["lr"]``) never sees
+    StableLR's factor. The hook handles belong to one running fit: never pickled.
+    """
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+        self._scheduler_lrs: dict[tuple[int, int], float] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"handles": [], "_scheduler_lrs": {}}
+
+    def attach(
+        self,
+        optimizers: list[torch.optim.Optimizer],
+        scheduled: set[int],
+        compose: Callable[[float, float], float],
+        base_lrs: Mapping[str, float],
+    ) -> None:
+        """Register the hooks on ``optimizers[i]`` for every ``i`` in ``scheduled`` (after removing old ones)."""
+        self.detach()
+        for i in sorted(scheduled):
+            pre = functools.partial(self._compose, i, compose, base_lrs)
+            self.handles.append(optimizers[i].register_step_pre_hook(pre))
+            self.handles.append(optimizers[i].register_step_post_hook(functools.partial(self._restore, i)))
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _compose(
+        self, index: int, compose: Callable[[float, float], float], base_lrs: Mapping[str, float],
+        optimizer: torch.optim.Optimizer, args: Any, kwargs: Any,
+    ) -> None:
+        for j, group in enumerate(optimizer.param_groups):
+            scheduler_lr = float(group["lr"])
+            self._scheduler_lrs[(index, j)] = scheduler_lr
+            set_group_lr(group, compose(base_lrs.get(f"{index}/{j}", scheduler_lr), scheduler_lr))
+
+    def _restore(self, index: int, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for j, group in enumerate(optimizer.param_groups):
+            if (index, j) in self._scheduler_lrs:
+                set_group_lr(group, self._scheduler_lrs.pop((index, j)))

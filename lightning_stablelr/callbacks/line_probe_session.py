@@ -1,0 +1,182 @@
+"""The line probe shared by StableLR and StabilityMonitor: computed once per optimizer step.
+
+Both :class:`~lightning_stablelr.StableLR` and :class:`~lightning_stablelr.StabilityMonitor` may want
+the three-point probe (:mod:`lightning_stablelr.line_probe`) of the same optimizer step. Each of them
+carries a :class:`LineProbeSession` (``callback.line_probe``), and both use the same one:
+:func:`line_probe_session` returns the session of the *first* callback in ``trainer.callbacks`` that
+carries one, whatever order the hooks run in, so there is no registry and no order rule. A custom
+callback takes part by carrying its own ``line_probe = LineProbeSession()``.
+
+Protocol (every rank, same order):
+
+- ``on_train_batch_start`` (StableLR) or ``on_before_optimizer_step`` before ``snapshot`` (the monitor,
+  which first asks ``session.requested(step)`` so it can certify StableLR's steps for free):
+  ``session.request(trainer.global_step)`` on the steps a callback wants;
+- ``on_before_optimizer_step``: ``session.snapshot(trainer, pl_module)`` (clones θ only when requested);
+- ``on_train_batch_end``: ``session.result(trainer, pl_module, batch, batch_idx)`` → the result or None.
+
+Losses and a per-rank failure flag travel in one all-reduce
+(:func:`~lightning_stablelr.collectives.reduce_with_flag`), so a probe that raises on one rank yields
+``failed=True`` everywhere instead of a hang.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+from lightning_stablelr.callbacks._lightning_access import reducer
+from lightning_stablelr.collectives import reduce_with_flag
+from lightning_stablelr.line_probe import (
+    LineProbeResult,
+    directional_derivative,
+    has_active_dropout,
+    three_point_losses,
+)
+from lightning_stablelr.probe import ObjectiveProbe
+from lightning_stablelr.rng import probe_seed
+
+__all__ = ["LineProbeSession", "line_probe_session"]
+
+
+def line_probe_session(trainer: pl.Trainer) -> LineProbeSession:
+    """The session shared by every callback of ``trainer``: that of the first callback carrying one.
+
+    Raises:
+        MisconfigurationException: no callback of ``trainer`` carries a ``line_probe`` session.
+    """
+    for callback in trainer.callbacks:
+        session = getattr(callback, "line_probe", None)
+        if isinstance(session, LineProbeSession):
+            return session
+    raise MisconfigurationException(
+        "No callback of this Trainer carries a LineProbeSession (`callback.line_probe`). Add StableLR or"
+        " StabilityMonitor, or give your callback `self.line_probe = LineProbeSession()`."
+    )
+
+
+class LineProbeSession:
+    """Computes the three-point probe of a requested optimizer step once and caches it.
+
+    ``request(step)`` is idempotent; ``snapshot`` clones the trainable parameters (detached) in
+    ``on_before_optimizer_step`` of a requested step only; ``result`` (in ``on_train_batch_end``, after
+    the step, so ``trainer.global_step == step + 1``) probes ``L(θ)``, ``L(θ + Δθ)``, ``L(θ - Δθ)`` on
+    the step's batch, all-reduces ``[L0, L+, L-, ‖Δθ‖², gᵀΔθ]`` with a mean and a failure flag, and
+    caches the :class:`~lightning_stablelr.line_probe.LineProbeResult`. ``discard(step)`` cancels a step
+    whose update was dropped (non-finite gradients): its result is None for every caller.
+
+    On a requested step ``snapshot`` also keeps the step's gradient g (when ``accumulate_grad_batches ==
+    1`` and no dropout is active), and the result's line model compares its first-order term with the
+    exact ``gᵀΔθ`` (the Taylor error). The probe seed is :func:`~lightning_stablelr.rng.probe_seed`.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+        self._warned = False
+
+    def reset(self) -> None:
+        """Forget every request, snapshot and cached result (each callback calls it when a fit starts)."""
+        self._requested: set[int] = set()
+        self._snapshot_step: int | None = None
+        self._snapshot: dict[str, Tensor] | None = None
+        self._gradient: dict[str, Tensor] | None = None
+        self._discarded: int | None = None
+        self._cached: LineProbeResult | None = None
+        self._probe: ObjectiveProbe | None = None
+        self.probes_run = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Snapshots, gradients and the module reference belong to one running fit.
+        state = self.__dict__.copy()
+        state.update(_snapshot=None, _gradient=None, _probe=None, _cached=None, _snapshot_step=None)
+        return state
+
+    def request(self, step: int) -> None:
+        """Ask for the probe of optimizer step ``step`` (the ``global_step`` before that step)."""
+        self._requested.add(int(step))
+
+    def requested(self, step: int) -> bool:
+        """Whether some callback asked for ``step``."""
+        return int(step) in self._requested
+
+    def discard(self, step: int) -> None:
+        """The update of ``step`` was dropped: release the snapshot and give no result for it."""
+        self._discarded = int(step)
+        if self._snapshot_step == step:
+            self._snapshot, self._snapshot_step = None, None
+
+    def snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Clone θ before the optimizer step if this step was requested (first caller only)."""
+        step = trainer.global_step
+        if step not in self._requested or self._snapshot_step == step or self._discarded == step:
+            return
+        trainable = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+        self._snapshot = {name: parameter.detach().clone() for name, parameter in trainable}
+        # With gradient accumulation g averages several micro-batches while the probe replays the last
+        # one, and active dropout draws another mask than the probe's seeded one: the comparison would
+        # measure noise, not the model, so g is kept only without either.
+        self._gradient = None
+        if trainer.accumulate_grad_batches == 1 and not has_active_dropout(pl_module):
+            self._gradient = {name: p.grad.detach().clone() for name, p in trainable if p.grad is not None}
+        self._snapshot_step = step
+
+    def result(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> LineProbeResult | None:
+        """The probe of the step just taken, or None when it was not requested, snapshotted or was discarded."""
+        step = trainer.global_step - 1
+        if self._cached is not None and self._cached.step == step:
+            return self._cached
+        if self._snapshot is None or self._snapshot_step != step or self._discarded == step:
+            return None
+        theta_before, gradient = self._snapshot, self._gradient
+        self._snapshot, self._gradient, self._snapshot_step = None, None, None
+        self._requested = {requested for requested in self._requested if requested > step}
+        self._cached = self._compute(trainer, pl_module, batch, batch_idx, step, theta_before, gradient)
+        return self._cached
+
+    def _compute(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        step: int,
+        theta_before: dict[str, Tensor],
+        gradient: dict[str, Tensor] | None,
+    ) -> LineProbeResult:
+        self.probes_run += 1
+        error: BaseException | None = None
+        values: Tensor | None = None
+        try:
+            if self._probe is None or self._probe.module is not pl_module:
+                self._probe = ObjectiveProbe(pl_module, forward_context=trainer.precision_plugin.forward_context)
+            theta_after = self._probe.parameters()
+            losses = three_point_losses(
+                self._probe, batch, theta_before, theta_after, batch_idx=batch_idx, seed=probe_seed(step)
+            )
+            derivative = directional_derivative(gradient, theta_before, theta_after).to(losses)
+            values = torch.cat([losses, derivative.reshape(1)])
+        except Exception as exc:  # any rank may fail; all must still enter the collective below
+            error = exc
+        # fp32 on every rank, also on one that failed: the collective needs the same dtype everywhere.
+        reduced, failed = reduce_with_flag(
+            reducer(trainer), values, size=5, device=pl_module.device, dtype=torch.float32
+        )
+        if failed and not self._warned:
+            self._warned = True
+            reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
+            rank_zero_warn(
+                f"The StableLR line probe failed at step {step} ({reason}); its checks are treated as"
+                " non-finite. Implement `probe_loss(self, batch) -> Tensor` on your LightningModule if"
+                " `training_step` cannot be replayed. This warning is shown once.",
+            )
+        derivative_value = reduced[4] if gradient is not None else None
+        return LineProbeResult.from_losses(
+            step, reduced[:3], reduced[3], failed=failed, directional_derivative=derivative_value
+        )
