@@ -129,7 +129,7 @@ def test_stablelr_report_prints_the_values_stored_in_the_events(run_root: Path, 
         "max_eos_ratio": max(value for _, value in scalars["lyapunov/eos_ratio"]),
     }
     assert summary["max_stable_lr"] == {"last": last("lyapunov/max_stable_lr")}
-    assert summary["overhead"] == {"last": last("monitor/overhead"), "deferred_probes": 0.0}
+    assert summary["overhead"] == {"last": last("monitor/overhead"), "deferred_probes": 0.0, "budget": None}
     assert summary["val_loss"] == last("val_loss")
 
     png = tmp_path / "dashboard.png"

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_stablelr.chart_tags import log10_comparison_tags
 from lightning_stablelr.probe import ObjectiveProbe
 from lightning_stablelr.sharpness import (
     OptimizerThreshold,
@@ -115,6 +116,7 @@ class SharpnessReading:
             metrics["lyapunov/eos_ratio"] = eos_ratio
             if eos_ratio > 0:
                 metrics["lyapunov/max_stable_lr"] = self.lr / eos_ratio
+        metrics.update(log10_comparison_tags(metrics, self.lr))  # chart_tags.py: the layout's log10 margin charts
         return metrics
 
 
