@@ -64,7 +64,7 @@ def main() -> int:
         OUT.mkdir(parents=True, exist_ok=True)
         profile = tempfile.mkdtemp(prefix="chromium-")
         for name, height in (("custom_scalars.png", 2600),):
-            subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1400,%d" % height,
+            subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size=1400,{height}",
                             "--virtual-time-budget=30000", f"--screenshot={OUT / name}",
                             f"http://127.0.0.1:{port}/#custom_scalars"],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180)
