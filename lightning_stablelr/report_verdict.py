@@ -152,9 +152,14 @@ def diagnose(run: Any, budget: float | None = None) -> Verdict:
     if diverged:
         return Verdict("diverged", f"diverged: {diverged}", tuple(findings), overfit_step)
     if cuts:
+        final_g = gap_factor[-1][1]
+        if not (lr_start and lr_end):
+            return Verdict("overfitting", f"the model began to overfit at step {overfit_step}", tuple(findings),
+                           overfit_step)
+        # G alone would put the lr at lr_peak * G; an lr well above that is held by the floor (min_lr_ratio).
+        floor = " and the lr sits at its floor (min_lr_ratio x base lr)" if lr_end > 2 * lr_start * final_g else ""
         return Verdict("overfitting", f"the lr ends {lr_start / lr_end:.3g}x below its peak because G cut it "
-                       f"{1 / gap_factor[-1][1]:.3g}x after the model began to overfit at step {overfit_step}"
-                       if lr_start and lr_end else f"the model began to overfit at step {overfit_step}",
+                       f"{1 / final_g:.3g}x after the model began to overfit at step {overfit_step}{floor}",
                        tuple(findings), overfit_step)
     if stability and stability[-1][1] < GUARD_LIMITED_BELOW:
         return Verdict("guard-limited", f"the lr is held down by the guard (stability_factor {stability[-1][1]:.3g}):"

@@ -112,3 +112,16 @@ def test_cli_prints_the_verdict_first_and_the_png_carries_it(tmp_path, capsys):
     assert lines[1] == ("verdict: the lr ends 100x below its peak because G cut it 4x after the model began to "
                         "overfit at step 290")
     assert matplotlib.image.imread(str(png)).shape[:2] == (760, 1200)
+
+
+def test_overfitting_run_at_the_lr_floor(tmp_path):
+    # The default job's numbers: G fell to 0.000243 while the lr stopped at 0.0003 = min_lr_ratio 0.01 x 0.03.
+    steps = range(0, 600, 10)
+    run_dir = _write(tmp_path, {
+        "stablelr/lr": [(s, 0.0292 if s < 290 else 0.0003) for s in steps],
+        "stablelr/gap_factor": [(s, 1.0 if s < 290 else 0.000243) for s in steps],
+        "stablelr/gap": [(s, 0.1 if s < 290 else 0.947) for s in steps],
+    })  # fmt: skip
+    verdict = diagnose(load_run(run_dir))
+    assert verdict.headline == ("the lr ends 97.3x below its peak because G cut it 4.12e+03x after the model began "
+                                "to overfit at step 290 and the lr sits at its floor (min_lr_ratio x base lr)")
