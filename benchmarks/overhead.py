@@ -133,8 +133,10 @@ def time_one(cfg: Any, datamodule: Any, condition: str, warmup: int, steps: int)
     """``(wall, CPU, hook)`` seconds per optimizer step of one run (see the module docstring)."""
     from hydra.utils import instantiate
 
+    from recipes.train import build_model  # the model config names no optimizer: build_model passes it in
+
     L.seed_everything(int(cfg.seed), verbose=False)
-    model = instantiate(cfg.model)
+    model = build_model(cfg)
     hooks = HookClock()
     timer = StepWindowTimer(warmup, steps, hooks)
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report",
         help="summarize a run's TensorBoard event files",
-        description="Summarize the stability of a run from its TensorBoard event files: lr start and "
+        description="Summarize the stability of a run from its TensorBoard event files: a verdict in plain "
+        "words (healthy, overfitting and the lr cut it caused, guard actions, divergence), then lr start and "
         "end, gap history, certified rate, worst barrier, equiconnectedness, sharpness against "
         "threshold and probe overhead.",
     )
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report(run_dir: str, png: str | None, as_json: bool) -> int:
-    from lightning_stablelr.report import format_table, load_run, summarize, summary_to_json, write_dashboard
+    from lightning_stablelr.report import format_report, load_run, summarize, summary_to_json, write_dashboard
 
     run = load_run(run_dir)
     summary = summarize(run)
@@ -55,7 +56,7 @@ def _report(run_dir: str, png: str | None, as_json: bool) -> int:
             # stdout stays pure JSON.
             print(f"dashboard written to {png}", file=sys.stderr)
     else:
-        print(format_table(summary))
+        print(format_report(summary))
         if png is not None:
             print(f"dashboard written to {png}")
     return 0

@@ -5,7 +5,7 @@
     run = load_run("lightning_logs/version_0")     # every events.out.tfevents.* below, merged
     summary = summarize(run)                       # plain dict; missing tags are None
     print(format_table(summary))
-    write_dashboard(run, "dashboard.png")          # six small panels, one page
+    write_dashboard(run, "dashboard.png")          # six small panels, one page (report_dashboard.py)
 
 The module is pure (no Lightning import): it reads files written by any TensorBoard writer.
 """
@@ -21,13 +21,12 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-
-from lightning_stablelr.validation import check_in_range
+from lightning_stablelr.report_verdict import diagnose, monitor_budget
 
 __all__ = [
     "ReportError",
     "RunScalars",
+    "format_report",
     "format_table",
     "load_run",
     "summarize",
@@ -40,8 +39,6 @@ _LR_TAG = re.compile(r"^stablelr/lr(-.+)?$")
 _TRAIN_LOSS_TAGS = ("train_loss", "train_loss_step", "train_loss_epoch", "train/loss", "loss")
 _VAL_LOSS_TAGS = ("val_loss", "val/loss", "val_loss_epoch")
 _VAL_ACC_TAGS = ("val_acc", "val/acc", "val_accuracy", "val_acc_epoch")
-# Bounds and window maxima are drawn dashed so that the quantity they bound stands out.
-_DASHED = frozenset({"lyapunov/max_stable_lr", "lyapunov/stability_threshold", "connectivity/equiconnectedness"})
 _HINT = (
     "Pass the Lightning log directory that contains events.out.tfevents.* files "
     "(for example lightning_logs/version_0, or a Hydra run's output directory trained with "
@@ -175,7 +172,9 @@ def summarize(run: RunScalars) -> dict[str, Any]:
     ``certified_rate`` (last, mean), ``barrier`` (worst consecutive barrier and its step),
     ``superlevel_dip`` (max, last), ``equiconnectedness`` (last, max), ``sharpness`` (last sharpness,
     last stability threshold, max eos ratio), ``overhead`` (last ``monitor/overhead``, last
-    ``monitor/deferred_probes``), ``val_loss``/``val_acc`` (final), ``nonfinite_steps`` (the largest
+    ``monitor/deferred_probes``, ``budget``: the monitor's ``max_overhead`` from the run's ``hparams.yaml``
+    or None), ``verdict`` (``kind``, ``headline``, ``findings``: :func:`~lightning_stablelr.report_verdict.diagnose`),
+    ``val_loss``/``val_acc`` (final), ``nonfinite_steps`` (the largest
     ``stablelr/nonfinite_steps``, a cumulative count), plus ``run_dir``, ``event_files``, ``last_step``.
     """
     lr = {tag: {"start": run.first(tag), "end": run.last(tag)} for tag in run.tags() if _LR_TAG.match(tag)}
@@ -196,8 +195,12 @@ def summarize(run: RunScalars) -> dict[str, Any]:
     val_loss_tag = _first_present(run, _VAL_LOSS_TAGS)
     val_acc_tag = _first_present(run, _VAL_ACC_TAGS)
     all_steps = [series[-1][0] for series in run.scalars.values() if series]
+    budget = monitor_budget(run.run_dir)
+    verdict = diagnose(run, budget)
     return {
         "run_dir": str(run.run_dir),
+        "verdict": {"kind": verdict.kind, "headline": verdict.headline, "findings": list(verdict.findings),
+                    "overfit_step": verdict.overfit_step},
         "event_files": len(run.event_files),
         "last_step": max(all_steps) if all_steps else None,
         "lr": lr,
@@ -217,7 +220,7 @@ def summarize(run: RunScalars) -> dict[str, Any]:
                       "threshold": run.last("lyapunov/stability_threshold"),
                       "max_eos_ratio": _finite_max(run.values("lyapunov/eos_ratio"))},
         "overhead": {"last": run.last("monitor/overhead"),
-                     "deferred_probes": run.last("monitor/deferred_probes")},
+                     "deferred_probes": run.last("monitor/deferred_probes"), "budget": budget},
         "val_loss": run.last(val_loss_tag) if val_loss_tag else None,
         "val_acc": run.last(val_acc_tag) if val_acc_tag else None,
         "nonfinite_steps": None if nonfinite is None else int(nonfinite),
@@ -247,8 +250,17 @@ def _gap_changes(changes: list[dict[str, Any]], shown: int = 4) -> str:
     return f"{len(changes)}: " + "; ".join(parts)
 
 
+def _overhead(overhead: dict[str, Any]) -> str:
+    # The share of training time the monitor's probes took, next to the budget it was allowed.
+    if overhead["last"] is None:
+        return "\u2014"
+    budget = overhead.get("budget")
+    allowed = "budget unknown" if budget is None else f"budget max_overhead={budget:g}"
+    return f"{overhead['last']:.1%} of training time ({allowed})"
+
+
 def format_table(summary: dict[str, Any]) -> str:
-    """Render :func:`summarize`'s dict as an aligned two-column plain-text table.
+    """Render :func:`summarize`'s dict as an aligned two-column plain-text table (no verdict: :func:`format_report`).
 
     Floats use 4 significant digits; a missing value is shown as an em dash.
     """
@@ -279,7 +291,7 @@ def format_table(summary: dict[str, Any]) -> str:
         ("sharpness vs threshold (last)", _pair(summary["sharpness"]["last"],
                                                 summary["sharpness"]["threshold"], " vs ")),
         ("eos ratio (max)", _fmt(summary["sharpness"]["max_eos_ratio"])),
-        ("probe overhead (last)", _fmt(summary["overhead"]["last"])),
+        ("probe overhead (last)", _overhead(summary["overhead"])),
         ("deferred probes (last)", _fmt(summary["overhead"]["deferred_probes"])),
         ("final val_loss", _fmt(summary["val_loss"])),
         ("final val_acc", _fmt(summary["val_acc"])),
@@ -291,6 +303,14 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = [header, f"{'metric'.ljust(width)}  value", f"{'-' * width}  {'-' * 5}"]
     lines += [f"{label.ljust(width)}  {value}" for label, value in rows]
     return "\n".join(lines)
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    """What ``stablelr report`` prints: the verdict first (headline, then one line per finding), then the table."""
+    verdict = summary["verdict"]
+    table = format_table(summary).splitlines()
+    lines = [table[0], f"verdict: {verdict['headline']}", *(f"  - {finding}" for finding in verdict["findings"]), ""]
+    return "\n".join([*lines, *table[1:]])
 
 
 def _jsonable(value: Any) -> Any:
@@ -308,60 +328,4 @@ def summary_to_json(summary: dict[str, Any]) -> str:
     return json.dumps(_jsonable(summary), indent=2, allow_nan=False)
 
 
-def _panel(ax: Any, run: RunScalars, tags: Sequence[str], title: str, *, log_y: bool = False) -> None:
-    plotted = [tag for tag in tags if run.scalars.get(tag)]
-    for tag in plotted:
-        ax.plot(run.steps(tag), run.values(tag), label=tag, linewidth=1.0,
-                linestyle="--" if tag in _DASHED else "-")
-    ax.set_title(title, fontsize=9)
-    ax.tick_params(labelsize=7)
-    if not plotted:
-        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
-        return
-    values = [value for tag in plotted for value in run.values(tag) if math.isfinite(value)]
-    if log_y and values and min(values) > 0:
-        ax.set_yscale("log")
-    ax.legend(fontsize=6, loc="best")
-
-
-def write_dashboard(run: RunScalars, path: str | Path, *, dpi: int = 100) -> Path:
-    """Write a one-page PNG (1200 x 650 px at 100 dpi) with six panels; return its path.
-
-    Panels: learning rate(s) with the max stable lr, gap and factors, delta_v and certified rate,
-    barrier / dip / equiconnectedness, sharpness against threshold, train and validation loss.
-    Raises :class:`ReportError` when ``path`` cannot be written, ``ValueError`` when ``dpi`` is not
-    in [10, 100].
-    """
-    dpi = check_in_range("dpi", dpi, 10, 100, hint="Dashboards stay small: at most 100 dpi.")
-    out = Path(path)
-    if not out.parent.is_dir():
-        # Checked before drawing: rendering six panels is the expensive part.
-        raise ReportError(f"cannot write the dashboard to '{out}': directory '{out.parent}' does not exist. "
-                          "Pass --png a file path in an existing, writable directory.")
-    lr_tags = [tag for tag in run.tags() if _LR_TAG.match(tag)]
-    train_tag = _first_present(run, _TRAIN_LOSS_TAGS)
-    val_tag = _first_present(run, _VAL_LOSS_TAGS)
-    # Fixed margins: constrained layout would double the rendering time of this page.
-    fig = Figure(figsize=(12, 6.5), dpi=dpi)
-    axes = fig.subplots(2, 3, gridspec_kw={"left": 0.05, "right": 0.99, "bottom": 0.08, "top": 0.91,
-                                           "wspace": 0.2, "hspace": 0.3})
-    fig.suptitle(f"stablelr report: {run.run_dir}", fontsize=10)
-    _panel(axes[0, 0], run, [*lr_tags, "lyapunov/max_stable_lr"], "learning rate vs max stable lr", log_y=True)
-    _panel(axes[0, 1], run, ["stablelr/gap", "stablelr/gap_factor", "stablelr/stability_factor",
-                             "stablelr/decay"], "gap and factors")
-    _panel(axes[0, 2], run, ["lyapunov/delta_v", "lyapunov/certified_rate"], "Lyapunov: delta_v, certified rate")
-    _panel(axes[1, 0], run, ["connectivity/barrier", "connectivity/superlevel_dip",
-                             "connectivity/equiconnectedness"], "connectivity")
-    _panel(axes[1, 1], run, ["lyapunov/sharpness", "lyapunov/stability_threshold"],
-           "sharpness vs threshold", log_y=True)
-    _panel(axes[1, 2], run, [tag for tag in (train_tag, val_tag) if tag], "loss")
-    for ax in axes[1]:
-        ax.set_xlabel("step", fontsize=7)
-    try:
-        fig.savefig(out, format="png", dpi=dpi)
-    except OSError as error:
-        raise ReportError(f"cannot write the dashboard to '{out}': {error}. "
-                          "Pass --png a file path in an existing, writable directory.") from None
-    finally:
-        fig.clear()
-    return out
+from lightning_stablelr.report_dashboard import write_dashboard  # noqa: E402 (re-export, needs the names above)

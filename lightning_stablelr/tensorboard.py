@@ -24,11 +24,13 @@ from typing import Any
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_stablelr.validation import check_int_at_least
 
 __all__ = [
+    "HEATMAP_MIN_SCALE",
     "LAYOUT_CATEGORIES",
     "LR_TAG_REGEX",
     "MAX_FIGURE_DPI",
@@ -44,6 +46,10 @@ __all__ = [
 
 #: Figures are written at most at this resolution (dots per inch) to keep event files small.
 MAX_FIGURE_DPI = 100
+
+#: The pairwise heat map's colour scale reaches at least this barrier (loss units), so that float noise
+#: (barriers of 1e-8 between near-identical snapshots) stays dark instead of filling the scale.
+HEATMAP_MIN_SCALE = 1e-3
 
 #: Matches ``stablelr/lr`` (one param group) and ``stablelr/lr-{name or index}`` (several groups).
 #: Multiline charts take regular expressions, which the server applies with ``re.match`` (anchored
@@ -63,23 +69,27 @@ LAYOUT_CATEGORIES: tuple[tuple[str, tuple[tuple[str, str, tuple[str, ...]], ...]
         "Learning rate",
         (
             ("learning rate (stablelr/lr*)", "multiline", (LR_TAG_REGEX,)),
-            (
-                "factors: gap_factor, stability_factor, decay",
-                "multiline",
-                (_exact("stablelr/gap_factor"), _exact("stablelr/stability_factor"), _exact("stablelr/decay")),
-            ),
+            # one chart per factor: TensorBoard colours by run, so three tags in one chart look alike
+            ("gap factor G (< 1: cut against overfitting)", "multiline", (_exact("stablelr/gap_factor"),)),
+            ("stability factor C (< 1: the guard cut an overshooting step)", "multiline",
+             (_exact("stablelr/stability_factor"),)),
+            ("time decay exp(-lambda t)", "multiline", (_exact("stablelr/decay"),)),
         ),
     ),
     (
         "Stability",
         (
-            ("lr against max stable lr (2+2beta)/sharpness", "multiline",
-             (LR_TAG_REGEX, _exact("lyapunov/max_stable_lr"))),
-            ("edge-of-stability ratio: sharpness / threshold", "multiline", (_exact("lyapunov/eos_ratio"),)),
-            ("step margin s_max (the step taken is s = 1)", "multiline",
-             (_exact("stablelr/step_margin"), _exact("lyapunov/step_margin"))),
-            ("sharpness against stability threshold", "multiline",
-             (_exact("lyapunov/sharpness"), _exact("lyapunov/stability_threshold"))),
+            # log10 margin charts (chart_tags.py): the line is the quantity, the band reaches up to its bound,
+            # readable at TensorBoard's defaults (linear axis, outliers clipped, one colour per run).
+            ("log10 lr (line) and headroom band up to log10 max stable lr", "margin",
+             ("lyapunov/log10_lr", "lyapunov/log10_lr", "lyapunov/log10_max_stable_lr")),
+            ("log10 sharpness (line) and band up to log10 stability threshold", "margin",
+             ("lyapunov/log10_sharpness", "lyapunov/log10_sharpness", "lyapunov/log10_stability_threshold")),
+            ("edge-of-stability ratio: sharpness / threshold (< 1 is stable)", "multiline",
+             (_exact("lyapunov/eos_ratio"),)),
+            ("step margin s_max, StableLR's probe (the step taken is s = 1)", "multiline",
+             (_exact("stablelr/step_margin"),)),
+            ("step margin s_max, the monitor's certificate", "multiline", (_exact("lyapunov/step_margin"),)),
         ),
     ),
     (
@@ -87,8 +97,10 @@ LAYOUT_CATEGORIES: tuple[tuple[str, tuple[tuple[str, str, tuple[str, ...]], ...]
         (
             ("delta_v = L+ - L0 (<= 0: the step decreased V)", "multiline", (_exact("lyapunov/delta_v"),)),
             ("certified rate over the window", "multiline", (_exact("lyapunov/certified_rate"),)),
-            ("EMA and validation decrease", "multiline",
-             (_exact("lyapunov/ema_decrease"), _exact("lyapunov/val_decrease"))),
+            ("EMA decrease (1: the training-loss EMA fell over the window)", "multiline",
+             (_exact("lyapunov/ema_decrease"),)),
+            ("validation decrease (1: val loss fell since the last validation)", "multiline",
+             (_exact("lyapunov/val_decrease"),)),
         ),
     ),
     (
@@ -132,8 +144,10 @@ def stability_layout() -> layout_pb2.Layout:
     """Return the custom-scalars layout proto: four categories, built from :data:`LAYOUT_CATEGORIES`.
 
     Categories, in order: "Learning rate", "Stability", "Lyapunov", "Connectivity". Multiline charts
-    hold tag regular expressions; the Connectivity margin chart plots ``connectivity/barrier`` with a
-    band up to ``connectivity/equiconnectedness`` (the monitor must log both at the same steps).
+    hold tag regular expressions, one tag each where TensorBoard would draw several in one colour. Margin
+    charts draw a line with a band and need their three tags at identical steps: the two Stability ones use
+    the log10 tags of :mod:`lightning_stablelr.chart_tags`; the Connectivity one plots
+    ``connectivity/barrier`` with a band up to ``connectivity/equiconnectedness``.
     """
     layout = layout_pb2.Layout()
     for category_title, charts in LAYOUT_CATEGORIES:
@@ -235,8 +249,10 @@ def path_figure(segments: Sequence[PathSegment | tuple], *, title: str = "loss a
     # Fixed margins instead of constrained layout: figures are drawn during training, and the
     # layout solver costs as much as the drawing itself.
     fig = Figure(figsize=(4.8, 3.2), dpi=MAX_FIGURE_DPI)
-    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.15, top=0.9)
+    # left margin for y tick labels such as 2.305; %.4g keeps them short (no offset text above the axis)
+    fig.subplots_adjust(left=0.17, right=0.97, bottom=0.15, top=0.9)
     ax = fig.add_subplot()
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.4g"))
     for segment in parsed:
         ax.plot(segment.alphas, segment.losses, marker="o", markersize=3,
                 label=f"epoch {segment.epoch_a} \u2192 {segment.epoch_b}")
@@ -252,7 +268,8 @@ def pairwise_heatmap(matrix: Any, labels: Sequence[Any], *, title: str = "pairwi
     """Draw the k x k matrix of pairwise barriers; NaN cells (pairs not measured) stay blank.
 
     Contract: ``matrix`` is array-like of shape (k, k) with ``k == len(labels)`` >= 1; ``labels`` name
-    the snapshots (e.g. epochs). Finite cells are annotated with their value when k <= 10.
+    the snapshots (e.g. epochs). Finite cells are annotated with their value when k <= 10. The colour scale
+    runs from 0 to ``max(largest barrier, HEATMAP_MIN_SCALE)``.
     """
     values = np.asarray(matrix, dtype=float)
     check_int_at_least("len(labels)", len(labels), 1, "Pass one label per snapshot.")
@@ -267,7 +284,7 @@ def pairwise_heatmap(matrix: Any, labels: Sequence[Any], *, title: str = "pairwi
     masked = np.ma.masked_invalid(values)
     cmap = colormaps["viridis"].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
     finite = values[np.isfinite(values)]
-    vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    vmax = max(float(finite.max()) if finite.size else 0.0, HEATMAP_MIN_SCALE)
     image = ax.imshow(masked, cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
     fig.colorbar(image, ax=ax, shrink=0.8)
     ticks = list(range(k))

@@ -35,7 +35,7 @@ class Classifier(L.LightningModule):
     Args:
         net: any module mapping ``(batch, *image_shape)`` to ``(batch, num_classes)`` logits.
         optimizer: ``functools.partial`` of a torch optimizer (``_partial_: true`` in ``conf/optimizer``);
-            called with the parameters.
+            called with the parameters. ``None`` for a model that is only evaluated (``recipes.eval``).
         scheduler: ``functools.partial`` of a torch LR scheduler, called with the optimizer, or ``None``
             (StableLR and the constant policy need none).
         scheduler_interval: ``"epoch"`` or ``"step"``: when Lightning steps the scheduler.
@@ -50,7 +50,7 @@ class Classifier(L.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         scheduler_interval: str = "epoch",
         scheduler_monitor: str | None = "val_loss",
@@ -60,7 +60,7 @@ class Classifier(L.LightningModule):
         super().__init__()
         check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
         check_int_at_least("scheduler_frequency", scheduler_frequency, 1)
-        if not callable(optimizer):
+        if optimizer is not None and not callable(optimizer):
             raise ValueError(
                 f"`optimizer` must be a partial optimizer (a config with `_partial_: true`), got {optimizer!r}."
             )
@@ -140,6 +140,11 @@ class Classifier(L.LightningModule):
         self.log("test_acc", accuracy, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError(
+                "Classifier was built without `optimizer`, so it cannot be trained. Pass optimizer=<partial "
+                "optimizer> (recipes.train.build_model does), or only validate/test it."
+            )
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer

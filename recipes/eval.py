@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on the validation and test splits: ``python -m recipes.eval ckpt_path=<file>``.
 
 Pass the same ``data=``/``model=`` overrides as for the training run (they are listed in
-``<run dir>/.hydra/overrides.yaml``); the optimizer and lr policy do not matter for evaluation. Results go
+``<run dir>/.hydra/overrides.yaml``); the model config names no optimizer or lr policy, so evaluation needs none. Results go
 to ``<eval run dir>/metrics.json`` and are printed.
 """
 
@@ -12,14 +12,20 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 import yaml
 from omegaconf import DictConfig
 
 from recipes.checks import check_devices, check_required_values
 from recipes.errors import RecipeError, build
+from recipes.runner import (
+    build_loggers,
+    collect_metrics,
+    cpu_threads,
+    output_dir_of,
+    prepare_job,
+    run_entry_point,
+)
 from recipes.summary import write_metrics
-from recipes.train import build_loggers, collect_metrics, output_dir_of, route_lightning_logs, run_entry_point
 
 __all__ = ["evaluate", "main"]
 
@@ -47,14 +53,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
     output_dir = output_dir_of(cfg)
     check_devices(cfg.trainer)
-    route_lightning_logs()
-    threads = torch.get_num_threads()
-    if cfg.get("cpu_threads"):
-        torch.set_num_threads(int(cfg.cpu_threads))
-    try:
+    prepare_job()
+    with cpu_threads(cfg):
         return _validate_and_test(cfg, ckpt_path, output_dir)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _validate_and_test(cfg: DictConfig, ckpt_path: Path, output_dir: Path) -> dict[str, Any]:

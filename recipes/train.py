@@ -13,62 +13,30 @@ See ``docs/RECIPES.md`` for GPUs, DDP, SLURM and policy comparisons.
 
 from __future__ import annotations
 
-import logging
 import math
-import sys
-import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from recipes.checks import check_config
-from recipes.errors import EXIT_CONFIG_ERROR, RecipeError, build
+from recipes.errors import build
 from recipes.launch import run_job_in_child, sweep_job_needs_child
+from recipes.runner import (
+    build_loggers,
+    collect_metrics,
+    cpu_threads,
+    output_dir_of,
+    prepare_job,
+    run_entry_point,
+    tensorboard_dir,
+)
 from recipes.summary import write_metrics
 
-__all__ = ["collect_metrics", "main", "output_dir_of", "run_entry_point", "train"]
-
-log = logging.getLogger(__name__)
-
-
-def output_dir_of(cfg: DictConfig) -> Path:
-    """The run directory: ``cfg.paths.output_dir`` (``${hydra:runtime.output_dir}`` under ``@hydra.main``)."""
-    try:
-        value = OmegaConf.select(cfg, "paths.output_dir", throw_on_missing=True)
-    except Exception as exc:  # ${hydra:...} does not resolve outside @hydra.main
-        raise RecipeError(
-            "paths.output_dir does not resolve outside `@hydra.main` (it defaults to ${hydra:runtime.output_dir}). "
-            "When calling train(cfg) yourself, compose with the override paths.output_dir=<directory>."
-        ) from exc
-    if not value:
-        raise RecipeError("paths.output_dir is empty; set paths.output_dir=<directory>.")
-    return Path(str(value))
-
-
-def route_lightning_logs() -> None:
-    """Send Lightning's log records through the root logger that Hydra configured (console + the job's log file).
-
-    ``lightning.pytorch`` attaches its own stream handler and stops propagation when it is imported before
-    any logging is configured (always, here), so its messages would miss the run's log file. Only under
-    ``@hydra.main``: a caller of ``train(cfg)`` (a test session, a notebook) keeps its own logging setup.
-    """
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized() or not logging.getLogger().handlers:
-        return
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logger = logging.getLogger(name)
-        for handler in list(logger.handlers):
-            if type(handler) is logging.StreamHandler:
-                logger.removeHandler(handler)
-        logger.propagate = True
+__all__ = ["build_callbacks", "build_model", "main", "train"]
 
 
 def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
@@ -93,40 +61,12 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
     return callbacks
 
 
-def build_loggers(cfg: DictConfig) -> list[Any]:
-    """Every node with a ``_target_`` under ``cfg.logger`` (``logger=[tensorboard,csv]`` selects both)."""
-    return [
-        build(node, f"logger.{name}")
-        for name, node in (cfg.get("logger") or {}).items()
-        if isinstance(node, DictConfig) and "_target_" in node
-    ]
-
-
-def collect_metrics(trainer: L.Trainer) -> dict[str, float]:
-    """Every scalar of ``trainer.callback_metrics`` as a float, plus derived values.
-
-    Derived: ``lr_end`` (the ``lr`` of the last optimizer step), ``val_loss_final_minus_best`` (the
-    anti-overfitting figure of merit), ``epochs`` and ``global_step``.
-    """
-    metrics: dict[str, float] = {}
-    for key, value in trainer.callback_metrics.items():
-        if (isinstance(value, torch.Tensor) and value.numel() == 1) or isinstance(value, (int, float)):
-            metrics[key] = float(value)
-    if "lr" in metrics:
-        metrics["lr_end"] = metrics["lr"]
-    if "val_loss" in metrics and "val_loss_best" in metrics:
-        metrics["val_loss_final_minus_best"] = metrics["val_loss"] - metrics["val_loss_best"]
-    # Under ddp_spawn the main process's trainer never advances: the Classifier's logged counters did.
-    metrics.setdefault("epochs", float(trainer.current_epoch))
-    metrics.setdefault("global_step", float(trainer.global_step))
-    return metrics
-
-
-def _tensorboard_dir(trainer: L.Trainer, output_dir: Path) -> Path:
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return Path(logger.log_dir).resolve()
-    return output_dir.resolve()
+def build_model(cfg: DictConfig) -> L.LightningModule:
+    """``cfg.model`` with the optimizer and the lr policy's scheduler passed in (the model config names neither,
+    so that ``recipes.eval`` builds the same model without them)."""
+    policy = cfg.lr_policy
+    return build(cfg.model, "model", optimizer=cfg.optimizer, scheduler=policy.get("scheduler"),
+                 scheduler_interval=policy.get("interval", "epoch"), scheduler_monitor=policy.get("monitor"))
 
 
 def _print_summary(metrics: dict[str, Any], trainer: L.Trainer, output_dir: Path) -> None:
@@ -134,15 +74,23 @@ def _print_summary(metrics: dict[str, Any], trainer: L.Trainer, output_dir: Path
         value = metrics.get(key)
         return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
 
-    print(
+    run_dir = output_dir.resolve()
+    lines = [
         f"\n== recipes.train finished in {metrics['wall_time_s']:.1f} s "
-        f"({int(metrics['epochs'])} epochs, {int(metrics['global_step'])} optimizer steps)\n"
+        f"({int(metrics['epochs'])} epochs, {int(metrics['global_step'])} optimizer steps)",
         f"   val_acc {fmt('val_acc')}  val_loss {fmt('val_loss')} (best {fmt('val_loss_best')})  "
-        f"test_acc {fmt('test_acc')}  lr_end {fmt('lr_end')}\n"
-        f"   run dir: {output_dir.resolve()}\n"
-        f"   tensorboard --logdir {_tensorboard_dir(trainer, output_dir)}",
-        flush=True,
-    )
+        f"test_acc {fmt('test_acc')}  lr_end {fmt('lr_end')}",
+        f"   run dir: {run_dir}",
+    ]
+    events = tensorboard_dir(trainer)
+    if events is not None:
+        # --logdir on the folder above the run: TensorBoard names runs after their path below the logdir,
+        # so the run shows as "<date>_<time>/tensorboard" and sits next to earlier runs, not as ".".
+        lines += [
+            f"   what happened:  stablelr report {events}",
+            f"   charts:         tensorboard --logdir {run_dir.parent}   (Custom Scalars tab)",
+        ]
+    print("\n".join(lines), flush=True)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -158,20 +106,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     if sweep_job_needs_child(cfg):
         return run_job_in_child(output_dir)
-    route_lightning_logs()
-    threads = torch.get_num_threads()
-    if cfg.get("cpu_threads"):
-        torch.set_num_threads(int(cfg.cpu_threads))
-    try:
+    prepare_job()
+    with cpu_threads(cfg):
         return _fit_and_test(cfg, output_dir)
-    finally:
-        torch.set_num_threads(threads)  # an in-process caller gets its own setting back
 
 
 def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data, "data")
-    model = build(cfg.model, "model")
+    model = build_model(cfg)
     callbacks = build_callbacks(cfg, output_dir)
     loggers = build_loggers(cfg)
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
@@ -191,34 +134,6 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         write_metrics(output_dir, metrics)
         _print_summary(metrics, trainer, output_dir)
     return metrics
-
-
-def objective(metrics: dict[str, Any], cfg: DictConfig) -> float | None:
-    """The value ``@hydra.main`` returns for sweepers such as Optuna: ``metrics[cfg.optimized_metric]``."""
-    key = cfg.get("optimized_metric")
-    if not key:
-        return None
-    if key not in metrics:
-        raise RecipeError(
-            f"optimized_metric={key!r} is not among the final metrics ({', '.join(sorted(metrics))}). "
-            "Set optimized_metric to one of them, or optimized_metric=null."
-        )
-    return float(metrics[key])
-
-
-def report_recipe_error(entry_point: str, error: RecipeError) -> None:
-    """Print ``error`` as one wrapped paragraph on stderr (no traceback)."""
-    body = textwrap.fill(str(error), width=100, break_long_words=False, break_on_hyphens=False)
-    print(f"\n{entry_point}: configuration error\n{body}\n", file=sys.stderr, flush=True)
-
-
-def run_entry_point(entry_point: str, function: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> Any:
-    """Call ``function(cfg)``; a ``RecipeError`` becomes a short message and exit code 2."""
-    try:
-        return objective(function(cfg), cfg)
-    except RecipeError as error:
-        report_recipe_error(entry_point, error)
-        sys.exit(EXIT_CONFIG_ERROR)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

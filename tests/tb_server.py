@@ -51,6 +51,12 @@ DOCUMENTED_SCALARS: dict[str, dict[int, float]] = {
     "lyapunov/stability_threshold": {10: 32.0, 30: 64.0},
     "lyapunov/eos_ratio": {10: 0.25, 30: 0.5},
     "lyapunov/max_stable_lr": {10: 0.5, 30: 0.125},
+    # chart_tags.log10_comparison_tags of the four values above (lr = max_stable_lr * eos_ratio), same steps,
+    # rounded to binary fractions so that they survive float32 exactly
+    "lyapunov/log10_lr": {10: -0.875, 30: -1.25},
+    "lyapunov/log10_max_stable_lr": {10: -0.25, 30: -0.875},
+    "lyapunov/log10_sharpness": {10: 0.875, 30: 1.5},
+    "lyapunov/log10_stability_threshold": {10: 1.5, 30: 1.75},
     "connectivity/barrier": {10: 0.0, 20: 0.25, 30: 0.125},
     "connectivity/sublevel_excess": {10: -0.5, 20: 0.0, 30: -0.25},
     "connectivity/superlevel_dip": {10: 0.0625, 20: 0.5, 30: 0.25},

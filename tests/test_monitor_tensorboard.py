@@ -129,14 +129,15 @@ def test_stablelr_report_prints_the_values_stored_in_the_events(run_root: Path, 
         "max_eos_ratio": max(value for _, value in scalars["lyapunov/eos_ratio"]),
     }
     assert summary["max_stable_lr"] == {"last": last("lyapunov/max_stable_lr")}
-    assert summary["overhead"] == {"last": last("monitor/overhead"), "deferred_probes": 0.0}
+    assert summary["overhead"] == {"last": last("monitor/overhead"), "deferred_probes": 0.0, "budget": None}
     assert summary["val_loss"] == last("val_loss")
 
     png = tmp_path / "dashboard.png"
     assert stablelr_main(["report", str(run_dir), "--png", str(png)]) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[-1] == f"dashboard written to {png}"
-    rows = dict(line.split("  ", 1) for line in table.splitlines()[3:-1])
+    lines = table.splitlines()
+    rows = dict(line.split("  ", 1) for line in lines[lines.index("") + 3:-1])  # the table follows the verdict
     rows = {label.strip(): value.strip() for label, value in rows.items()}
     assert rows["certified rate (last / mean)"] == (
         f"{last('lyapunov/certified_rate'):.4g} / {sum(certified) / len(certified):.4g}")

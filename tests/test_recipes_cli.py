@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from recipes.summary import read_metrics
-from tests.test_recipes_helpers import SMALL_DIGITS, describe, run_module
+from tests.test_recipes_helpers import FAST, describe, run_module
 
 pytestmark = pytest.mark.slow
 
 # Generous: a DDP run takes ~15 s on an idle 2-core machine, but rank 1 imports torch and Lightning
 # from scratch and CI machines are shared.
 TIMEOUT = 240
-QUICK = [*SMALL_DIGITS, "trainer.max_epochs=2", "test=false"]
+QUICK = [FAST]
 
 
 def _hydra_dirs(root: Path) -> list[Path]:
@@ -47,7 +47,11 @@ def test_ddp_cpu_single_run_one_directory_same_lr_on_both_ranks(tmp_path):
     assert rank0[-1]["lr"][0] < 0.03  # the decay ran: exp(-0.03 * t) < 1
     metrics = read_metrics(run_dir)
     assert metrics["global_step"] == 4.0 and math.isfinite(metrics["val_loss"])
-    assert f"tensorboard --logdir {run_dir.resolve() / 'tensorboard'}" in result.stdout
+    # the closing lines: the report command on the event files, TensorBoard on the folder above the run
+    assert result.stdout.rstrip().splitlines()[-2:] == [
+        f"   what happened:  stablelr report {run_dir.resolve() / 'tensorboard'}",
+        f"   charts:         tensorboard --logdir {tmp_path.resolve()}   (Custom Scalars tab)",
+    ]
 
 
 @pytest.mark.ddp

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf, open_dict
 
 from recipes.checks import LOGGED_METRICS, check_config, check_devices
 from recipes.errors import RecipeError, build
-from recipes.train import build_callbacks, build_loggers, output_dir_of
+from recipes.runner import build_loggers, output_dir_of
+from recipes.train import build_callbacks, build_model
 from tests.test_recipes_helpers import CONF, CPU_TRAINER, compose_train, with_output_dir
 
 GROUPS = ("data", "model", "optimizer", "lr_policy", "monitor", "trainer", "logger", "callbacks", "paths")
@@ -163,7 +164,8 @@ def test_every_policy_starts_from_the_optimizer_lr():
     for optimizer, lr, policies in (("sgd", 0.03, _options("lr_policy")), ("adamw", 0.001, ["stablelr", "plateau"])):
         for policy in policies:
             cfg = compose_train([f"optimizer={optimizer}", f"lr_policy={policy}"])
-            assert cfg.model.optimizer.lr == lr, (optimizer, policy)
+            assert "optimizer" not in cfg.model and "scheduler" not in cfg.model  # eval composes no optimizer
+            assert build_model(cfg).optimizer_factory.keywords["lr"] == lr, (optimizer, policy)
             assert "lr" not in (cfg.lr_policy.scheduler or {}) and "lr" not in (cfg.lr_policy.callback or {})
 
 

@@ -19,7 +19,7 @@ from recipes.eval import evaluate
 from recipes.launch import relaunches_script, single_run_command, sweep_job_needs_child
 from recipes.summary import collect_sweep, format_table, read_metrics, write_metrics, write_sweep_summary
 from recipes.train import train
-from tests.test_recipes_helpers import SMALL_DIGITS, compose_train, with_output_dir
+from tests.test_recipes_helpers import FAST, compose_train, with_output_dir
 
 STABLELR_TAGS = {
     "stablelr/lr-SGD", "stablelr/decay", "stablelr/gap", "stablelr/gap_factor", "stablelr/stability_factor",
@@ -103,8 +103,7 @@ def test_default_job_lr_is_the_stablelr_formula_from_the_optimizer_lr(digits_run
 
 def test_peer_policy_lr_trajectory_is_exact(tmp_path):
     cfg = with_output_dir(
-        compose_train(["lr_policy=exponential", "monitor=off", "trainer.max_epochs=3", "test=false",
-                       "debug.lr_trace=true", *SMALL_DIGITS]),
+        compose_train([FAST, "lr_policy=exponential", "monitor=off", "trainer.max_epochs=3", "debug.lr_trace=true"]),
         tmp_path,
     )  # fmt: skip
     metrics = train(cfg)
@@ -122,8 +121,8 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_resuming_from_an_epoch_end_checkpoint_is_exact(tmp_path):
-    common = ["monitor=off", "test=false", "debug.lr_trace=true", "trainer.deterministic=true",
-              "lr_policy.callback.dense_check_steps=4", "lr_policy.callback.check_every_n_steps=3", *SMALL_DIGITS]
+    common = [FAST, "monitor=off", "debug.lr_trace=true", "trainer.deterministic=true",
+              "lr_policy.callback.dense_check_steps=4", "lr_policy.callback.check_every_n_steps=3"]
     straight = with_output_dir(compose_train(["trainer.max_epochs=4", *common]), tmp_path / "straight")
     first_half = with_output_dir(compose_train(["trainer.max_epochs=2", *common]), tmp_path / "interrupted")
     expected = train(straight)

@@ -17,6 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 from lightning_stablelr.cli import main
 from lightning_stablelr.report import (
     ReportError,
+    format_report,
     format_table,
     load_run,
     summarize,
@@ -39,6 +40,19 @@ def documented_run(tmp_path_factory) -> Path:
 def _expected_summary(run_dir: Path) -> dict:
     return {
         "run_dir": str(run_dir),
+        "verdict": {
+            "kind": "overfitting",
+            "headline": "the lr ends 16x below its peak because G cut it 2x after the model began to overfit at step 20",
+            "findings": [
+                "overfitting began at step 20: the validation loss stopped improving while the gap (L_va - L_tr)/|L_va| "
+                "reached 0.5, so G cut the lr 2x in 2 step(s) (gap_factor 0.5)",
+                "the guard acted 1 time(s) on a measured overshoot (stability_factor fell 1 time(s) in the logged "
+                "points; lowest 0.5, last 0.75)",
+                "lr peak 0.5 -> end 0.0312 (16x lower)",
+                "1 step(s) had a NaN/Inf loss or gradient and were dropped",
+            ],
+            "overfit_step": 20,
+        },
         "event_files": 2,
         "last_step": 30,
         "lr": {"stablelr/lr-0": {"start": 0.5, "end": 0.03125},  # end: the resumed value wins
@@ -54,7 +68,7 @@ def _expected_summary(run_dir: Path) -> dict:
         "superlevel_dip": {"max": 0.5, "last": 0.25},
         "equiconnectedness": {"last": 0.375, "max": 0.5},
         "sharpness": {"last": 32.0, "threshold": 64.0, "max_eos_ratio": 0.5},
-        "overhead": {"last": 0.046875, "deferred_probes": 2.0},
+        "overhead": {"last": 0.046875, "deferred_probes": 2.0, "budget": None},
         "val_loss": 0.875,
         "val_acc": 0.75,
         "nonfinite_steps": 1,
@@ -148,7 +162,7 @@ def test_format_table_is_aligned_and_contains_the_numbers(documented_run):
         "equiconnectedness (last / max)": "0.375 / 0.5",
         "sharpness vs threshold (last)": "32 vs 64",
         "eos ratio (max)": "0.5",
-        "probe overhead (last)": "0.04688",
+        "probe overhead (last)": "4.7% of training time (budget unknown)",
         "deferred probes (last)": "2",
         "final val_loss": "0.875",
         "final val_acc": "0.75",
@@ -159,7 +173,7 @@ def test_format_table_is_aligned_and_contains_the_numbers(documented_run):
 def test_cli_prints_the_table(documented_run, capsys):
     assert main(["report", str(documented_run)]) == 0
     captured = capsys.readouterr()
-    assert captured.out == format_table(summarize(load_run(documented_run))) + "\n"
+    assert captured.out == format_report(summarize(load_run(documented_run))) + "\n"
     assert captured.err == ""
 
 
@@ -175,7 +189,7 @@ def test_cli_png_writes_a_readable_dashboard(documented_run, tmp_path, capsys):
     assert json.loads(captured.out)["val_loss"] == 0.875  # stdout stays pure JSON
     assert captured.err == f"dashboard written to {png}\n"
     assert png.read_bytes()[:8] == PNG_SIGNATURE
-    assert matplotlib.image.imread(png).shape == (650, 1200, 4)  # 12 x 6.5 in at 100 dpi
+    assert matplotlib.image.imread(png).shape == (760, 1200, 4)  # 12 x 7.6 in at 100 dpi
 
 
 def test_write_dashboard_rejects_high_dpi_and_unwritable_paths(documented_run, tmp_path):

@@ -19,6 +19,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_stablelr.tensorboard import (
+    HEATMAP_MIN_SCALE,
     PathSegment,
     find_tensorboard_writer,
     pairwise_heatmap,
@@ -67,23 +68,24 @@ def test_layout_charts_name_the_documented_tags():
         assert _matches(lr_chart, tag), tag
     for tag in ("stablelr/lrx", "stablelr/decay", "stablelr/lr_monitor"):
         assert not _matches(lr_chart, tag), tag
-    factors = _chart(layout, "Learning rate", 1)
-    assert [t for t in DOCUMENTED_SCALARS if _matches(factors, t)] == [
-        "stablelr/decay", "stablelr/gap_factor", "stablelr/stability_factor"
-    ]
-    # Stability: lr plotted against the max stable lr in one chart.
-    against = _chart(layout, "Stability", 0)
-    assert _matches(against, "stablelr/lr-0") and _matches(against, "lyapunov/max_stable_lr")
-    assert not _matches(against, "lyapunov/max_stable_lr_other")
+    # one tag per chart where TensorBoard would colour several alike (it colours by run)
+    factors = [[t for t in DOCUMENTED_SCALARS if _matches(_chart(layout, "Learning rate", i), t)] for i in (1, 2, 3)]
+    assert factors == [["stablelr/gap_factor"], ["stablelr/stability_factor"], ["stablelr/decay"]]
+    # Stability: log10 margin charts, the line the quantity and the band up to its bound
+    against, sharpness = _chart(layout, "Stability", 0), _chart(layout, "Stability", 1)
+    assert [(s.value, s.lower, s.upper) for s in against.margin.series] == [
+        ("lyapunov/log10_lr", "lyapunov/log10_lr", "lyapunov/log10_max_stable_lr")]
+    assert [(s.value, s.lower, s.upper) for s in sharpness.margin.series] == [
+        ("lyapunov/log10_sharpness", "lyapunov/log10_sharpness", "lyapunov/log10_stability_threshold")]
     stability = {t for chart in next(c for c in layout.category if c.title == "Stability").chart
                  for t in DOCUMENTED_SCALARS if _matches(chart, t)}
-    assert stability == {"stablelr/lr-0", "stablelr/lr-head", "lyapunov/max_stable_lr", "lyapunov/eos_ratio",
-                         "stablelr/step_margin", "lyapunov/step_margin", "lyapunov/sharpness",
-                         "lyapunov/stability_threshold"}
+    assert stability == {"lyapunov/log10_lr", "lyapunov/log10_max_stable_lr", "lyapunov/log10_sharpness",
+                         "lyapunov/log10_stability_threshold", "lyapunov/eos_ratio", "stablelr/step_margin",
+                         "lyapunov/step_margin"}
     lyapunov = [[t for t in DOCUMENTED_SCALARS if _matches(chart, t)]
                 for chart in next(c for c in layout.category if c.title == "Lyapunov").chart]
     assert lyapunov == [["lyapunov/delta_v"], ["lyapunov/certified_rate"],
-                        ["lyapunov/ema_decrease", "lyapunov/val_decrease"]]
+                        ["lyapunov/ema_decrease"], ["lyapunov/val_decrease"]]
 
 
 def test_connectivity_puts_dip_and_window_barrier_first_then_a_margin_chart():
@@ -193,6 +195,26 @@ def test_pairwise_heatmap_leaves_nan_cells_blank_and_annotates_finite_ones():
     # A NaN cell renders as the white figure background; a measured cell does not.
     assert _pixel(fig, ax, 0.0, 2.0)[:3] == (255, 255, 255)
     assert _pixel(fig, ax, 2.0, 0.0)[:3] != (255, 255, 255)
+
+
+def test_pairwise_heatmap_keeps_float_noise_dark():
+    # barriers of 2e-8 between near-identical snapshots: the scale still reaches HEATMAP_MIN_SCALE
+    fig = pairwise_heatmap([[0.0, 2e-8], [1e-8, 0.0]], labels=[0, 1])
+    image = fig.axes[0].images[0]
+    assert image.get_clim() == (0.0, HEATMAP_MIN_SCALE)
+    r, g, b, _ = image.cmap(image.norm(2e-8))
+    assert (r, g, b) == pytest.approx(image.cmap(0.0)[:3], abs=1e-2)  # the colour of 0, not viridis' yellow
+
+
+def test_path_figure_y_tick_labels_fit_inside_the_figure():
+    fig = path_figure([(0, 1, (0.0, 0.5, 1.0), (2.30512, 2.30531, 2.30498))])
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    labels = [label for label in fig.axes[0].get_yticklabels() if label.get_text()]
+    assert labels and all(label.get_window_extent(renderer).x0 >= 0 for label in labels)
+    assert fig.axes[0].yaxis.get_label().get_window_extent(renderer).x0 >= 0
 
 
 def test_pairwise_heatmap_rejects_mismatched_shapes():

@@ -68,10 +68,13 @@ def test_tensorboard_server_serves_documented_tags_layout_and_png(tmp_path):
 
         # The charts resolve on the server exactly as the frontend asks for them.
         categories = {category.title: category for category in stability_layout().category}
-        lr_vs_max = server.get_json("data/plugin/custom_scalars/scalars", run=RUN,
-                                    tag=_frontend_regex(categories["Stability"].chart[0]))
-        assert lr_vs_max["regex_valid"] is True
-        assert set(lr_vs_max["tag_to_events"]) == {"stablelr/lr-0", "stablelr/lr-head", "lyapunov/max_stable_lr"}
+        # The log10 margin charts (lr against max stable lr, sharpness against threshold) render: same steps.
+        for index in (0, 1):
+            [log10] = categories["Stability"].chart[index].margin.series
+            events = server.get_json("data/plugin/custom_scalars/scalars", run=RUN,
+                                     tag=f"({log10.value})|({log10.upper})")["tag_to_events"]
+            assert {tag: [event[1] for event in events[tag]] for tag in (log10.value, log10.upper)} == {
+                log10.value: [10, 30], log10.upper: [10, 30]}
         [series] = categories["Connectivity"].chart[2].margin.series
         margin = server.get_json("data/plugin/custom_scalars/scalars", run=RUN,
                                  tag=f"({series.value})|({series.upper})")["tag_to_events"]

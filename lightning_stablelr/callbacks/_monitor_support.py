@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_stablelr.chart_tags import log10_comparison_tags
 from lightning_stablelr.probe import ObjectiveProbe
 from lightning_stablelr.sharpness import (
     OptimizerThreshold,
@@ -91,6 +92,7 @@ class SharpnessReading:
             metrics["lyapunov/eos_ratio"] = eos_ratio
             if eos_ratio > 0:
                 metrics["lyapunov/max_stable_lr"] = self.lr / eos_ratio
+        metrics.update(log10_comparison_tags(metrics, self.lr))  # chart_tags.py: the layout's log10 margin charts
         return metrics
 
 
