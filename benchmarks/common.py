@@ -85,7 +85,10 @@ def machine_info() -> dict[str, Any]:
 
 
 def machine_line(info: dict[str, Any]) -> str:
-    """One Markdown line describing ``info`` (see :func:`machine_info`)."""
+    """One Markdown line describing ``info`` (see :func:`machine_info`), or ``$BENCH_MACHINE`` when set: the
+    description of the machine that produced the results when the report is written elsewhere (``--report-only``)."""
+    if os.environ.get("BENCH_MACHINE"):
+        return f"Machine (where the runs ran): {os.environ['BENCH_MACHINE']}"
     load = info.get("loadavg")
     load_text = "n/a" if load is None else " / ".join(f"{value:g}" for value in load)
     return (

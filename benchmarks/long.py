@@ -190,13 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--no-report", action="store_true", help="only run; do not write RESULTS.md or the PNG")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing; report the results file's lines as they are (last line per run wins, "
+                             "fingerprints not checked: for results made on another machine, see BENCH_MACHINE)")
     parser.add_argument("--stablelr", nargs="*", default=[], metavar="KEY=VALUE",
                         help="StableLR overrides (a sweep of the defaults); use a separate --results file")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from benchmarks.robustness import load_results, run_specs, select_results
+    from benchmarks.robustness import load_results, record_key, run_specs, select_results
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -216,8 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = args.results or out / ("long_quick.jsonl" if args.quick else "long.jsonl")
     specs = grid_specs(grid, args.policies)
     started = time.perf_counter()
-    ran = run_specs(specs, results, max(1, args.workers), progress=not args.no_progress, runner=run_one,
-                    desc="long")
+    ran = 0 if args.report_only else run_specs(specs, results, max(1, args.workers),
+                                               progress=not args.no_progress, runner=run_one, desc="long")
     elapsed = time.perf_counter() - started
     print(f"long: {ran} runs in {elapsed:.0f} s ({len(specs) - ran} already in {results})", flush=True)
     if not args.no_report:
@@ -225,7 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # The report always covers every panel and policy of the grid, also after a filtered rerun.
         everything = grid_specs(LongGrid(base.panels, base.lrs, grid.seeds, base.steps, base.eval_every))
-        write_report(select_results(load_results(results), everything), everything, grid=grid,
+        wanted = {spec.key for spec in everything}
+        records = (list({record_key(r): r for r in load_results(results) if record_key(r) in wanted}.values())
+                   if args.report_only else select_results(load_results(results), everything))
+        write_report(records, everything, grid=grid,
                      results_md=out / RESULTS_PATH.name, png=out / "long.png",
                      command=command_line("benchmarks.long", argv), results_file=results, workers=args.workers,
                      wall_s=elapsed)

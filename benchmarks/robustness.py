@@ -347,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="StableLR overrides (a sweep of the defaults); use a separate --results file")
     parser.add_argument("--no-overfit", action="store_true", help="skip the overfitting experiment")
     parser.add_argument("--no-report", action="store_true", help="only run; do not write RESULTS.md or the PNG")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing; report the results file's lines as they are (last line per run wins, "
+                             "fingerprints not checked: for results made on another machine, see BENCH_MACHINE)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -369,14 +372,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = args.results or default_results
     specs = grid_specs(grid, args.policies, parse_overrides(args.stablelr), args.engine)
     started = time.perf_counter()
-    ran = run_specs(specs, results, max(1, args.workers), progress=not args.no_progress)
+    ran = 0 if args.report_only else run_specs(specs, results, max(1, args.workers), progress=not args.no_progress)
     elapsed = time.perf_counter() - started
     print(f"robustness: {ran} runs in {elapsed:.0f} s ({len(specs) - ran} already in {results})", flush=True)
     if not args.no_report:
         from benchmarks.robustness_report import write_report
 
+        wanted = {spec.key for spec in specs}
+        records = (list({record_key(r): r for r in load_results(results) if record_key(r) in wanted}.values())
+                   if args.report_only else select_results(load_results(results), specs))
         write_report(
-            select_results(load_results(results), specs), specs, grid=asdict(grid), results_md=out / RESULTS_PATH.name if args.out
+            records, specs, grid=asdict(grid), results_md=out / RESULTS_PATH.name if args.out
             else RESULTS_PATH, png=out / "robustness.png", command=command_line("benchmarks.robustness", argv),
             results_file=results, workers=args.workers, wall_s=elapsed,
         )  # fmt: skip

@@ -2,7 +2,7 @@
 
 For a param group with base learning rate ``η0`` after ``step`` optimizer steps and ``t`` epochs,
 
-    η = max(min_lr_ratio · η0,  η0 · warmup(step) · exp(-λ·t) · G · C)
+    η = η0 · max(min_lr_ratio,  warmup(step) · exp(-λ·t) · G) · C
 
 The controller owns the state that is not a function of the step count: the gap factor ``G``, the
 stability factor ``C``, the best validation loss and the running mean of the training loss since the
@@ -61,7 +61,7 @@ class GapDecision:
 
 
 class StableLRController:
-    """State machine of StableLR: ``η = max(min_lr_ratio·η0, η0 · warmup · exp(-λt) · G · C)``.
+    """State machine of StableLR: ``η = η0 · max(min_lr_ratio, warmup · exp(-λt) · G) · C``.
 
     Args:
         config: the settings; ``None`` builds a :class:`StableLRConfig` from ``overrides``.
@@ -135,18 +135,22 @@ class StableLRController:
         """``exp(-λ · max(0, t - t0))``; ``t0`` is 0 except for the run-length decay (:meth:`set_run_length`)."""
         return decay_factor(max(0.0, epochs_elapsed - self.decay_start), self.decay_rate)
 
+    def schedule_factor(self, global_step: int, epochs_elapsed: float) -> float:
+        """``max(min_lr_ratio, warmup(global_step) · exp(-λ · t) · G)``: the floored schedule, without ``C``."""
+        rest = warmup_factor(global_step, self.config.warmup_steps) * self.decay(epochs_elapsed) * self.gap_factor
+        return floored_lr(1.0, rest, self.config.min_lr_ratio)
+
     def factor(self, global_step: int, epochs_elapsed: float) -> float:
-        """``warmup(global_step) · exp(-λ · t) · G · C`` (before the floor)."""
-        return (
-            warmup_factor(global_step, self.config.warmup_steps)
-            * self.decay(epochs_elapsed)
-            * self.gap_factor
-            * self.stability_factor
-        )
+        """``max(min_lr_ratio, warmup · exp(-λ · t) · G) · C``: the lr as a fraction of the base lr."""
+        return self.schedule_factor(global_step, epochs_elapsed) * self.stability_factor
 
     def lr(self, base_lr: float, global_step: int, epochs_elapsed: float) -> float:
-        """``max(min_lr_ratio · base_lr, base_lr · factor)``: the lr of the optimizer step ``global_step``."""
-        return floored_lr(base_lr, self.factor(global_step, epochs_elapsed), self.config.min_lr_ratio)
+        """``base_lr · max(min_lr_ratio, warmup · exp(-λt) · G) · C``: the lr of the optimizer step ``global_step``.
+
+        The floor bounds the schedule (decay and ``G``), not the guard: ``C`` can take the lr below
+        ``min_lr_ratio · base_lr`` (down to ``min_stability_factor`` of it) when the run needs it to stay finite.
+        """
+        return base_lr * self.factor(global_step, epochs_elapsed)
 
     # ------------------------------------------------------------------ observations
     def record_train_loss(self, loss: float, weight: float = 1.0) -> None:
@@ -224,12 +228,11 @@ class StableLRController:
             return self._cut_nonfinite()
         if not line.resolved:
             return self._decided(self.stability_factor, "unresolved", confirm=False)
-        rest = 1.0 if step is None else self._rest_factor(step, epochs_elapsed)
-        probed = max(self.config.min_lr_ratio, rest * self.stability_factor)
-        margin = full_lr_margin(line.step_margin, probed)
+        rest = 1.0 if step is None else self.schedule_factor(step, epochs_elapsed)
+        margin = full_lr_margin(line.step_margin, rest * self.stability_factor)
         self.margins.push(margin)
         self.robust_margin = self.margins.robust()
-        following = 1.0 if step is None else self._rest_factor(step + 1, epochs_elapsed)
+        following = 1.0 if step is None else self.schedule_factor(step + 1, epochs_elapsed)
         factor, reason = update_stability_factor(
             self.stability_factor,
             self.robust_margin,
@@ -238,7 +241,6 @@ class StableLRController:
             recover_above=self.config.recover_above,
             recovery=self.config.recovery,
             min_factor=self.config.min_stability_factor,
-            min_lr_ratio=self.config.min_lr_ratio,
         )
         # A margin below the band asks for a confirmation check at the next step, so that a real
         # instability is acted on two steps later instead of one check period later.
@@ -269,9 +271,6 @@ class StableLRController:
         self.confirm_pending = confirm
         return factor
 
-    def _rest_factor(self, step: int, epochs_elapsed: float) -> float:
-        """``warmup · decay · G`` at ``step``: the lr factor without ``C``."""
-        return warmup_factor(step, self.config.warmup_steps) * self.decay(epochs_elapsed) * self.gap_factor
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 For a param group with base learning rate ``η0`` the controller sets
 
-    η(t) = max(min_lr_ratio · η0,  η0 · warmup(step) · exp(-λ·t) · G · C)
+    η(t) = η0 · max(min_lr_ratio,  warmup(step) · exp(-λ·t) · G) · C
+
+The floor bounds the schedule (decay and gap factor), not the guard: ``C`` may take the lr below it.
 
 - ``t``: epochs elapsed (fractional with ``interval="step"``), ``λ``: decay rate per epoch
   (:func:`resolve_decay_rate`), ``warmup``: :func:`warmup_factor`.
@@ -211,7 +213,6 @@ def update_stability_factor(
     recover_above: float,
     recovery: float,
     min_factor: float,
-    min_lr_ratio: float = 0.0,
 ) -> tuple[float, str]:
     """One guard decision: the new stability factor ``C`` and its reason (:data:`GUARD_REASONS`).
 
@@ -221,8 +222,8 @@ def update_stability_factor(
        stores the full-lr margin ``m = s_max · f`` (:func:`full_lr_margin`; ``f`` = that step's lr over
        the base lr). ``M`` = upper median of the last 3 (:class:`MarginWindow`): one noisy margin is noise.
        With fewer than two margins nothing moves (``warming``).
-    2. The next step's margin at the current ``C`` is predicted as ``s = M / max(min_lr_ratio, f'·C)``,
-       where ``f' = warmup · decay · G`` is the rest of the lr factor (``lr_factor``).
+    2. The next step's margin at the current ``C`` is predicted as ``s = M / (f'·C)``, where
+       ``f' = max(min_lr_ratio, warmup · decay · G)`` is the rest of the lr factor (``lr_factor``).
     3. **Overshoot** when ``safety · s < 1`` (default ``safety = 1``: the step is predicted to increase the
        loss). ``C`` is set so that the predicted margin lands at the band's centre ``s* = sqrt(recover_above /
        safety)``: ``C ← max(C / recovery, M / (s* · f'))``, a cut in proportion to the measured overshoot,
@@ -241,7 +242,7 @@ def update_stability_factor(
     if robust_margin is None or math.isnan(robust_margin):
         return factor, "warming"
     lr_factor = max(lr_factor, 1e-300)
-    effective = max(min_lr_ratio, lr_factor * factor)
+    effective = lr_factor * factor
     predicted = robust_margin / effective if robust_margin != 0.0 else 0.0
     centre = math.sqrt(recover_above / safety)
     target = robust_margin / (centre * lr_factor)  # C whose predicted margin is the band's centre

@@ -198,7 +198,7 @@ def test_nonfinite_checks_and_steps_halve_and_ask_for_confirmation() -> None:
     for _ in range(20):
         controller.observe_nonfinite()
     assert controller.stability_factor == 1e-3
-    assert controller.lr(1.0, 100, 0.0) == 0.01  # the floor wins over C
+    assert controller.lr(1.0, 100, 0.0) == 1e-3  # the floor bounds the schedule, not the guard
     # one low margin asks for a confirmation check; the window then decides on two samples
     controller = StableLRController(warmup_steps=0, safety=1.0, recover_above=2.0)
     controller.observe_line(_margin(0.5), step=0)

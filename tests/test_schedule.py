@@ -146,8 +146,8 @@ def test_guard_bounds() -> None:
     for _ in range(10):
         factor, _ = _guard(factor, 100.0)
     assert factor == 1.0
-    with_floor = _guard(0.5, 0.004, min_lr_ratio=0.01)  # floor 0.01 of the base lr: predicted 0.004/0.01
-    assert with_floor[1] == "overshoot"
+    # the lr factor passed in is the floored schedule: at f' = 0.01 a full-lr margin 0.004 predicts 0.8 at C = 0.5
+    assert _guard(0.5, 0.004, lr_factor=0.01) == (pytest.approx(0.4 / math.sqrt(2.0), rel=1e-12), "overshoot")
 
 
 def test_margin_window_ignores_one_outlier_each_way() -> None:

@@ -97,12 +97,15 @@ def infer_steps_per_epoch(trainer: pl.Trainer, owner: str) -> int:
     )
 
 
-def composed_lr(base_lr: float, scheduler_lr: float, factor: float, min_lr_ratio: float) -> float:
-    """``min(η_s, max(min_lr_ratio · η0, η_s · factor))``: never above the scheduler, floored at StableLR's floor."""
+def composed_lr(
+    base_lr: float, scheduler_lr: float, factor: float, min_lr_ratio: float, stability_factor: float = 1.0
+) -> float:
+    """``min(η_s, max(min_lr_ratio · η0, η_s · f)) · C``: never above the scheduler; ``f`` (warmup, decay, G)
+    floored at StableLR's floor, the guard ``C`` applied after the floor."""
     scaled = scheduler_lr * factor
     if math.isnan(scaled):
         scaled = 0.0
-    return min(scheduler_lr, max(min_lr_ratio * base_lr, scaled))
+    return min(scheduler_lr, max(min_lr_ratio * base_lr, scaled)) * stability_factor
 
 
 def scheduled_optimizers(trainer: pl.Trainer, on_conflict: str) -> set[int]:

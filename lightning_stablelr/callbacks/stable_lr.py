@@ -127,7 +127,7 @@ class StableLR(Callback):
         self._lr_names: dict[tuple[int, int], str] = {}
         self._scheduled: set[int] = set()
         self._composition = SchedulerComposition()
-        self._factor = 1.0
+        self._rest = 1.0  # max(min_lr_ratio, warmup · decay · G) of the current step: the composed lr scales by it
         self._epochs_elapsed = 0.0
         self._check_step: int | None = None
         self._logged_step: int | None = None
@@ -319,7 +319,7 @@ class StableLR(Callback):
     def _apply_lrs(self, trainer: pl.Trainer, step: int) -> None:
         """Set ``η_g`` on every group (scheduled optimizers: at the step itself, see :meth:`_compose`)."""
         self._epochs_elapsed = self._epochs(trainer, step)
-        self._factor = self.controller.factor(step, self._epochs_elapsed)
+        self._rest = self.controller.schedule_factor(step, self._epochs_elapsed)
         for i, optimizer in enumerate(trainer.optimizers):
             for j, group in enumerate(optimizer.param_groups):
                 base = self.base_lrs.get(f"{i}/{j}", float(group["lr"]))
@@ -331,7 +331,9 @@ class StableLR(Callback):
                 self.last_lrs[self._lr_names[(i, j)]] = lr
 
     def _composed_lr(self, base_lr: float, scheduler_lr: float) -> float:
-        return composed_lr(base_lr, scheduler_lr, self._factor, self.config.min_lr_ratio)
+        return composed_lr(
+            base_lr, scheduler_lr, self._rest, self.config.min_lr_ratio, self.controller.stability_factor
+        )
 
     def _drop_nonfinite_step(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         step = trainer.global_step
