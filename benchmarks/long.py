@@ -132,12 +132,13 @@ def data_fingerprint(panel: str) -> str:
 
 
 def grid_specs(grid: LongGrid, policies: Sequence[str] | None = None) -> list[LongSpec]:
-    """Every run of ``grid``, seed-major, the slow LM panel first in each seed."""
+    """Every run of ``grid``, cheapest panel first (regression, cnn, lm), seed-major within a panel: an
+    interrupted run on a busy machine leaves whole panels (and whole seeds) done rather than a bit of each."""
     from benchmarks.long_panels import build_panel
 
     specs = []
-    for seed in grid.seeds:
-        for panel in grid.panels:
+    for panel in sorted(grid.panels, key=lambda name: ("regression", "cnn", "lm").index(name)):
+        for seed in grid.seeds:
             optimizer = build_panel(panel).optimizer
             for policy in POLICIES:
                 if policies is not None and policy not in policies:
