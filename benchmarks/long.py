@@ -158,7 +158,8 @@ def run_one(spec: LongSpec) -> dict[str, Any]:
     ``steps_planned``, ``steps``, ``eval_every``, ``initial_val_loss``, ``final_val_loss``, ``best_val_loss``,
     ``val_curve`` (every ``eval_every`` steps), ``diverged``, ``nonfinite_losses``, ``wall_s``, ``lr_trace``
     (effective lr every 100 steps), ``val_auc``, ``final_minus_best``; for StableLR ``stability_factor``
-    (C at the end), ``c_min``, ``c_trace`` (C every 100 steps), ``checks``, ``gap_factor``, ``nonfinite_steps``.
+    (C at the end), ``c_min``, ``c_trace`` (C every 100 steps), ``checks``, ``margins`` (the step margin
+    ``s_max`` of every check, ``null`` where not finite), ``gap_factor``, ``nonfinite_steps``.
     """
     from benchmarks.long_engine import train_run
     from benchmarks.long_panels import build_panel

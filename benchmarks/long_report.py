@@ -33,7 +33,7 @@ __all__ = ["TABLE_HEADER", "format_panel", "long_targets", "write_plot", "write_
 
 TABLE_HEADER = "| policy | diverged | best-over-grid final val (lr) | median over grid | at warmup+cosine's best lr |"
 C_HEADER = ("| lr | C at end (per seed) | min C | checks | G at end | last lr / base lr | "
-            "C every 400 steps (seed 0) |")
+            "s_max median, 10th pct (all checks) | C every 400 steps (seed 0) |")
 ORDER = ("stablelr", "constant", "cosine", "wsd", "schedulefree", "prodigy")
 REFERENCE = "cosine"
 
@@ -99,14 +99,16 @@ def format_panel(policies: Mapping[str, PolicySummary]) -> str:
 
 
 def format_stability(records: Sequence[Mapping[str, Any]], panel: str) -> str:
-    """StableLR's stability factor ``C`` per lr of ``panel``: at the end, its minimum, checks, ``G``, trajectory."""
+    """StableLR's stability factor ``C`` per lr of ``panel``: at the end, its minimum, checks, ``G``, the last
+    lr over the base lr, the finite step margins ``s_max`` of every check (median and 10th percentile, both
+    seeds) and C's trajectory."""
     runs: dict[float, list[Mapping[str, Any]]] = defaultdict(list)
     for record in records:
         if record["task"] == panel and record["policy"] == "stablelr":
             runs[float(record["lr"])].append(record)
     if not runs:
         return ""
-    lines = [C_HEADER, "|---|---|---|---|---|---|---|"]
+    lines = [C_HEADER, "|---|---|---|---|---|---|---|---|"]
     for lr, group in sorted(runs.items()):
         group = sorted(group, key=lambda r: r["seed"])
         ends = ", ".join(fmt_c(r.get("stability_factor")) for r in group)
@@ -115,7 +117,9 @@ def format_stability(records: Sequence[Mapping[str, Any]], panel: str) -> str:
         gaps = ", ".join(fmt_c(r.get("gap_factor")) for r in group)
         last = ", ".join(fmt_c(_last_lr(r) / lr if _last_lr(r) is not None else None) for r in group)
         trace = " → ".join(fmt_c(c) for c in (group[0].get("c_trace") or [])[::4])
-        lines.append(f"| {lr:g} | {ends} | {fmt_c(mins)} | {checks} | {gaps} | {last} | {trace} |")
+        margins = sorted(m for r in group for m in r.get("margins") or [] if m is not None)
+        spread = f"{fmt_c(statistics.median(margins))}, {fmt_c(margins[len(margins) // 10])}" if margins else "n/a"
+        lines.append(f"| {lr:g} | {ends} | {fmt_c(mins)} | {checks} | {gaps} | {last} | {spread} | {trace} |")
     return "\n".join(lines)
 
 
