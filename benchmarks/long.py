@@ -134,12 +134,13 @@ def data_fingerprint(panel: str) -> str:
 
 
 def grid_specs(grid: LongGrid, policies: Sequence[str] | None = None) -> list[LongSpec]:
-    """Every run of ``grid``, seed-major, the slow LM panel first in each seed."""
+    """Every run of ``grid``, cheapest panel first (regression, cnn, lm), seed-major within a panel: an
+    interrupted run on a busy machine leaves whole panels (and whole seeds) done rather than a bit of each."""
     from benchmarks.long_panels import build_panel
 
     specs = []
-    for seed in grid.seeds:
-        for panel in grid.panels:
+    for panel in sorted(grid.panels, key=lambda name: ("regression", "cnn", "lm").index(name)):
+        for seed in grid.seeds:
             optimizer = build_panel(panel).optimizer
             for policy in POLICIES:
                 if policies is not None and policy not in policies:
@@ -159,7 +160,8 @@ def run_one(spec: LongSpec) -> dict[str, Any]:
     ``steps_planned``, ``steps``, ``eval_every``, ``initial_val_loss``, ``final_val_loss``, ``best_val_loss``,
     ``val_curve`` (every ``eval_every`` steps), ``diverged``, ``nonfinite_losses``, ``wall_s``, ``lr_trace``
     (effective lr every 100 steps), ``val_auc``, ``final_minus_best``; for StableLR ``stability_factor``
-    (C at the end), ``c_min``, ``c_trace`` (C every 100 steps), ``checks``, ``gap_factor``, ``nonfinite_steps``.
+    (C at the end), ``c_min``, ``c_trace`` (C every 100 steps), ``checks``, ``margins`` (the step margin
+    ``s_max`` of every check, ``null`` where not finite), ``gap_factor``, ``nonfinite_steps``.
     """
     from benchmarks.long_engine import train_run
     from benchmarks.long_panels import build_panel

@@ -169,6 +169,8 @@ def train_run(panel: Panel, policy: str, lr: float, seed: int, *, steps: int, ev
     initial = _evaluate(model, panel, opt, policy)
     out: dict[str, Any] = {"initial_val_loss": initial, "val_curve": [], "lr_trace": [], "c_trace": [],
                            "nonfinite_losses": 0, "c_min": None}
+    if stable is not None:
+        out["margins"] = []
     started, step = time.perf_counter(), 0
     for step in range(steps):
         if step % TRACE_EVERY == 0:
@@ -186,9 +188,12 @@ def train_run(panel: Panel, policy: str, lr: float, seed: int, *, steps: int, ev
         if stable is not None:
             if math.isfinite(value):
                 stable.observe(train_loss=value)
+            checks = stable.controller.checks
             check = stable.should_check(step)  # the callback's cadence and the guard's confirmation checks
             stable_step(stable, opt, lambda batch=batch: panel.loss(model, batch), check,
                         probe_seed(step), module=model if panel.batchnorm else None)
+            if stable.controller.checks > checks:  # the guard ran: keep its step margin s_max
+                out["margins"].append(stable.controller.last_step_margin)
             factor = stable.controller.stability_factor
             out["c_min"] = factor if out["c_min"] is None else min(out["c_min"], factor)
         else:

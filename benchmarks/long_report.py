@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine_info, machine_line, replace_section
+from benchmarks.long_panels import PANELS
 from benchmarks.robustness_report import PolicySummary, format_targets, summarize
 from benchmarks.robustness_report import _fmt as fmt
 from benchmarks.robustness_report import _percent as percent
@@ -31,7 +32,8 @@ from benchmarks.robustness_report import _ratio as ratio
 __all__ = ["TABLE_HEADER", "format_panel", "long_targets", "write_plot", "write_report"]
 
 TABLE_HEADER = "| policy | diverged | best-over-grid final val (lr) | median over grid | at warmup+cosine's best lr |"
-C_HEADER = "| lr | C at end (per seed) | min C | checks | G at end | C every 400 steps (seed 0) |"
+C_HEADER = ("| lr | C at end (per seed) | min C | checks | G at end | last lr / base lr | "
+            "s_max median, 10th pct (all checks) | C every 400 steps (seed 0) |")
 ORDER = ("stablelr", "constant", "cosine", "wsd", "schedulefree", "prodigy")
 REFERENCE = "cosine"
 
@@ -40,8 +42,11 @@ def _panels(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, PolicyS
     panels: dict[str, dict[str, PolicySummary]] = defaultdict(dict)
     for summary in summarize(records):
         panels[summary.task][summary.policy] = summary
-    return {name: dict(sorted(p.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else 99))
-            for name, p in panels.items()}
+    def rank(name: str, order: Sequence[str]) -> int:
+        return order.index(name) if name in order else len(order)
+
+    return {name: dict(sorted(panels[name].items(), key=lambda kv: rank(kv[0], ORDER)))
+            for name in sorted(panels, key=lambda name: rank(name, PANELS))}
 
 
 def long_targets(panels: Mapping[str, Mapping[str, PolicySummary]]) -> list[dict[str, Any]]:
@@ -94,23 +99,33 @@ def format_panel(policies: Mapping[str, PolicySummary]) -> str:
 
 
 def format_stability(records: Sequence[Mapping[str, Any]], panel: str) -> str:
-    """StableLR's stability factor ``C`` per lr of ``panel``: at the end, its minimum, checks, ``G``, trajectory."""
+    """StableLR's stability factor ``C`` per lr of ``panel``: at the end, its minimum, checks, ``G``, the last
+    lr over the base lr, the finite step margins ``s_max`` of every check (median and 10th percentile, both
+    seeds) and C's trajectory."""
     runs: dict[float, list[Mapping[str, Any]]] = defaultdict(list)
     for record in records:
         if record["task"] == panel and record["policy"] == "stablelr":
             runs[float(record["lr"])].append(record)
     if not runs:
         return ""
-    lines = [C_HEADER, "|---|---|---|---|---|---|"]
+    lines = [C_HEADER, "|---|---|---|---|---|---|---|---|"]
     for lr, group in sorted(runs.items()):
         group = sorted(group, key=lambda r: r["seed"])
         ends = ", ".join(fmt_c(r.get("stability_factor")) for r in group)
         mins = min((r["c_min"] for r in group if r.get("c_min") is not None), default=None)
         checks = ", ".join(str(r.get("checks")) for r in group)
         gaps = ", ".join(fmt_c(r.get("gap_factor")) for r in group)
+        last = ", ".join(fmt_c(_last_lr(r) / lr if _last_lr(r) is not None else None) for r in group)
         trace = " → ".join(fmt_c(c) for c in (group[0].get("c_trace") or [])[::4])
-        lines.append(f"| {lr:g} | {ends} | {fmt_c(mins)} | {checks} | {gaps} | {trace} |")
+        margins = sorted(m for r in group for m in r.get("margins") or [] if m is not None)
+        spread = f"{fmt_c(statistics.median(margins))}, {fmt_c(margins[len(margins) // 10])}" if margins else "n/a"
+        lines.append(f"| {lr:g} | {ends} | {fmt_c(mins)} | {checks} | {gaps} | {last} | {spread} | {trace} |")
     return "\n".join(lines)
+
+
+def _last_lr(record: Mapping[str, Any]) -> float | None:
+    trace = record.get("lr_trace") or []
+    return trace[-1] if trace else None
 
 
 def fmt_c(value: Any) -> str:
@@ -125,6 +140,7 @@ def write_plot(records: Sequence[Mapping[str, Any]], panels: Mapping[str, Mappin
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = list(panels)
     fig, axes = plt.subplots(3, len(names), figsize=(4.6 * len(names), 9.0), squeeze=False)
@@ -141,6 +157,7 @@ def write_plot(records: Sequence[Mapping[str, Any]], panels: Mapping[str, Mappin
             values = [min(v, top) if math.isfinite(v) else top for v in summary.by_lr.values()]
             top_axis.plot(list(summary.by_lr), values, marker="o", markersize=3, label=name, **style)
         top_axis.set(xscale="log", title=f"{panel}: final val loss", xlabel="base lr", ylim=(None, top * 1.02))
+        top_axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         reference = policies.get(REFERENCE)
         for record in records:
             if record["task"] != panel or record["seed"] != 0:
@@ -157,7 +174,8 @@ def write_plot(records: Sequence[Mapping[str, Any]], panels: Mapping[str, Mappin
         for axis in (top_axis, lr_axis, c_axis):
             axis.grid(alpha=0.3)
             axis.tick_params(labelsize=7)
-            axis.legend(fontsize=6)
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend(fontsize=6)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
@@ -169,7 +187,8 @@ def write_report(records: Sequence[Mapping[str, Any]], specs: Sequence[Any], *, 
                  png: Path, command: str, results_file: Path, workers: int, wall_s: float) -> str:
     """Write the ``long`` section of ``results_md`` and the plot ``png``; return the section's text."""
     panels = _panels(records)
-    write_plot(records, panels, png)
+    if panels:
+        write_plot(records, panels, png)
     run_seconds = sum(float(r.get("wall_s") or 0.0) for r in records)
     parts = [
         "## Long-horizon panels (issue 8)",
@@ -190,8 +209,9 @@ def write_report(records: Sequence[Mapping[str, Any]], specs: Sequence[Any], *, 
         stability = format_stability(records, panel)
         if stability:
             parts += ["StableLR's stability factor C:", stability]
-    parts += ["### Targets (issue 8, \"Done means\")", format_targets(long_targets(panels)),
-              f"![long-horizon panels]({png.name})"]
+    parts += ["### Targets (issue 8, \"Done means\")", format_targets(long_targets(panels))]
+    if panels:
+        parts.append(f"![long-horizon panels]({png.name})")
     body = "\n\n".join(parts)
     replace_section(results_md, "long", body)
     return body

@@ -19,7 +19,7 @@ COMMON_KEYS = {
     "initial_val_loss", "val_curve", "lr_trace", "c_trace", "nonfinite_losses", "c_min", "steps", "wall_s",
     "final_val_loss", "best_val_loss", "diverged", "val_auc", "final_minus_best",
 }  # fmt: skip
-STABLELR_KEYS = {"stability_factor", "gap_factor", "checks", "nonfinite_steps"}
+STABLELR_KEYS = {"stability_factor", "gap_factor", "checks", "nonfinite_steps", "margins"}
 
 
 def test_peer_schedules_share_the_warmup_and_end_where_documented() -> None:
@@ -86,6 +86,7 @@ def test_long_quick_writes_results_resumes_and_reports(tmp_path: Path, capsys: p
             assert first_lr == pytest.approx(record["lr"] / StableLRConfig().warmup_steps)
             # the cadence's checks, less dropped non-finite steps, plus the guard's confirmation checks
             assert record["checks"] + record["nonfinite_steps"] >= checked_steps
+            assert len(record["margins"]) == record["checks"]
             assert 0 < record["c_min"] <= record["stability_factor"] <= 1 and record["c_trace"] == [1.0]
     section = _section((tmp_path / "RESULTS.md").read_text())
     assert TABLE_HEADER in section and "Command: `python -m benchmarks.long --quick" in section
