@@ -121,11 +121,16 @@ def diagnose(run: Any, budget: float | None = None) -> Verdict:
         )
     stability = _series(run, "stablelr/stability_factor")
     drops = sum(1 for (_, before), (_, after) in pairwise(stability) if after < before)
+    # The guard's own cumulative count (stablelr/guard_overshoot) is exact; in older logs only the logged C
+    # values exist, and their drops are a lower bound.
+    overshoots = run.last("stablelr/guard_overshoot")
+    where = "by its own count" if overshoots is not None else f"stability_factor fell {drops} time(s) in the logged points"
+    drops = drops if overshoots is None else int(overshoots)
     if stability:
         low = min(value for _, value in stability)
         findings.append(
-            f"the guard acted {drops} time(s) on a measured overshoot (stability_factor fell {drops} time(s) "
-            f"in the logged points; lowest {low:.3g}, last {stability[-1][1]:.3g})"
+            f"the guard acted {drops} time(s) on a measured overshoot ({where}; lowest {low:.3g}, "
+            f"last {stability[-1][1]:.3g})"
             if drops else "the guard never had to act (stability_factor stayed at 1)"
         )
     if lr_start is not None and lr_end is not None and lr_start > 0:

@@ -125,3 +125,19 @@ def test_overfitting_run_at_the_lr_floor(tmp_path):
     verdict = diagnose(load_run(run_dir))
     assert verdict.headline == ("the lr ends 97.3x below its peak because G cut it 4.12e+03x after the model began "
                                 "to overfit at step 290 and the lr sits at its floor (min_lr_ratio x base lr)")
+
+
+def test_the_guard_count_comes_from_its_own_counter_when_logged(tmp_path: Path) -> None:
+    # C is logged every 10 steps, so the two cuts between two logged points show as one drop; the guard's
+    # cumulative stablelr/guard_overshoot counts both.
+    steps = range(0, 60, 10)
+    run_dir = _write(tmp_path / "counted", {
+        "stablelr/lr": [(s, 0.03) for s in steps],
+        "stablelr/gap_factor": [(s, 1.0) for s in steps],
+        "stablelr/stability_factor": [(s, 1.0 if s < 20 else 0.25) for s in steps],
+        "stablelr/guard_overshoot": [(s, 0.0 if s < 20 else 2.0) for s in steps],
+        "train_loss_step": [(s, 2.3 - s / 100) for s in steps],
+        "val_loss": [(s, 2.3 - s / 100) for s in steps],
+    })  # fmt: skip
+    findings = diagnose(load_run(run_dir)).findings
+    assert "the guard acted 2 time(s) on a measured overshoot (by its own count; lowest 0.25, last 0.25)" in findings
