@@ -77,7 +77,7 @@ class StableLRConfig:
     recover_above: float = 8.0
     min_stability_factor: float = 1e-3
     guard_window: int = 3
-    anneal_to: float = 0.01
+    anneal_to: float = 0.1
     anneal_fraction: float = 0.2
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ def test_default_config() -> None:
         8.0,
         1e-3,
     )
-    assert (config.guard_window, config.anneal_to, config.anneal_fraction) == (3, 0.01, 0.2)
+    assert (config.guard_window, config.anneal_to, config.anneal_fraction) == (3, 0.1, 0.2)
     assert StableLRController(half_life=2.0).decay_rate == math.log(2.0) / 2.0
     assert pickle.loads(pickle.dumps(StableLRController(config))).config == config
 
