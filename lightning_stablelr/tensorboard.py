@@ -74,6 +74,14 @@ LAYOUT_CATEGORIES: tuple[tuple[str, tuple[tuple[str, str, tuple[str, ...]], ...]
             ("stability factor C (< 1: the guard cut an overshooting step)", "multiline",
              (_exact("stablelr/stability_factor"),)),
             ("time decay exp(-lambda t)", "multiline", (_exact("stablelr/decay"),)),
+            # why C moved: the robust margin it follows, then cumulative counts per reason (the slope is how often)
+            ("robust margin M: C follows it (held inside [1/safety, recover_above], default [4, 8])", "multiline",
+             (_exact("stablelr/robust_margin"),)),
+            ("overshoot cuts (cumulative)", "multiline", (_exact("stablelr/guard_overshoot"),)),
+            ("recoveries (cumulative)", "multiline", (_exact("stablelr/guard_recovery"),)),
+            ("non-finite steps dropped (cumulative)", "multiline", (_exact("stablelr/guard_nonfinite"),)),
+            ("checks skipped: losses within rounding, e.g. bf16 (cumulative)", "multiline",
+             (_exact("stablelr/guard_unresolved"),)),
         ),
     ),
     (

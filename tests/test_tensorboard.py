@@ -259,3 +259,11 @@ def test_tensorboard_and_report_modules_do_not_import_lightning_or_pyplot():
             "print(sorted(m for m in ('lightning', 'matplotlib.pyplot', 'hydra') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_learning_rate_category_shows_why_the_guard_moved_c_one_tag_per_chart():
+    layout = stability_layout()
+    guard_tags = ["stablelr/robust_margin", "stablelr/guard_overshoot", "stablelr/guard_recovery",
+                  "stablelr/guard_nonfinite", "stablelr/guard_unresolved"]
+    charts = [list(_chart(layout, "Learning rate", i).multiline.tag) for i in range(4, 9)]
+    assert charts == [[f"^{tag}$"] for tag in guard_tags]
