@@ -16,7 +16,7 @@ from lightning_stablelr.curvature import LineModel, line_model
 def test_default_config() -> None:
     config = StableLRConfig()
     assert config.resolved_decay_rate == 0.0 and config.run_length_decay  # the decay follows the run's length
-    assert (config.interval, config.warmup_steps, config.min_lr_ratio) == ("step", 10, 0.01)
+    assert (config.interval, config.warmup_steps, config.min_lr_ratio) == ("step", 20, 0.01)
     assert (config.gap_tolerance, config.gap_strength, config.min_delta, config.gap_patience) == (
         0.25,
         1.0,

@@ -48,9 +48,9 @@ def test_readme_example_trains_and_follows_the_closed_form() -> None:
 
     # The model is still far from overfitting (train and validation data coincide), so G stays 1.
     assert scheduler.controller.gap_factor == 1.0
-    # Defaults: no time decay, linear warmup over the first 10 steps (benchmarks/RESULTS.md).
-    assert seen == [max(0.001, 0.1 * min(1.0, (step + 1) / 10)) for step in range(12)]
-    assert scheduler.get_last_lr() == [0.1]
+    # Defaults: without total_steps no time decay (one warning), linear warmup over the first 20 steps.
+    assert seen == [max(0.001, 0.1 * min(1.0, (step + 1) / 20)) for step in range(12)]
+    assert scheduler.get_last_lr() == [pytest.approx(0.1 * 13 / 20, rel=1e-12)]  # step 12: still warming up
     assert train_losses[-1] < 0.5 * train_losses[0]
 
 

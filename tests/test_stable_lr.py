@@ -315,7 +315,7 @@ def test_state_dict_round_trip_and_checkpoint_resume_matches_uninterrupted(tmp_p
         return TinyRegression(lr=0.1, val_losses=[2.0, 3.0, 3.5, 4.0, 1.0])
 
     def stablelr():
-        return StableLR(decay_rate=0.3, check_every_n_steps=3, dense_check_steps=2)
+        return StableLR(decay_rate=0.3, check_every_n_steps=3, dense_check_steps=2, warmup_steps=10)
 
     uninterrupted = stablelr()
     _, full = _fit(tmp_path / "full", model(), uninterrupted, epochs=4)
