@@ -27,7 +27,7 @@ from torch.func import functional_call
 from lightning_stablelr._state_guard import ProbeSideEffectError, ProbeSideEffectWarning, state_guard
 from lightning_stablelr.rng import isolated_rng
 
-__all__ = ["ObjectiveProbe", "ProbeError", "ProbeSideEffectError", "ProbeSideEffectWarning"]
+__all__ = ["ObjectiveProbe", "ProbeError", "ProbeSideEffectError", "ProbeSideEffectWarning", "probe_failure_advice"]
 
 _SILENCED = ("log", "log_dict")
 _MISSING = object()
@@ -35,6 +35,20 @@ _MISSING = object()
 
 class ProbeError(RuntimeError):
     """The module offers no way to compute its training loss at given parameters."""
+
+
+def probe_failure_advice(error: BaseException) -> str:
+    """What to do about a failed probe: ``probe_loss`` only helps when the loss source cannot be replayed.
+
+    A :class:`ProbeError` or :class:`ProbeSideEffectError` already carries its fix in its message; any
+    other error came from evaluating the model on the probe's batch, where ``probe_loss`` would fail alike.
+    """
+    if isinstance(error, (ProbeError, ProbeSideEffectError)):
+        return "Its message says what to change."
+    return (
+        "The error came from evaluating the model on a cached batch, which `probe_loss` would not change. If"
+        " training itself runs, please report it with this message."
+    )
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:
