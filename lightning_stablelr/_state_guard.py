@@ -89,6 +89,7 @@ class ModuleStateGuard:
         self.restored: set[str] = set()  # plain tensor attributes backed up and restored on every call
         self.error: str | None = None
         self._clones: list[tuple[str, Tensor, int | None]] = []
+        self._slots: list[tuple[dict[str, Any], str, Tensor | None]] = []
 
     def argument(self, name: str, tensor: Tensor) -> Tensor:
         """The tensor ``functional_call`` gets for parameter ``name``: a clone until verified or when shielded."""
@@ -108,6 +109,12 @@ class ModuleStateGuard:
         if self.error is not None:
             raise ProbeSideEffectError(self.error)
         self._clones = []
+        self._slots = [
+            (slots, key, tensor)
+            for submodule in self.module.modules()
+            for slots in (submodule._parameters, submodule._buffers)
+            for key, tensor in slots.items()
+        ]
         owned = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
         plain = {name: (owner, attribute, value) for name, owner, attribute, value in _plain_tensor_attributes(self.module)}
         backups = {
@@ -121,8 +128,19 @@ class ModuleStateGuard:
             "backups": backups,
         }
 
+    def restore_slots(self) -> None:
+        """Put every parameter and buffer object back where :meth:`begin` found it.
+
+        ``functional_call`` restores the wrong tensors when one submodule is registered under two names
+        (``self.encoder`` and ``self.body[0]``): without this, the probe's θ would stay in the model.
+        """
+        for slots, key, tensor in self._slots:
+            if slots.get(key) is not tensor:
+                slots[key] = tensor
+
     def end(self, record: dict[str, Any]) -> None:
         """Undo what can be undone, learn what to shield, refuse what cannot be undone."""
+        self.restore_slots()
         learned = {name for name, clone, version in self._clones if _version(clone) != version}
         self._clones = []
         changed: list[str] = []

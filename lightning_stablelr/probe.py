@@ -338,7 +338,10 @@ class ObjectiveProbe:
                 with context:
                     if training is not None:
                         self.module.train(bool(training))
-                    loss = functional_call(self._source, arguments, (batch, batch_idx))
+                    try:
+                        loss = functional_call(self._source, arguments, (batch, batch_idx))
+                    finally:
+                        self._guard.restore_slots()
                 values.append(loss.float())
         self._guard.end(record)
         return values

@@ -143,3 +143,36 @@ def test_monitor_on_a_mean_teacher_has_no_observer_effect(tmp_path):
     monitored, _ = _fit(tmp_path, [_monitor()], with_probe_loss=False)
     for (name, a), b in zip(plain.state_dict().items(), monitored.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+class AliasedTied(nn.Module):
+    """One Linear registered twice (``encoder`` and ``body[0]``) and a decoder tied to its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.decoder = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.decoder.weight = self.encoder.weight
+        self.body = nn.Sequential(self.encoder, nn.Tanh(), self.decoder)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.body(x), y.expand(-1, 4))
+
+
+def test_aliased_and_tied_modules_keep_their_own_parameter_objects_and_losses_are_exact():
+    import copy
+
+    model = AliasedTied()
+    originals = {name: id(p) for name, p in model.named_parameters(remove_duplicate=False)}
+    values = {name: p.detach().clone() for name, p in model.named_parameters()}
+    probe = ObjectiveProbe(model)
+    shifted = {name: p + 0.25 for name, p in probe.parameters().items()}
+    losses = probe.losses(_batch(), [probe.parameters(), shifted])
+    # functional_call alone put the probe's tensors into the model here (the alias is swapped twice).
+    assert {name: id(p) for name, p in model.named_parameters(remove_duplicate=False)} == originals
+    assert all(torch.equal(p, values[name]) for name, p in model.named_parameters())
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.25)
+    assert losses == [model.training_step(_batch(), 0).item(), moved.training_step(_batch(), 0).item()]
