@@ -176,3 +176,29 @@ def test_aliased_and_tied_modules_keep_their_own_parameter_objects_and_losses_ar
         for p in moved.parameters():
             p.add_(0.25)
     assert losses == [model.training_step(_batch(), 0).item(), moved.training_step(_batch(), 0).item()]
+
+
+class LateTeacher(MeanTeacher):
+    """The EMA update starts at global_step 3: the first probe (step 0) cannot learn it."""
+
+    def training_step(self, batch, batch_idx):
+        self.ema_every = 1 if self.trainer.global_step >= 3 else 10**9
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.slow
+def test_an_update_that_cannot_be_undone_stops_every_probe_with_one_warning(tmp_path):
+    L.seed_everything(0)
+    model = LateTeacher()
+    monitor = StabilityMonitor(certificate_every_n_steps=1, sharpness_every_n_steps=0, probe_every_n_epochs=0,
+                               max_overhead=math.inf)
+    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[StableLR(), monitor])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(model, regression_loader(batch_size=4), regression_loader(num_samples=16, batch_size=8, seed=1))
+    stops = [w for w in record if "ProbeSideEffectError" in str(w.message)]
+    assert len(stops) == 1 and "['teacher.bias', 'teacher.weight']" in str(stops[0].message)
+    assert "probe_loss" in str(stops[0].message)
+    # 8 real steps; the probes of steps 0, 1, 2 replayed 3 points each (step 2's, run at global_step 3,
+    # made the update and was detected), then no probe replayed training_step again.
+    assert (trainer.global_step, model.calls) == (8, 8 + 3 * 3)
