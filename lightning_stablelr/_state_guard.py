@@ -90,6 +90,7 @@ class ModuleStateGuard:
         self.error: str | None = None
         self._clones: list[tuple[str, Tensor, int | None]] = []
         self._slots: list[tuple[dict[str, Any], str, Tensor | None]] = []
+        self._learned: set[str] = set()
 
     def argument(self, name: str, tensor: Tensor) -> Tensor:
         """The tensor ``functional_call`` gets for parameter ``name``: a clone until verified or when shielded."""
@@ -108,7 +109,7 @@ class ModuleStateGuard:
         """Record versions (and the backups needed to undo) before a probe call; raise when disabled."""
         if self.error is not None:
             raise ProbeSideEffectError(self.error)
-        self._clones = []
+        self._clones, self._learned = [], set()
         self._slots = [
             (slots, key, tensor)
             for submodule in self.module.modules()
@@ -138,11 +139,16 @@ class ModuleStateGuard:
             if slots.get(key) is not tensor:
                 slots[key] = tensor
 
+    def after_point(self) -> None:
+        """After each evaluation: put the tensors back and release this point's clones (one copy alive at a time)."""
+        self.restore_slots()
+        self._learned |= {name for name, clone, version in self._clones if _version(clone) != version}
+        self._clones = []
+
     def end(self, record: dict[str, Any]) -> None:
         """Undo what can be undone, learn what to shield, refuse what cannot be undone."""
-        self.restore_slots()
-        learned = {name for name, clone, version in self._clones if _version(clone) != version}
-        self._clones = []
+        self.after_point()
+        learned, self._learned = self._learned, set()
         changed: list[str] = []
         for name, owner, attribute, value, version in record["plain"]:
             current = vars(owner).get(attribute)

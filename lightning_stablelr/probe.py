@@ -38,11 +38,7 @@ class ProbeError(RuntimeError):
 
 
 def probe_failure_advice(error: BaseException) -> str:
-    """What to do about a failed probe: ``probe_loss`` only helps when the loss source cannot be replayed.
-
-    A :class:`ProbeError` or :class:`ProbeSideEffectError` already carries its fix in its message; any
-    other error came from evaluating the model on the probe's batch, where ``probe_loss`` would fail alike.
-    """
+    """The fix to print after a failed probe: a ProbeError carries its own; ``probe_loss`` cannot fix other errors."""
     if isinstance(error, (ProbeError, ProbeSideEffectError)):
         return "Its message says what to change."
     return (
@@ -208,11 +204,8 @@ class ObjectiveProbe:
     - the module's parameters (trainable *and frozen*), buffers, plain tensor attributes, ``.grad`` and
       ``.training`` flags are unchanged afterwards (buffers are passed as clones, so BatchNorm running
       statistics never move), and so are the states of torchmetrics metrics that a replayed
-      ``training_step`` updates. A ``training_step`` that changes module tensors in place (an EMA /
-      mean-teacher update) is handled by :class:`~lightning_stablelr._state_guard.ModuleStateGuard`: the
-      first call clones every parameter and learns which ones change, later calls clone those (one
-      :class:`ProbeSideEffectWarning` names them); an in-place change that cannot be undone stops the
-      probe with :class:`ProbeSideEffectError`. Other side effects of your ``training_step`` (a Python
+      ``training_step`` updates; in-place updates (an EMA teacher) are undone or stop the probe, see
+      :mod:`lightning_stablelr._state_guard`. Other side effects of your ``training_step`` (a Python
       counter, a print) do happen on every probe point: define ``probe_loss`` to avoid them;
     - the torch (CPU + initialised CUDA), ``random`` and numpy RNG states are unchanged, and the probe
       itself runs under a fixed ``seed``: the same seed at the same θ gives the same loss, and every
@@ -341,7 +334,7 @@ class ObjectiveProbe:
                     try:
                         loss = functional_call(self._source, arguments, (batch, batch_idx))
                     finally:
-                        self._guard.restore_slots()
+                        self._guard.after_point()
                 values.append(loss.float())
         self._guard.end(record)
         return values
