@@ -16,6 +16,11 @@ LossFn = Callable[[dict[str, Tensor]], Tensor]
 METHODS = ("auto", "autograd", "finite_difference")
 
 
+def _dense(tensor: Tensor) -> Tensor:
+    """Sparse gradients (``nn.Embedding(sparse=True)``) as dense tensors: the power iteration adds them to dense ones."""
+    return tensor.to_dense() if tensor.is_sparse else tensor
+
+
 def scalar_loss(loss_fn: LossFn, leaves: dict[str, Tensor]) -> Tensor:
     """``loss_fn(leaves)`` as a 0-d tensor; ``ValueError`` if it is not a scalar or has no graph."""
     loss = loss_fn(leaves)
@@ -80,7 +85,7 @@ class AutogradHessian:
                 return {k: torch.zeros_like(p) for k, p in zip(self._keys, self._leaves)}
             hv = torch.autograd.grad(sum(terms), self._leaves, retain_graph=True, allow_unused=True)
         return {
-            k: (h.detach() if h is not None else torch.zeros_like(p))
+            k: (_dense(h.detach()) if h is not None else torch.zeros_like(p))
             for k, p, h in zip(self._keys, self._leaves, hv)
         }
 
@@ -116,7 +121,7 @@ class FiniteDifferenceHessian:
             }
             loss = scalar_loss(self._loss_fn, leaves)
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(leaves.values(), grads)]
+        return [torch.zeros_like(p) if g is None else _dense(g.detach()) for p, g in zip(leaves.values(), grads)]
 
     def __call__(self, vector: Mapping[str, Tensor]) -> dict[str, Tensor]:
         vnorm = norm(vector)

@@ -24,9 +24,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_stablelr._state_guard import ProbeSideEffectError, ProbeSideEffectWarning, state_guard
 from lightning_stablelr.rng import isolated_rng
 
-__all__ = ["ObjectiveProbe", "ProbeError"]
+__all__ = ["ObjectiveProbe", "ProbeError", "ProbeSideEffectError", "ProbeSideEffectWarning", "probe_failure_advice"]
 
 _SILENCED = ("log", "log_dict")
 _MISSING = object()
@@ -34,6 +35,16 @@ _MISSING = object()
 
 class ProbeError(RuntimeError):
     """The module offers no way to compute its training loss at given parameters."""
+
+
+def probe_failure_advice(error: BaseException) -> str:
+    """The fix to print after a failed probe: a ProbeError carries its own; ``probe_loss`` cannot fix other errors."""
+    if isinstance(error, (ProbeError, ProbeSideEffectError)):
+        return "Its message says what to change."
+    return (
+        "The error came from evaluating the model on a cached batch, which `probe_loss` would not change. If"
+        " training itself runs, please report it with this message."
+    )
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:
@@ -190,11 +201,12 @@ class ObjectiveProbe:
 
     Contract, for every call:
 
-    - the module's parameters, buffers, ``.grad`` and ``.training`` flags are unchanged afterwards
-      (buffers are passed as clones, so BatchNorm running statistics never move), and so are the states
-      of torchmetrics metrics that a replayed ``training_step`` updates. Other side effects of your
-      ``training_step`` (a Python counter, a print) do happen on every probe point: define
-      ``probe_loss`` to avoid them;
+    - the module's parameters (trainable *and frozen*), buffers, plain tensor attributes, ``.grad`` and
+      ``.training`` flags are unchanged afterwards (buffers are passed as clones, so BatchNorm running
+      statistics never move), and so are the states of torchmetrics metrics that a replayed
+      ``training_step`` updates; in-place updates (an EMA teacher) are undone or stop the probe, see
+      :mod:`lightning_stablelr._state_guard`. Other side effects of your ``training_step`` (a Python
+      counter, a print) do happen on every probe point: define ``probe_loss`` to avoid them;
     - the torch (CPU + initialised CUDA), ``random`` and numpy RNG states are unchanged, and the probe
       itself runs under a fixed ``seed``: the same seed at the same θ gives the same loss, and every
       point of one probe sees the same dropout masks;
@@ -225,6 +237,7 @@ class ObjectiveProbe:
         self.module = module
         self.forward_context = forward_context
         self._source = _LossSource(module)
+        self._guard = state_guard(module)
 
     def parameters(self) -> dict[str, Tensor]:
         """Detached references (no copy) to the module's trainable parameters, keyed by name."""
@@ -243,7 +256,7 @@ class ObjectiveProbe:
                     f"params has names that are not parameters of {type(self.module).__name__}: "
                     f"{sorted(unknown)[:5]}. Build them from ObjectiveProbe.parameters()."
                 )
-        arguments = {f"module.{name}": tensor for name, tensor in params.items()}
+        arguments = {f"module.{name}": tensor for name, tensor in self._guard.parameters(params).items()}
         own_buffers = dict(self.module.named_buffers())
         if buffers:
             unknown = set(buffers) - set(own_buffers)
@@ -307,6 +320,7 @@ class ObjectiveProbe:
         """
         grad_mode = contextlib.nullcontext() if create_graph else torch.no_grad()
         values: list[Tensor] = []
+        record = self._guard.begin()
         with isolated_rng() as reseed, _restored_training_flags(self.module), grad_mode:
             for params in points:
                 arguments = self._call_arguments(params, buffers)
@@ -317,8 +331,12 @@ class ObjectiveProbe:
                 with context:
                     if training is not None:
                         self.module.train(bool(training))
-                    loss = functional_call(self._source, arguments, (batch, batch_idx))
+                    try:
+                        loss = functional_call(self._source, arguments, (batch, batch_idx))
+                    finally:
+                        self._guard.after_point()
                 values.append(loss.float())
+        self._guard.end(record)
         return values
 
     def losses(

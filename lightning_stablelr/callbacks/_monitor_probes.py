@@ -19,10 +19,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_stablelr.callbacks._connectivity_probe import ConnectivityReport, ConnectivityTracker, EvalLoss
 from lightning_stablelr.callbacks._lightning_access import log_step, put_callback_metrics, reducer
-from lightning_stablelr.callbacks._monitor_support import detached_copy, first_batches, measure_sharpness
+from lightning_stablelr.callbacks._monitor_support import detached_copy, measure_sharpness
+from lightning_stablelr.callbacks._validation_cache import cached_validation_batches
 from lightning_stablelr.callbacks.line_probe_session import line_probe_session
 from lightning_stablelr.certificates import certificate
 from lightning_stablelr.collectives import reduce_with_flag
+from lightning_stablelr.probe import probe_failure_advice
 from lightning_stablelr.rng import CONNECTIVITY_SEED, isolated_rng, probe_seed
 
 if TYPE_CHECKING:
@@ -164,10 +166,7 @@ class MonitorProbes:
         if self._eval_batches is None:
             start = time.perf_counter()
             # Called inside isolated_rng: creating the loader's iterator draws from the torch RNG.
-            batches = first_batches(
-                trainer.val_dataloaders, self.config.probe_batches,
-                lambda batch: detached_copy(trainer.strategy.batch_to_device(batch), self.config.snapshot_device),
-            )  # fmt: skip
+            batches = cached_validation_batches(trainer, self.config.probe_batches, self.config.snapshot_device)
             if not batches:
                 rank_zero_info("StabilityMonitor: no validation batches; the connectivity probes use the first"
                                " training batches instead.")
@@ -190,8 +189,7 @@ class MonitorProbes:
         warnings.warn(
             f"StabilityMonitor: the {kind} probe raised on rank {trainer.global_rank} at step"
             f" {trainer.global_step} ({type(error).__name__}: {error}); it is skipped on every rank and"
-            " training continues. Implement `probe_loss(self, batch) -> Tensor` if `training_step` cannot be"
-            " replayed.",
+            f" training continues. {probe_failure_advice(error)}",
             RuntimeWarning,
             stacklevel=2,
         )
