@@ -188,6 +188,8 @@ class SnapshotWindow:
         window: the most snapshots kept (>= 2). The newest is compared with up to ``window - 1``
             previous ones, so "compare with the previous K snapshots" is ``SnapshotWindow(K + 1)``.
         device: where the clones live.
+        dtype: the floating dtype the clones are stored in (None keeps each tensor's own); ``torch.bfloat16``
+            halves an fp32 window (the monitor's barrier stays within 1% of fp32, ``tests/test_monitor_memory.py``).
 
     Example::
 
@@ -199,7 +201,9 @@ class SnapshotWindow:
         equiconnectedness(window.pairwise_barrier_matrix())
     """
 
-    def __init__(self, window: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, window: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> None:
         check_int_at_least("window", window, 2, hint="A pair of snapshots needs two of them.")
         try:
             self.device = torch.device(device)
@@ -208,6 +212,7 @@ class SnapshotWindow:
                 f"`device` must be a torch device such as 'cpu' or 'cuda:0', got {device!r}."
             ) from error
         self.window = window
+        self.dtype = dtype
         self._snapshots: deque[Snapshot] = deque(maxlen=window)
         self._barriers: dict[tuple[int, int], float] = {}
         self._next_index = 0
@@ -223,7 +228,10 @@ class SnapshotWindow:
                     "params must have the same names and shapes as the snapshots already in the window, "
                     f"got keys {sorted(params)} (window holds {sorted(reference)}); call clear() first."
                 )
-        clone = {k: t.detach().to(self.device, copy=True) for k, t in params.items()}
+        clone = {
+            k: t.detach().to(self.device, dtype=self.dtype if t.is_floating_point() else None, copy=True)
+            for k, t in params.items()
+        }
         snapshot = Snapshot(clone, int(epoch), int(step), self._next_index)
         self._next_index += 1
         if len(self._snapshots) == self.window:

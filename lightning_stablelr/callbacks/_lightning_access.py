@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lightning_stablelr.collectives import Reduce
 
-__all__ = ["log_step", "log_to_loggers", "put_callback_metrics", "reducer"]
+__all__ = ["is_last_training_batch", "log_step", "log_to_loggers", "put_callback_metrics", "reducer"]
 
 
 def reducer(trainer: pl.Trainer) -> Reduce:
@@ -73,3 +73,12 @@ def put_callback_metrics(
             if cache is not None:
                 cache[name] = (value, tensor)
         target[name] = tensor
+
+
+def is_last_training_batch(trainer: pl.Trainer) -> bool:
+    """Whether the current training batch is the epoch's last: ``trainer.is_last_batch``, or the batch index
+    reaching ``num_training_batches`` (a ``limit_train_batches`` cut that the data fetcher does not see)."""
+    if trainer.is_last_batch:
+        return True
+    total = trainer.num_training_batches
+    return math.isfinite(total) and trainer.fit_loop.epoch_loop.batch_idx + 1 >= total

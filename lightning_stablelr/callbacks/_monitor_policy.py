@@ -1,0 +1,110 @@
+"""When the monitor's instruments run: the governor's decisions made identical on every rank, per epoch.
+
+:class:`MonitorPolicy` wraps the pure :class:`~lightning_stablelr.callbacks._governor.ProbeGovernor` with what
+needs the trainer: a decision is reduced across ranks (``reduce_boolean_decision``, all must allow), an
+instrument that has not produced a measurement in the current epoch is due at its last training batch
+and may draw on the whole unspent budget, an instrument deferred for a whole epoch is named once in a
+warning, and every :class:`~lightning_stablelr.callbacks._instruments.InstrumentRun` is charged from its
+returned seconds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from lightning_stablelr.callbacks._connectivity_instrument import ConnectivityInstrument
+from lightning_stablelr.callbacks._governor import ProbeGovernor
+from lightning_stablelr.callbacks._instruments import InstrumentRun
+from lightning_stablelr.callbacks._lightning_access import is_last_training_batch
+
+__all__ = ["KNOBS", "MonitorPolicy"]
+
+#: What makes each instrument cheaper, named when the governor deferred it for a whole epoch.
+KNOBS = {
+    "certificate": "`certificate_every_n_steps` (fewer due certificates)",
+    "sharpness": "`sharpness_iters` (fewer Hessian-vector products)",
+    "connectivity": "`connectivity_points`, `connectivity_batches` or `connectivity_window` (fewer forward passes)",
+}
+
+
+class MonitorPolicy:
+    """The governor plus this epoch's bookkeeping: which instruments ran, which were deferred.
+
+    Args:
+        governor: the budget keeper (its deferred counts are the monitor's checkpointed state).
+    """
+
+    def __init__(self, governor: ProbeGovernor) -> None:
+        self.governor = governor
+        self.ran: set[str] = set()  # instruments that produced a measurement this epoch
+        self.deferred: set[str] = set()  # instruments deferred at least once this epoch
+        self.warned: set[str] = set()
+        self.failed_probes = 0
+
+    def start_epoch(self) -> None:
+        """Forget which instruments ran or were deferred."""
+        self.ran.clear()
+        self.deferred.clear()
+
+    def catch_up(self, trainer: pl.Trainer, kind: str) -> bool:
+        """Due at the epoch's last training batch when ``kind`` has not produced a measurement this epoch."""
+        return kind not in self.ran and is_last_training_batch(trainer)
+
+    def allowed(self, trainer: pl.Trainer, kind: str) -> bool:
+        """The governor's decision, identical on every rank (a probe runs only if every rank allows it); an
+        instrument's first probe of the epoch may use the whole unspent budget."""
+        if math.isinf(self.governor.max_overhead):
+            return True  # the same on every rank without a collective
+        local = self.governor.allows(kind, pooled=kind not in self.ran)
+        if trainer.strategy.reduce_boolean_decision(local, all=True):
+            return True
+        self.defer(kind)
+        return False
+
+    def defer(self, kind: str) -> None:
+        """Count a deferred probe of ``kind``."""
+        self.governor.defer(kind)
+        self.deferred.add(kind)
+
+    def connectivity_segments(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, instrument: ConnectivityInstrument
+    ) -> int | None:
+        """How many of the previous snapshots the budget lets this probe compare with, newest first (the
+        minimum over ranks); None to defer it. The consecutive pair comes first; one probe per epoch at most,
+        so it may use the whole unspent budget."""
+        assert instrument.tracker is not None
+        full = len(instrument.tracker.previous())
+        if math.isinf(self.governor.max_overhead):
+            return full
+        units = self.governor.affordable_units("connectivity", pooled=True)
+        local = torch.tensor(float(instrument.local_segments(units)), device=pl_module.device)
+        segments = int(trainer.strategy.reduce(local, reduce_op="min").item())
+        if segments < 0 or (segments == 0 and full > 0):
+            return None
+        return segments
+
+    def account(self, trainer: pl.Trainer, kind: str, run: InstrumentRun) -> None:
+        """Charge the run's time to the governor, count a failure and remember a measurement."""
+        self.governor.record(kind, run.seconds, run.units)
+        self.governor.charge(kind, run.once_seconds)
+        if run.ran:
+            self.ran.add(kind)
+        if run.failed:
+            self.failed_probes += 1
+            if kind != "certificate":  # the line-probe session has warned for certificates
+                rank_zero_warn(f"StabilityMonitor: the {kind} probe at step {trainer.global_step} failed on at least"
+                               " one rank and was skipped on every rank; training continues.")  # fmt: skip
+
+    def warn_deferred_epoch(self, trainer: pl.Trainer) -> None:
+        """Say once per instrument when the governor deferred it for a whole epoch, naming the knobs."""
+        for kind in sorted(self.deferred - self.ran - self.warned):
+            self.warned.add(kind)
+            rank_zero_warn(
+                f"StabilityMonitor: no {kind} in epoch {trainer.current_epoch}: the governor deferred every due"
+                f" {kind} probe to keep the monitor within max_overhead={self.governor.max_overhead:g} of the"
+                f" training time. Raise `max_overhead`, or make it cheaper with {KNOBS[kind]}. (Said once.)"
+            )
