@@ -31,7 +31,7 @@ __all__ = [
     "load_run",
     "summarize",
     "summary_to_json",
-    "write_dashboard",
+    "write_dashboard",  # noqa: F822 (lazy: see __getattr__ at the end)
 ]
 
 EVENT_FILE_GLOB = "events.out.tfevents.*"
@@ -328,4 +328,11 @@ def summary_to_json(summary: dict[str, Any]) -> str:
     return json.dumps(_jsonable(summary), indent=2, allow_nan=False)
 
 
-from lightning_stablelr.report_dashboard import write_dashboard  # noqa: E402 (re-export, needs the names above)
+def __getattr__(name: str) -> Any:
+    # write_dashboard lives in report_dashboard.py, which imports this module: re-exported lazily so that
+    # either module can be imported first.
+    if name == "write_dashboard":
+        from lightning_stablelr.report_dashboard import write_dashboard
+
+        return write_dashboard
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
