@@ -137,9 +137,15 @@ class SharpnessInstrument:
     """λ_max of the Hessian (Adam: of ``P^-1/2 H P^-1/2``) against the optimizer's stability threshold.
 
     Warm-started power iteration (:func:`~lightning_stablelr.callbacks._monitor_support.measure_sharpness`)
-    of at most ``iters`` Hessian-vector products, stopped at relative change ``tol``, on a fixed training
-    batch; the value is averaged over ranks. The warm-start vector is runtime state (not checkpointed).
+    of at most ``iters`` Hessian-vector products (fewer when the caller's budget affords fewer), stopped at
+    relative change ``tol``, on a fixed training batch; the value is averaged over ranks. Each measurement
+    continues the iteration from the previous vector, so a few products per measurement converge over
+    successive measurements while the Hessian changes slowly. The cost unit is one Hessian-vector product.
+    The warm-start vector is runtime state (not checkpointed).
     """
+
+    #: Hessian-vector products of a measurement whose cost is not known yet, and the fewest worth running.
+    FIRST_ITERS = 2
 
     def __init__(self, iters: int, tol: float) -> None:
         self.iters = iters
@@ -149,9 +155,12 @@ class SharpnessInstrument:
         self.vector: tuple[bool, dict[str, Tensor]] | None = None
 
     def run(
-        self, probe: ObjectiveProbe | None, optimizer: torch.optim.Optimizer, batch: Any, context: ProbeContext
+        self, probe: ObjectiveProbe | None, optimizer: torch.optim.Optimizer, batch: Any, context: ProbeContext,
+        max_iters: int | None = None,
     ) -> InstrumentRun:
-        """Measure at the module's current parameters on ``batch`` (a cached copy, moved to the device here)."""
+        """Measure at the module's current parameters on ``batch`` (a cached copy, moved to the device here),
+        with at most ``min(iters, max_iters)`` Hessian-vector products."""
+        iters = self.iters if max_iters is None else max(1, min(self.iters, max_iters))
         start = time.perf_counter()
         values: list[float] | None = None
         reading = None
@@ -162,7 +171,7 @@ class SharpnessInstrument:
             with isolated_rng():
                 reading = measure_sharpness(
                     probe, optimizer, detached_copy(batch, context.device), seed=probe_seed(context.step),
-                    iters=self.iters, tol=self.tol, init=init, init_preconditioned=init_preconditioned,
+                    iters=iters, tol=self.tol, init=init, init_preconditioned=init_preconditioned,
                 )  # fmt: skip
             self.vector = (reading.preconditioned, reading.vector)
             values = [reading.sharpness]
@@ -174,7 +183,7 @@ class SharpnessInstrument:
             return InstrumentRun(seconds=seconds, failed=True, ran=False)
         self.runs += 1
         self.last_value = sharpness
-        return InstrumentRun(reading.metrics(sharpness), seconds)
+        return InstrumentRun(reading.metrics(sharpness), seconds, units=max(1, reading.iterations))
 
     def __getstate__(self) -> dict[str, Any]:
         # Runtime tensors (snapshots, cached batches, warm-start vectors) never travel with a pickled callback.

@@ -68,8 +68,8 @@ class MonitorConfig:
     sharpness_tol: float = 1e-3
     connectivity_every_n_epochs: int = 1
     connectivity_window: int = 4
-    connectivity_points: int = 7
-    connectivity_batches: int = 4
+    connectivity_points: int = 5
+    connectivity_batches: int = 2
     connected_tol: float = 1e-3
     bn_recalibration_batches: int = 4
     snapshot_memory: float = 2.5

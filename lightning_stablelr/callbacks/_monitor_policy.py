@@ -34,12 +34,18 @@ KNOBS = {
 class MonitorPolicy:
     """The governor plus this epoch's bookkeeping: which instruments ran, which were deferred.
 
+    Coverage comes first: a repeated probe of an instrument that already ran this epoch may only spend what
+    is left after the reserve, the predicted cost of the smallest probe (``minimal_units``) of each
+    instrument that has not run yet this epoch.
+
     Args:
         governor: the budget keeper (its deferred counts are the monitor's checkpointed state).
+        minimal_units: the units of the smallest useful probe of each instrument.
     """
 
-    def __init__(self, governor: ProbeGovernor) -> None:
+    def __init__(self, governor: ProbeGovernor, minimal_units: dict[str, float] | None = None) -> None:
         self.governor = governor
+        self.minimal_units = dict(minimal_units or {})
         self.ran: set[str] = set()  # instruments that produced a measurement this epoch
         self.deferred: set[str] = set()  # instruments deferred at least once this epoch
         self.warned: set[str] = set()
@@ -59,16 +65,40 @@ class MonitorPolicy:
         instrument's first probe of the epoch may use the whole unspent budget."""
         if math.isinf(self.governor.max_overhead):
             return True  # the same on every rank without a collective
-        local = self.governor.allows(kind, pooled=kind not in self.ran)
+        local = self.governor.allows(kind, pooled=kind not in self.ran, reserve=self.reserve(kind))
         if trainer.strategy.reduce_boolean_decision(local, all=True):
             return True
         self.defer(kind)
         return False
 
+    def reserve(self, kind: str) -> float:
+        """Seconds kept for the instruments that have not run this epoch (none for a first probe of ``kind``)."""
+        if kind not in self.ran:
+            return 0.0
+        return sum(self.governor.predicted(other, units) for other, units in self.minimal_units.items()
+                   if other != kind and other not in self.ran)  # fmt: skip
+
     def defer(self, kind: str) -> None:
         """Count a deferred probe of ``kind``."""
         self.governor.defer(kind)
         self.deferred.add(kind)
+
+    def sharpness_iters(self, trainer: pl.Trainer, most: int, first: int) -> int | None:
+        """Hessian-vector products the budget affords for this measurement (one cost unit each), at most
+        ``most``; ``first`` until their cost is measured (so a cold start cannot overshoot by a whole power
+        iteration); None, counted as deferred, when not even ``first`` fit. Identical on every rank."""
+        if math.isinf(self.governor.max_overhead):
+            return most
+        pooled = "sharpness" not in self.ran
+        if "sharpness" not in self.governor.cost_per_unit:
+            return min(most, first) if self.allowed(trainer, "sharpness") else None
+        units = self.governor.affordable_units("sharpness", pooled=pooled, reserve=self.reserve("sharpness"))
+        local = min(most, int(units)) if math.isfinite(units) else most
+        local = int(trainer.strategy.reduce(torch.tensor(float(local), device=trainer.strategy.root_device), reduce_op="min").item())
+        if local < min(most, first):
+            self.defer("sharpness")
+            return None
+        return local
 
     def connectivity_segments(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, instrument: ConnectivityInstrument

@@ -126,8 +126,8 @@ class StabilityMonitor(Callback):
         sharpness_tol: float = 1e-3,
         connectivity_every_n_epochs: int = 1,
         connectivity_window: int = 4,
-        connectivity_points: int = 7,
-        connectivity_batches: int = 4,
+        connectivity_points: int = 5,
+        connectivity_batches: int = 2,
         connected_tol: float = 1e-3,
         bn_recalibration_batches: int = 4,
         snapshot_memory: float | int = 2.5,
@@ -165,7 +165,9 @@ class StabilityMonitor(Callback):
                                                 ("figures", config.connectivity_every_n_epochs and config.log_figures))
                        if every]  # fmt: skip
         self._governor = ProbeGovernor(config.max_overhead, self._kinds, prior_costs={"figures": _FIGURES_PRIOR_SECONDS})
-        self._policy = MonitorPolicy(self._governor)
+        minimal = {"certificate": 1.0, "sharpness": float(self.sharpness.FIRST_ITERS),
+                   "connectivity": float(config.connectivity_points - 1)}  # the newest loss and one segment
+        self._policy = MonitorPolicy(self._governor, {kind: minimal[kind] for kind in self._kinds if kind in minimal})
         self._certificate_step: int | None = None
         self._last_step_seen = -1
         #: The line-probe session; the one of the first callback carrying one is shared by all.
@@ -304,9 +306,11 @@ class StabilityMonitor(Callback):
             self._account(trainer, "certificate", run)
         every = self.config.sharpness_every_n_steps
         due = stepped and every and (trainer.global_step % every == 0 or self._policy.catch_up(trainer, "sharpness"))
-        if due and self._policy.allowed(trainer, "sharpness"):
+        iters = self._policy.sharpness_iters(trainer, self.config.sharpness_iters, self.sharpness.FIRST_ITERS) if due else None
+        if iters is not None:
             batch = self._train_batches[0] if self._train_batches else None
-            run = self.sharpness.run(self._probe, trainer.optimizers[0], batch, self._context(trainer, pl_module))
+            context = self._context(trainer, pl_module)
+            run = self.sharpness.run(self._probe, trainer.optimizers[0], batch, context, max_iters=iters)
             self._account(trainer, "sharpness", run)
 
     @override
