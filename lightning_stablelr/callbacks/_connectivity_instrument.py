@@ -75,7 +75,7 @@ class ConnectivityInstrument:
         if window < 1:
             return (f"StabilityMonitor: connectivity is off: two snapshots take {2 * one} bytes and"
                     f" `snapshot_memory` allows {budget}; raise `snapshot_memory` (a multiple of the parameters'"
-                    " size, e.g. 2.5) or store snapshots in `snapshot_dtype='bfloat16'`.")  # fmt: skip
+                    " size, e.g. 2.5) or store snapshots in `snapshot_dtype='float16'`.")  # fmt: skip
         self.tracker = ConnectivityTracker(window, self.points, self.tol, self.device, self.dtype)
         if window < self.window:
             return (f"StabilityMonitor: the connectivity window is {window} snapshots, not {self.window}:"

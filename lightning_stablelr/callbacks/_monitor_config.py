@@ -73,7 +73,7 @@ class MonitorConfig:
     connected_tol: float = 1e-3
     bn_recalibration_batches: int = 4
     snapshot_memory: float = 2.5
-    snapshot_dtype: Any = torch.bfloat16
+    snapshot_dtype: Any = torch.float16
     ema_decay: float = 0.98
     monitor: str = "val_loss"
     max_overhead: float = 0.05
