@@ -14,7 +14,13 @@ from lightning_stablelr.callbacks import monitor as monitor_module
 from lightning_stablelr.callbacks._connectivity_instrument import ConnectivityInstrument
 from lightning_stablelr.callbacks._instruments import CertificateInstrument, SharpnessInstrument
 from tests.helpers import TinyClassifier, make_trainer
-from tests.test_monitor_support import QuadraticModule, RecordingLogger, constant_loader, series, single_thread
+from tests.test_monitor_support import (
+    QuadraticModule,
+    RecordingLogger,
+    constant_loader,
+    series,
+    single_thread,
+)
 
 __all__ = ["single_thread"]
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lightning_stablelr.callbacks._connectivity_probe import ConnectivityReport, ConnectivityTracker, EvalLoss
 from lightning_stablelr.callbacks._instruments import InstrumentRun, ProbeContext, warn_local_failure
+from lightning_stablelr.callbacks._monitor_config import MonitorConfig
 from lightning_stablelr.callbacks._monitor_support import detached_copy
 from lightning_stablelr.collectives import reduce_with_flag
 from lightning_stablelr.probe import ObjectiveProbe
@@ -63,6 +64,13 @@ class ConnectivityInstrument:
         self.last_report: ConnectivityReport | None = None
         self.runs = 0
         self.last_metrics: dict[str, float] = {}
+
+    @classmethod
+    def from_config(cls, config: MonitorConfig) -> ConnectivityInstrument:
+        """The instrument of a :class:`MonitorConfig`'s ``connectivity_*``/``snapshot_*`` arguments."""
+        return cls(config.connectivity_window, config.connectivity_points, config.connectivity_batches,
+                   config.connected_tol, config.bn_recalibration_batches, config.snapshot_device,
+                   config.snapshot_dtype, config.snapshot_budget_bytes)  # fmt: skip
 
     def setup(self, params: Mapping[str, Tensor]) -> str | None:
         """A fresh snapshot window for ``params`` within the budget; a message when the budget cut the window."""

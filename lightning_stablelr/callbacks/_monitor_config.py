@@ -125,6 +125,21 @@ class MonitorConfig:
         return values
 
     @property
+    def probe_kinds(self) -> list[str]:
+        """The kinds of probe that are on (each gets an equal share of the governor's budget)."""
+        every = {"certificate": self.certificate_every_n_steps, "sharpness": self.sharpness_every_n_steps,
+                 "connectivity": self.connectivity_every_n_epochs,
+                 "figures": self.connectivity_every_n_epochs and self.log_figures}  # fmt: skip
+        return [kind for kind, on in every.items() if on]
+
+    def minimal_units(self, sharpness_iters: int) -> dict[str, float]:
+        """Units of the smallest useful probe of each instrument that is on: one certificate, ``sharpness_iters``
+        Hessian-vector products, the newest snapshot's loss and one segment (``connectivity_points - 1``)."""
+        minimal = {"certificate": 1.0, "sharpness": float(sharpness_iters),
+                   "connectivity": float(self.connectivity_points - 1)}  # fmt: skip
+        return {kind: minimal[kind] for kind in self.probe_kinds if kind in minimal}
+
+    @property
     def train_batches_needed(self) -> int:
         """Training batches the monitor keeps: the sharpness batch, BatchNorm recalibration and the
         connectivity probe's fallback when there is no validation loader."""

@@ -104,8 +104,8 @@ class MonitorPolicy:
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, instrument: ConnectivityInstrument
     ) -> int | None:
         """How many of the previous snapshots the budget lets this probe compare with, newest first (the
-        minimum over ranks); None to defer it. The consecutive pair comes first; one probe per epoch at most,
-        so it may use the whole unspent budget."""
+        minimum over ranks); None when deferred (and counted). The consecutive pair comes first; one probe per
+        epoch at most, so it may use the whole unspent budget."""
         assert instrument.tracker is not None
         full = len(instrument.tracker.previous())
         if math.isinf(self.governor.max_overhead):
@@ -114,6 +114,7 @@ class MonitorPolicy:
         local = torch.tensor(float(instrument.local_segments(units)), device=pl_module.device)
         segments = int(trainer.strategy.reduce(local, reduce_op="min").item())
         if segments < 0 or (segments == 0 and full > 0):
+            self.defer("connectivity")
             return None
         return segments
 

@@ -38,8 +38,7 @@ from lightning_stablelr.probe import ObjectiveProbe
 
 __all__ = ["StabilityMonitor"]
 
-# Rendering the two figures to PNG measured 0.2-0.8 s on a loaded CPU, often more than the probe itself;
-# until measured, this prior keeps the first figures from overshooting the budget of a short run.
+# Drawing both figures measured 0.2-0.8 s on a loaded CPU: a cost prior until the first is measured.
 _FIGURES_PRIOR_SECONDS = 0.5
 _WARNED_DEPRECATIONS: set[str] = set()
 
@@ -47,12 +46,10 @@ _WARNED_DEPRECATIONS: set[str] = set()
 class StabilityMonitor(Callback):
     r"""Observe training and log Lyapunov certificates, sharpness and connectivity; never change training.
 
-    Every number goes to every logger, at the step Lightning's ``self.log`` uses (so the certificate of
-    optimizer step t sits next to that batch's ``train_loss``), and into ``trainer.callback_metrics``;
-    figures and the custom-scalars layout go only to a TensorBoard logger, on rank 0. All probes are
-    evaluated at parameters of the monitor's choosing through :class:`~lightning_stablelr.ObjectiveProbe`
-    (``probe_loss`` if the module defines it, else its silenced ``training_step``): weights, gradients,
-    BatchNorm statistics, ``.training`` flags and the random streams are left exactly as they were.
+    Scalars go to every logger at the step Lightning's ``self.log`` uses, and into ``callback_metrics``;
+    figures and the custom-scalars layout to a TensorBoard logger, on rank 0. Probes evaluate the loss at
+    parameters of the monitor's choosing through :class:`~lightning_stablelr.ObjectiveProbe`: weights,
+    gradients, BatchNorm statistics, ``.training`` flags and the random streams are left as they were.
 
     - **Certificates** (:attr:`certificates`), every ``certificate_every_n_steps`` optimizer steps, from
       the three-point line probe ``L0 = L(θ)``, ``L+ = L(θ + Δθ)``, ``L- = L(θ - Δθ)`` on the step's batch
@@ -69,13 +66,11 @@ class StabilityMonitor(Callback):
       cached validation batches, BatchNorm recalibrated on ``bn_recalibration_batches`` training batches:
       ``connectivity/barrier``, ``sublevel_excess``, ``superlevel_dip``, ``connected``,
       ``equiconnectedness``, and the figures ``connectivity/path`` and ``connectivity/pairwise``.
-    - **At least once per epoch**: a certificate or sharpness probe that has not run in an epoch is due at
-      its last training batch too.
-    - **Governor**: a probe runs only while the monitor's time stays within ``max_overhead`` of the training
-      time, each kind within an equal share (an instrument's first probe of an epoch may use the whole unspent
-      budget); skipped probes are counted in ``monitor/deferred_probes``, an instrument deferred for a whole
-      epoch is named once in a warning, and a connectivity probe that cannot afford every segment measures
-      the newest ones. ``monitor/overhead`` is the ratio measured on this rank (rank 0's is written).
+    - **Budget**: a probe runs only while the monitor's time stays within ``max_overhead`` of the training
+      time (:class:`~lightning_stablelr.callbacks._monitor_policy.MonitorPolicy`): each instrument runs at
+      least once per epoch when the budget affords it (a certificate or sharpness probe not yet run is due
+      at the epoch's last batch), skipped probes are counted in ``monitor/deferred_probes``, an instrument
+      skipped for a whole epoch is named once in a warning, and ``monitor/overhead`` is the measured ratio.
 
     Under DDP every rank calls every collective: the numbers are averaged across ranks (identical
     everywhere) and a probe failing on one rank is skipped everywhere (``monitor/failed_probes``).
@@ -155,20 +150,10 @@ class StabilityMonitor(Callback):
         )
         self.certificates = CertificateInstrument(config.certificate_window, config.ema_decay)
         self.sharpness = SharpnessInstrument(config.sharpness_iters, config.sharpness_tol)
-        self.connectivity = ConnectivityInstrument(
-            config.connectivity_window, config.connectivity_points, config.connectivity_batches,
-            config.connected_tol, config.bn_recalibration_batches, config.snapshot_device, config.snapshot_dtype,
-            config.snapshot_budget_bytes,
-        )  # fmt: skip
-        self._kinds = [kind for kind, every in (("certificate", config.certificate_every_n_steps),
-                                                ("sharpness", config.sharpness_every_n_steps),
-                                                ("connectivity", config.connectivity_every_n_epochs),
-                                                ("figures", config.connectivity_every_n_epochs and config.log_figures))
-                       if every]  # fmt: skip
+        self.connectivity = ConnectivityInstrument.from_config(config)
+        self._kinds = config.probe_kinds
         self._governor = ProbeGovernor(config.max_overhead, self._kinds, prior_costs={"figures": _FIGURES_PRIOR_SECONDS})
-        minimal = {"certificate": 1.0, "sharpness": float(self.sharpness.FIRST_ITERS),
-                   "connectivity": float(config.connectivity_points - 1)}  # the newest loss and one segment
-        self._policy = MonitorPolicy(self._governor, {kind: minimal[kind] for kind in self._kinds if kind in minimal})
+        self._policy = MonitorPolicy(self._governor, config.minimal_units(self.sharpness.FIRST_ITERS))
         self._certificate_step: int | None = None
         self._last_step_seen = -1
         #: The line-probe session; the one of the first callback carrying one is shared by all.
@@ -226,7 +211,6 @@ class StabilityMonitor(Callback):
         self._probe: ObjectiveProbe | None = None
         self._writer: Any = None
         self._train_batches: list[Any] = []
-        self.sharpness.reset()
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -234,6 +218,7 @@ class StabilityMonitor(Callback):
         if stage != "fit":
             return
         self._reset_runtime()
+        self.sharpness.reset()
         line_probe_session(trainer).reset()
         self._probe = ObjectiveProbe(pl_module, forward_context=trainer.precision_plugin.forward_context)
         if self.config.connectivity_every_n_epochs:
@@ -332,14 +317,12 @@ class StabilityMonitor(Callback):
         metrics: dict[str, float] = {}
         if every and (trainer.current_epoch + 1) % every == 0 and self.connectivity.tracker is not None:
             segments = self._policy.connectivity_segments(trainer, pl_module, self.connectivity)
-            if segments is None:
-                self._policy.defer("connectivity")
-            else:
+            if segments is not None:  # None: deferred
                 assert self._probe is not None
                 run = self.connectivity.run(self._probe, segments, lambda: validation_batches(trainer, config),
                                             self._train_batches, self._context(trainer, pl_module))  # fmt: skip
                 self._policy.account(trainer, "connectivity", run)
-                if self.connectivity.last_report is not None and run.ran:
+                if run.ran:
                     self._write_figures(trainer)
                 metrics = run.metrics
         self._policy.warn_deferred_epoch(trainer)
