@@ -59,6 +59,9 @@ class MonitorConfig:
 
     Cadences (``*_every_n_*``) accept 0, which turns that probe off. ``snapshot_memory`` is a float (a
     multiple of the trainable parameters' size) or an int (bytes); see :meth:`snapshot_budget_bytes`.
+
+    Raises:
+        ValueError: a field out of its range; the message names it, the value received and what to do.
     """
 
     certificate_every_n_steps: int = 32
