@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -13,6 +14,7 @@ from lightning_stablelr import StabilityMonitor
 from lightning_stablelr.callbacks import monitor as monitor_module
 from lightning_stablelr.callbacks._connectivity_instrument import ConnectivityInstrument
 from lightning_stablelr.callbacks._instruments import CertificateInstrument, SharpnessInstrument
+from lightning_stablelr.callbacks._lightning_access import is_last_training_batch
 from tests.helpers import TinyClassifier, make_trainer
 from tests.test_monitor_support import (
     QuadraticModule,
@@ -128,3 +130,23 @@ def test_an_instrument_deferred_for_a_whole_epoch_is_named_once_with_its_knob(tm
     ]
     assert len(series(logger, "lyapunov/delta_v")) == 1
     assert monitor._governor.deferred == {"certificate": 15, "connectivity": 3}
+
+
+@pytest.mark.parametrize("limit", [None, 3])
+def test_is_last_training_batch_marks_each_epochs_last_batch(tmp_path, limit):
+    seen = []
+
+    class Recorder(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append(("step", trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_idx,
+                         is_last_training_batch(trainer)))  # fmt: skip
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(("end", trainer.current_epoch, batch_idx, is_last_training_batch(trainer)))
+
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[Recorder()], limit_train_batches=limit)
+    trainer.fit(QuadraticModule(dim=2, lr=0.1), train_dataloaders=constant_loader(5))
+    last = (limit or 5) - 1
+    assert [(hook, epoch, index) for hook, epoch, index, is_last in seen if is_last] == [
+        (hook, epoch, last) for epoch in (0, 1) for hook in ("step", "end")]
+    assert len(seen) == 2 * 2 * (last + 1)

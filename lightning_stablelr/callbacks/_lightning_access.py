@@ -8,7 +8,10 @@ names it, and this module is the only one to change. Everything else in the call
   ``LearningRateMonitor`` write at (:func:`log_step`);
 - ``trainer._logger_connector.should_update_logs``: ``Trainer(log_every_n_steps)`` (:func:`log_to_loggers`);
 - ``trainer._logger_connector._callback_metrics``: the dict behind ``trainer.callback_metrics``, whose
-  public property rebuilds the logged metrics on every access (:func:`put_callback_metrics`).
+  public property rebuilds the logged metrics on every access (:func:`put_callback_metrics`);
+- ``trainer.fit_loop.epoch_loop.batch_idx`` next to ``trainer.is_last_batch``: the epoch's last training
+  batch, also under ``limit_train_batches`` (:func:`is_last_training_batch`, pinned in
+  ``tests/test_monitor_instruments.py``).
 """
 
 from __future__ import annotations
