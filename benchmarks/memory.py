@@ -39,7 +39,7 @@ def held_bytes(root: Any, exclude: set[int]) -> int:
     stack = [root]
     while stack:
         obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, _SKIP) or callable(obj) and not hasattr(obj, "__dict__"):
+        if id(obj) in seen or isinstance(obj, _SKIP) or (callable(obj) and not hasattr(obj, "__dict__")):
             continue
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
