@@ -7,6 +7,7 @@ what is due, ask the governor, dispatch, and log what the instrument returned.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -137,10 +138,9 @@ class StabilityMonitor(Callback):
     ) -> None:
         super().__init__()
         arguments = {name: value for name, value in locals().items() if name in MonitorConfig.__dataclass_fields__}
-        for message in apply_deprecated(arguments, deprecated):
-            if message not in _WARNED_DEPRECATIONS:
-                _WARNED_DEPRECATIONS.add(message)
-                rank_zero_deprecation(message)
+        for message in set(apply_deprecated(arguments, deprecated)) - _WARNED_DEPRECATIONS:
+            _WARNED_DEPRECATIONS.add(message)
+            rank_zero_deprecation(message)
         self.config = config = MonitorConfig(**arguments)
         # The key names of the first release, so that checkpoints written by it still load.
         self._state_key = self._generate_state_key(
@@ -151,8 +151,7 @@ class StabilityMonitor(Callback):
         self.certificates = CertificateInstrument(config.certificate_window, config.ema_decay)
         self.sharpness = SharpnessInstrument(config.sharpness_iters, config.sharpness_tol)
         self.connectivity = ConnectivityInstrument.from_config(config)
-        self._kinds = config.probe_kinds
-        self._governor = ProbeGovernor(config.max_overhead, self._kinds, prior_costs={"figures": _FIGURES_PRIOR_SECONDS})
+        self._governor = ProbeGovernor(config.max_overhead, config.probe_kinds, prior_costs={"figures": _FIGURES_PRIOR_SECONDS})
         self._policy = MonitorPolicy(self._governor, config.minimal_units(self.sharpness.FIRST_ITERS))
         self._certificate_step: int | None = None
         self._last_step_seen = -1
@@ -167,7 +166,7 @@ class StabilityMonitor(Callback):
 
     @property
     def last_report(self) -> Any:
-        """The latest connectivity probe (:class:`ConnectivityReport`), None before the first."""
+        """The latest connectivity probe (``ConnectivityReport``), None before the first."""
         return self.connectivity.last_report
 
     # ------------------------------------------------------------------ state
@@ -236,8 +235,8 @@ class StabilityMonitor(Callback):
         if self._writer is not None:
             write_layout_once(self._writer)
             return
-        if "figures" in self._kinds:
-            self._governor.share_among([kind for kind in self._kinds if kind != "figures"] or ["figures"])
+        if "figures" in (kinds := self.config.probe_kinds):
+            self._governor.share_among([kind for kind in kinds if kind != "figures"])
             rank_zero_info(
                 "StabilityMonitor: no TensorBoardLogger, so the figures connectivity/path and connectivity/pairwise"
                 " are skipped; the scalars still go to every logger."
@@ -267,8 +266,10 @@ class StabilityMonitor(Callback):
         if (step + 1) % every and not self._policy.catch_up(trainer, "certificate"):
             return
         if self._policy.allowed(trainer, "certificate"):
+            start = time.perf_counter()  # copying θ (and g) is the certificate's too
             session.request(step)
             session.snapshot(trainer, pl_module)
+            self._governor.charge("certificate", time.perf_counter() - start)
             self._certificate_step = step
 
     @override
@@ -295,8 +296,7 @@ class StabilityMonitor(Callback):
         iters = self._policy.sharpness_iters(trainer, self.config.sharpness_iters, self.sharpness.FIRST_ITERS) if due else None
         if iters is not None:
             batch = self._train_batches[0] if self._train_batches else None
-            context = self._context(trainer, pl_module)
-            run = self.sharpness.run(self._probe, trainer.optimizers[0], batch, context, max_iters=iters)
+            run = self.sharpness.run(self._probe, trainer.optimizers[0], batch, self._context(trainer, pl_module), iters)
             self._account(trainer, "sharpness", run)
 
     @override
