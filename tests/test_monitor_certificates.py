@@ -104,17 +104,17 @@ def test_tracker_reuses_endpoint_losses_and_evicts_the_oldest_snapshot():
     ("argument", "value", "message"),
     [
         ("certificate_every_n_steps", -1, r"`certificate_every_n_steps` must be an integer >= 0, got -1. Use 0 to turn"),
-        ("window", 0, r"`window` must be an integer >= 1, got 0."),
-        ("snapshot_window", 1.5, r"`snapshot_window` must be an integer >= 1, got 1.5."),
+        ("certificate_window", 0, r"`certificate_window` must be an integer >= 1, got 0."),
+        ("connectivity_window", 1.5, r"`connectivity_window` must be an integer >= 1, got 1.5."),
         ("sharpness_every_n_steps", True, r"`sharpness_every_n_steps` must be an integer >= 0, got True."),
-        ("probe_points", 2, r"`probe_points` must be an integer >= 3, got 2. A segment needs a point between"),
-        ("probe_batches", 0, r"`probe_batches` must be an integer >= 1, got 0."),
+        ("connectivity_points", 2, r"`connectivity_points` must be an integer >= 3, got 2. A segment needs a point"),
+        ("connectivity_batches", 0, r"`connectivity_batches` must be an integer >= 1, got 0."),
         ("connected_tol", -1e-3, r"`connected_tol` must be a finite number >= 0, got -0.001."),
         ("ema_decay", 1.0, r"`ema_decay` must be a finite number in \[0, 1\), got 1.0."),
         ("max_overhead", 0.0, r"`max_overhead` must be a number > 0 \(a fraction of training time, e.g. 0.05;"),
         ("snapshot_device", "gpu7", r"`snapshot_device` must be a torch device such as 'cpu' or 'cuda:0', got 'gpu7'."),
         ("log_figures", "yes", r"`log_figures` must be True or False, got 'yes'."),
-        ("val_monitor", "", r"`val_monitor` must be a non-empty metric name, got ''."),
+        ("monitor", "", r"`monitor` must be a non-empty metric name such as 'val_loss', got ''."),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument_and_value(argument: str, value: Any, message: str):
@@ -123,10 +123,10 @@ def test_bad_arguments_raise_naming_the_argument_and_value(argument: str, value:
 
 
 def test_monitor_is_picklable_and_keeps_its_configuration():
-    monitor = StabilityMonitor(window=5, certificate_window=7, max_overhead=math.inf, snapshot_device="cpu")
+    monitor = StabilityMonitor(connectivity_window=5, certificate_window=7, max_overhead=math.inf, snapshot_device="cpu")
     clone = pickle.loads(pickle.dumps(monitor))
     assert clone.config == monitor.config
-    assert (clone.config.certificate_window, clone.config.snapshot_window, clone.config.max_overhead) == (7, 5, math.inf)
+    assert (clone.config.certificate_window, clone.config.connectivity_window, clone.config.max_overhead) == (7, 5, math.inf)
     assert clone.config.snapshot_device == torch.device("cpu")
     assert clone.state_key == monitor.state_key
     assert clone.state_dict() == monitor.state_dict()

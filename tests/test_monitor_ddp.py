@@ -98,12 +98,12 @@ def fit(phase, model, monitor, loggers):
 
 
 fit(1, Net(), StabilityMonitor(
-    certificate_every_n_steps=2, sharpness_every_n_steps=4, sharpness_iters=5, probe_every_n_epochs=1,
-    window=3, probe_batches=2, bn_recalibration_batches=2, max_overhead=math.inf,
+    certificate_every_n_steps=2, sharpness_every_n_steps=4, sharpness_iters=5, connectivity_every_n_epochs=1,
+    certificate_window=3, connectivity_window=3, connectivity_batches=2, bn_recalibration_batches=2, max_overhead=math.inf,
 ), [TensorBoardLogger(str(out / "tb"), name="", version="")])
 fit(2, Net(fail_eval_on_rank=1), StabilityMonitor(
-    certificate_every_n_steps=0, sharpness_every_n_steps=0, probe_every_n_epochs=1, window=3,
-    probe_batches=2, bn_recalibration_batches=2, max_overhead=0.001,
+    certificate_every_n_steps=0, sharpness_every_n_steps=0, connectivity_every_n_epochs=1, certificate_window=3, connectivity_window=3,
+    connectivity_batches=2, bn_recalibration_batches=2, max_overhead=0.001,
 ), [])
 '''
 

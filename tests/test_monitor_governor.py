@@ -84,7 +84,7 @@ def test_tiny_budget_defers_probes_counts_them_and_keeps_probe_time_under_budget
     model = _TimedQuadratic(lr=0.05)
     logger = RecordingLogger()
     monitor = StabilityMonitor(
-        certificate_every_n_steps=1, sharpness_every_n_steps=5, sharpness_iters=3, probe_every_n_epochs=0,
+        certificate_every_n_steps=1, sharpness_every_n_steps=5, sharpness_iters=3, connectivity_every_n_epochs=0,
         max_overhead=budget,
     )
     trainer = make_trainer(tmp_path, logger=logger, callbacks=[monitor], limit_val_batches=0)

@@ -28,7 +28,7 @@ from tests.test_monitor_support import (
 def _fit_quadratic(tmp_path, lr: float, steps: int, **monitor_args):
     model = QuadraticModule(dim=5, lr=lr, seed=3)
     logger = RecordingLogger()
-    monitor = StabilityMonitor(max_overhead=math.inf, probe_every_n_epochs=0, **monitor_args)
+    monitor = StabilityMonitor(max_overhead=math.inf, connectivity_every_n_epochs=0, **monitor_args)
     trainer = make_trainer(tmp_path, max_epochs=1, logger=logger, callbacks=[monitor], limit_val_batches=0)
     trainer.fit(model, train_dataloaders=constant_loader(steps))
     return model, logger
@@ -103,7 +103,7 @@ def test_connectivity_metrics_equal_the_analytic_bump_and_valley(tmp_path):
     model = BumpModule(height=height, start=-1.0)  # snapshots at w = 0, 1, 2 after epochs 0, 1, 2
     logger = RecordingLogger()
     monitor = StabilityMonitor(
-        certificate_every_n_steps=0, sharpness_every_n_steps=0, probe_points=7, probe_batches=1,
+        certificate_every_n_steps=0, sharpness_every_n_steps=0, connectivity_points=7, connectivity_batches=1,
         connected_tol=1e-3, max_overhead=math.inf,
     )
     trainer = make_trainer(tmp_path, max_epochs=3, logger=logger, callbacks=[monitor])
@@ -140,16 +140,16 @@ def test_connectivity_metrics_equal_the_analytic_bump_and_valley(tmp_path):
 
 def test_state_dict_restores_the_certificate_window_and_counters(tmp_path):
     model = QuadraticModule(dim=5, lr=0.4, seed=3)
-    monitor = StabilityMonitor(certificate_every_n_steps=1, sharpness_every_n_steps=0, probe_every_n_epochs=0,
+    monitor = StabilityMonitor(certificate_every_n_steps=1, sharpness_every_n_steps=0, connectivity_every_n_epochs=0,
                                certificate_window=4, max_overhead=math.inf)
     trainer = make_trainer(tmp_path, logger=RecordingLogger(), callbacks=[monitor], limit_val_batches=0)
     trainer.fit(model, train_dataloaders=constant_loader(6))
     state = monitor.state_dict()
-    assert state["window"]["decreases"] == [True] * 4
-    assert state["ema"]["count"] == 6.0
+    assert state["certificates"]["window"]["decreases"] == [True] * 4
+    assert state["certificates"]["ema"]["count"] == 6.0
     restored = StabilityMonitor(certificate_window=4)
     restored.load_state_dict(state)
     assert restored.state_dict() == state
-    assert restored._window.metrics() == monitor._window.metrics() == {
+    assert restored.certificates.window.metrics() == monitor.certificates.window.metrics() == {
         "lyapunov/certified_rate": 1.0, "lyapunov/ema_decrease": 1.0}
     StabilityMonitor().load_state_dict({})  # an empty (older) state is tolerated

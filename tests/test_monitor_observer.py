@@ -36,8 +36,8 @@ def _loaders() -> tuple[DataLoader, DataLoader]:
 
 def _busy_monitor() -> StabilityMonitor:
     return StabilityMonitor(
-        certificate_every_n_steps=1, sharpness_every_n_steps=3, sharpness_iters=5, probe_every_n_epochs=1,
-        probe_batches=2, bn_recalibration_batches=2, window=3, max_overhead=math.inf,
+        certificate_every_n_steps=1, sharpness_every_n_steps=3, sharpness_iters=5, connectivity_every_n_epochs=1,
+        connectivity_batches=2, bn_recalibration_batches=2, certificate_window=3, connectivity_window=3, max_overhead=math.inf,
     )
 
 

@@ -55,8 +55,8 @@ def _loaders() -> tuple[DataLoader, DataLoader]:
 
 def _monitor() -> StabilityMonitor:
     return StabilityMonitor(
-        certificate_every_n_steps=2, sharpness_every_n_steps=3, sharpness_iters=5, probe_every_n_epochs=1,
-        probe_batches=2, bn_recalibration_batches=2, window=3, max_overhead=math.inf,
+        certificate_every_n_steps=2, sharpness_every_n_steps=3, sharpness_iters=5, connectivity_every_n_epochs=1,
+        connectivity_batches=2, bn_recalibration_batches=2, certificate_window=3, connectivity_window=3, max_overhead=math.inf,
     )
 
 
@@ -151,8 +151,8 @@ def test_stablelr_report_prints_the_values_stored_in_the_events(run_root: Path, 
 
 def test_without_tensorboard_the_figures_are_skipped_with_one_message(tmp_path: Path, caplog):
     logger = CSVLogger(str(tmp_path), name="csv", version=0)
-    monitor = StabilityMonitor(certificate_every_n_steps=3, sharpness_every_n_steps=0, probe_every_n_epochs=1,
-                               probe_batches=1, bn_recalibration_batches=1, max_overhead=math.inf)
+    monitor = StabilityMonitor(certificate_every_n_steps=3, sharpness_every_n_steps=0, connectivity_every_n_epochs=1,
+                               connectivity_batches=1, bn_recalibration_batches=1, max_overhead=math.inf)
     trainer = make_trainer(tmp_path, max_epochs=2, logger=logger, callbacks=[monitor], log_every_n_steps=1)
     # Other tests (Hydra, LightningCLI) may stop Lightning's loggers from propagating to the root
     # logger that caplog listens on, so listen on the rank-zero logger itself.

@@ -41,7 +41,7 @@ class QuarticModule(L.LightningModule):
 def _taylor_errors(tmp_path, model: L.LightningModule, steps: int, **trainer_args) -> dict[int, float]:
     logger = RecordingLogger()
     monitor = StabilityMonitor(
-        max_overhead=math.inf, certificate_every_n_steps=1, sharpness_every_n_steps=0, probe_every_n_epochs=0
+        max_overhead=math.inf, certificate_every_n_steps=1, sharpness_every_n_steps=0, connectivity_every_n_epochs=0
     )
     trainer = make_trainer(
         tmp_path, max_epochs=1, logger=logger, callbacks=[monitor], limit_val_batches=0, **trainer_args

@@ -165,14 +165,19 @@ class ConnectivityTracker:
         num_points: points per segment, endpoints included (>= 3).
         tol: absolute tolerance of ``connected`` (``sublevel_excess <= tol``), in loss units.
         device: where snapshots are kept (CPU by default).
+        dtype: the dtype snapshots are stored in (None: the parameters' own); points are evaluated in the
+            parameters' dtype, a stored snapshot is cast back to it.
     """
 
-    def __init__(self, window: int, num_points: int, tol: float, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, window: int, num_points: int, tol: float, device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> None:
         self.window = window
         self.num_points = num_points
         self.tol = tol
         self.alphas = [k / (num_points - 1) for k in range(num_points)]
-        self.snapshots = SnapshotWindow(window + 1, device)
+        self.snapshots = SnapshotWindow(window + 1, device, dtype)
         self.endpoint_loss: dict[int, float] = {}
 
     def previous(self, segments: int | None = None) -> list[Snapshot]:
@@ -195,11 +200,13 @@ class ConnectivityTracker:
         segments: int | None = None,
     ) -> list[float]:
         """``[L(θ_new), L(θ(alpha)) for the interior alpha of each previous segment (oldest first)]`` on this rank."""
-        device = next(iter(theta.values())).device
         values = [loss(theta)]
         interior = self.alphas[1:-1]
         for older in self.previous(segments):
-            start = {name: tensor.to(device) for name, tensor in older.params.items()}
+            start = {
+                name: tensor.to(device=theta[name].device, dtype=theta[name].dtype)
+                for name, tensor in older.params.items()
+            }
             values.extend(loss(interpolate(start, theta, alpha)) for alpha in interior)
         return values
 

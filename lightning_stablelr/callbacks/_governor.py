@@ -72,25 +72,43 @@ class ProbeGovernor:
         """Predicted seconds of a probe of ``kind`` covering ``units`` (0 for a kind never measured)."""
         return self.cost_per_unit.get(kind, 0.0) * units
 
-    def available(self, kind: str, now: float | None = None) -> float:
-        """Seconds ``kind`` may still spend now: its share of the budget minus what it spent (may be < 0)."""
+    def available(self, kind: str, now: float | None = None, *, pooled: bool = False, reserve: float = 0.0) -> float:
+        """Seconds ``kind`` may still spend now (may be < 0): the smaller of its share of the budget minus what
+        it spent and the whole unspent budget ``max_overhead · training_time - probe_time``.
+
+        ``pooled``: the larger of the two instead. The monitor asks so for an instrument's first probe of an
+        epoch, so that every instrument is produced once per epoch whenever the total budget affords it;
+        the total probe time stays within the budget either way (up to mispredictions). ``reserve``: seconds
+        of the unspent budget kept for other kinds (the monitor keeps what the instruments that have not run
+        this epoch need).
+        """
         if math.isinf(self.max_overhead):
             return math.inf
         budget = self.max_overhead * self.training_time(now)
-        if kind in self.shares:
-            # Time charged to kinds without a share (logging, bookkeeping) comes off every share alike.
-            unshared = sum(spent for name, spent in self.spent.items() if name not in self.shares)
-            return self.shares[kind] * (budget - unshared) - self.spent.get(kind, 0.0)
-        return budget - self.probe_time
+        total = budget - self.probe_time - reserve
+        if kind not in self.shares:
+            return total
+        # Time charged to kinds without a share (logging, bookkeeping) comes off every share alike.
+        unshared = sum(spent for name, spent in self.spent.items() if name not in self.shares)
+        share = self.shares[kind] * (budget - unshared) - self.spent.get(kind, 0.0)
+        return max(share, total) if pooled else min(share, total)
 
-    def allows(self, kind: str, units: float = 1.0, now: float | None = None) -> bool:
+    def share_among(self, kinds: Sequence[str]) -> None:
+        """Split the budget equally among ``kinds`` from now on (e.g. without figures when nothing draws them)."""
+        self.shares = {kind: 1.0 / len(kinds) for kind in kinds}
+
+    def allows(
+        self, kind: str, units: float = 1.0, now: float | None = None, *, pooled: bool = False, reserve: float = 0.0
+    ) -> bool:
         """True when the predicted cost of ``units`` fits in :meth:`available` (always for an unmeasured kind)."""
-        return self.predicted(kind, units) <= self.available(kind, now)
+        return self.predicted(kind, units) <= self.available(kind, now, pooled=pooled, reserve=reserve)
 
-    def affordable_units(self, kind: str, now: float | None = None) -> float:
+    def affordable_units(
+        self, kind: str, now: float | None = None, *, pooled: bool = False, reserve: float = 0.0
+    ) -> float:
         """How many units of ``kind`` fit now: ``available / cost per unit`` (inf when never measured)."""
         cost = self.cost_per_unit.get(kind, 0.0)
-        available = self.available(kind, now)
+        available = self.available(kind, now, pooled=pooled, reserve=reserve)
         if cost <= 0.0 or math.isinf(available):
             return math.inf
         return max(0.0, available / cost)

@@ -8,7 +8,10 @@ names it, and this module is the only one to change. Everything else in the call
   ``LearningRateMonitor`` write at (:func:`log_step`);
 - ``trainer._logger_connector.should_update_logs``: ``Trainer(log_every_n_steps)`` (:func:`log_to_loggers`);
 - ``trainer._logger_connector._callback_metrics``: the dict behind ``trainer.callback_metrics``, whose
-  public property rebuilds the logged metrics on every access (:func:`put_callback_metrics`).
+  public property rebuilds the logged metrics on every access (:func:`put_callback_metrics`);
+- ``trainer.fit_loop.epoch_loop.batch_idx`` next to ``trainer.is_last_batch``: the epoch's last training
+  batch, also under ``limit_train_batches`` (:func:`is_last_training_batch`, pinned in
+  ``tests/test_monitor_instruments.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import Tensor
 
 from lightning_stablelr.collectives import Reduce
 
-__all__ = ["log_step", "log_to_loggers", "put_callback_metrics", "reducer"]
+__all__ = ["is_last_training_batch", "log_step", "log_to_loggers", "put_callback_metrics", "reducer"]
 
 
 def reducer(trainer: pl.Trainer) -> Reduce:
@@ -73,3 +76,12 @@ def put_callback_metrics(
             if cache is not None:
                 cache[name] = (value, tensor)
         target[name] = tensor
+
+
+def is_last_training_batch(trainer: pl.Trainer) -> bool:
+    """Whether the current training batch is the epoch's last: ``trainer.is_last_batch``, or the batch index
+    reaching ``num_training_batches`` (a ``limit_train_batches`` cut that the data fetcher does not see)."""
+    if trainer.is_last_batch:
+        return True
+    total = trainer.num_training_batches
+    return math.isfinite(total) and trainer.fit_loop.epoch_loop.batch_idx + 1 >= total

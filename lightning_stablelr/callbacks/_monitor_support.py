@@ -73,6 +73,7 @@ class SharpnessReading:
         lr: the learning rate of param group 0.
         preconditioned: whether ``sharpness`` is Adam's preconditioned sharpness.
         vector: the power-iteration vector, to warm-start the next measurement.
+        iterations: Hessian-vector products performed.
     """
 
     sharpness: float
@@ -80,6 +81,7 @@ class SharpnessReading:
     lr: float
     preconditioned: bool
     vector: dict[str, Tensor]
+    iterations: int = 0
 
     def metrics(self, sharpness: float) -> dict[str, float]:
         """The scalars for ``sharpness`` (the rank mean of :attr:`sharpness`): ``lyapunov/sharpness``, and with a
@@ -138,4 +140,4 @@ def measure_sharpness(
     else:
         estimate = top_hessian_eigenvalue(loss_fn, params, iters=iters, tol=tol, init=start)
         threshold = math.nan if reading.preconditioned else reading.threshold
-    return SharpnessReading(estimate.value, threshold, reading.lr, preconditioned, estimate.vector)
+    return SharpnessReading(estimate.value, threshold, reading.lr, preconditioned, estimate.vector, estimate.iterations)

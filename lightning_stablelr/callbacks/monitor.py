@@ -1,4 +1,9 @@
-"""StabilityMonitor: measures how stable training is and writes it to every logger; never changes training."""
+"""StabilityMonitor: measures how stable training is and writes it to every logger; never changes training.
+
+The callback holds three instruments (certificates, sharpness, connectivity), each with its own state and
+one ``run``, as Lightning's ``ThroughputMonitor`` holds the pure ``Throughput``; its hooks only decide
+what is due, ask the governor, dispatch, and log what the instrument returned.
+"""
 
 from __future__ import annotations
 
@@ -8,84 +13,101 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation, rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_stablelr.callbacks._connectivity_probe import ConnectivityReport, ConnectivityTracker
+from lightning_stablelr.callbacks._connectivity_instrument import ConnectivityInstrument
 from lightning_stablelr.callbacks._governor import ProbeGovernor
-from lightning_stablelr.callbacks._monitor_config import MonitorConfig
-from lightning_stablelr.callbacks._monitor_probes import MonitorProbes
+from lightning_stablelr.callbacks._instruments import (
+    CertificateInstrument,
+    InstrumentRun,
+    ProbeContext,
+    SharpnessInstrument,
+)
+from lightning_stablelr.callbacks._lightning_access import reducer
+from lightning_stablelr.callbacks._monitor_config import MonitorConfig, apply_deprecated
+from lightning_stablelr.callbacks._monitor_io import (
+    log_monitor_metrics,
+    validation_batches,
+    write_connectivity_figures,
+)
+from lightning_stablelr.callbacks._monitor_policy import MonitorPolicy
 from lightning_stablelr.callbacks._monitor_support import detached_copy
 from lightning_stablelr.callbacks.line_probe_session import LineProbeSession, line_probe_session
-from lightning_stablelr.certificates import CertificateWindow, LossEMA, ValidationTrend
 from lightning_stablelr.probe import ObjectiveProbe
 
 __all__ = ["StabilityMonitor"]
 
-# Rendering the two figures to PNG measured 0.2-0.8 s on a loaded CPU, often more than the probe itself;
-# until measured, this prior keeps the first figures from overshooting the budget of a short run.
+# Drawing both figures measured 0.2-0.8 s on a loaded CPU: a cost prior until the first is measured.
 _FIGURES_PRIOR_SECONDS = 0.5
-_RUNTIME = ("_probe", "_writer", "_eval_batches", "_tracker", "_sharpness_vector", "last_report")
+_WARNED_DEPRECATIONS: set[str] = set()
 
 
-class StabilityMonitor(MonitorProbes, Callback):
+class StabilityMonitor(Callback):
     r"""Observe training and log Lyapunov certificates, sharpness and connectivity; never change training.
 
-    Every number goes to every logger, at the step Lightning's ``self.log`` uses (so the certificate of
-    optimizer step t sits next to that batch's ``train_loss``), and into ``trainer.callback_metrics``;
-    figures and the custom-scalars layout go only to a TensorBoard logger, on rank 0. All probes are
-    evaluated at parameters of the monitor's choosing through :class:`~lightning_stablelr.ObjectiveProbe`
-    (``probe_loss`` if the module defines it, else its silenced ``training_step``): weights, gradients,
-    BatchNorm statistics, ``.training`` flags and the random streams are left exactly as they were.
+    Scalars go to every logger at the step Lightning's ``self.log`` uses, and into ``callback_metrics``;
+    figures and the custom-scalars layout to a TensorBoard logger, on rank 0. Probes evaluate the loss at
+    parameters of the monitor's choosing through :class:`~lightning_stablelr.ObjectiveProbe`: weights,
+    gradients, BatchNorm statistics, ``.training`` flags and the random streams are left as they were.
 
-    - **Certificates**, every ``certificate_every_n_steps`` optimizer steps, from the three-point line
-      probe ``L0 = L(θ)``, ``L+ = L(θ + Δθ)``, ``L- = L(θ - Δθ)`` on the step's batch (shared with
-      :class:`~lightning_stablelr.StableLR`, computed once): ``lyapunov/delta_v = L+ - L0``,
+    - **Certificates** (:attr:`certificates`), every ``certificate_every_n_steps`` optimizer steps, from
+      the three-point line probe ``L0 = L(θ)``, ``L+ = L(θ + Δθ)``, ``L- = L(θ - Δθ)`` on the step's batch
+      (shared with :class:`~lightning_stablelr.StableLR`, computed once): ``lyapunov/delta_v = L+ - L0``,
       ``decrease = [delta_v <= 0]``, ``first_order = (L+ - L-)/2``, ``curvature = (L+ + L- - 2 L0)/‖Δθ‖²``,
       ``step_margin = s_max``, ``taylor_error``; over the last ``certificate_window`` certificates
-      ``certified_rate`` and ``ema_decrease`` (the training-loss EMA went down); ``val_decrease`` at
-      each validation.
-    - **Sharpness**, every ``sharpness_every_n_steps`` steps, on the first training batch (cached):
-      ``lyapunov/sharpness`` (λ_max of the Hessian; for Adam/AdamW the preconditioned sharpness
-      λ_max(P^-1/2 H P^-1/2)), ``stability_threshold`` ((2 + 2β)/lr for SGD, (2 + 2β1)/((1 - β1) lr) for
-      Adam), ``eos_ratio = sharpness / threshold`` and ``max_stable_lr = lr / eos_ratio``.
-    - **Connectivity**, at the end of every ``probe_every_n_epochs`` epochs: a snapshot of θ, and the
-      loss along the segments to each of the previous ``snapshot_window`` snapshots, in eval mode on
-      ``probe_batches`` cached validation batches, BatchNorm recalibrated at every point on
-      ``bn_recalibration_batches`` training batches: ``connectivity/barrier``, ``sublevel_excess``,
-      ``superlevel_dip``, ``connected`` (latest consecutive pair), ``equiconnectedness`` (largest
-      barrier in the window), and the figures ``connectivity/path`` and ``connectivity/pairwise``.
-    - **Governor**: a probe runs only while the monitor's time stays within ``max_overhead`` of the
-      training time, each kind (certificates, sharpness, connectivity, figures) within an equal share;
-      skipped probes are counted in ``monitor/deferred_probes``, and a connectivity probe that cannot
-      afford every segment measures the newest ones (the consecutive pair first). ``monitor/overhead``
-      is the ratio measured on this rank (rank 0's is the one written).
+      ``certified_rate`` and ``ema_decrease``; ``val_decrease`` at each validation.
+    - **Sharpness** (:attr:`sharpness`), every ``sharpness_every_n_steps`` steps, on the first training
+      batch (cached): ``lyapunov/sharpness`` (λ_max of the Hessian; for Adam/AdamW λ_max(P^-1/2 H P^-1/2)),
+      ``stability_threshold``, ``eos_ratio = sharpness / threshold`` and ``max_stable_lr = lr / eos_ratio``.
+    - **Connectivity** (:attr:`connectivity`), at the end of every ``connectivity_every_n_epochs`` epochs:
+      a snapshot of θ (in ``snapshot_dtype``, within ``snapshot_memory``), and the loss along the segments
+      to each of the previous ``connectivity_window`` snapshots, in eval mode on ``connectivity_batches``
+      cached validation batches, BatchNorm recalibrated on ``bn_recalibration_batches`` training batches:
+      ``connectivity/barrier``, ``sublevel_excess``, ``superlevel_dip``, ``connected``,
+      ``equiconnectedness``, and the figures ``connectivity/path`` and ``connectivity/pairwise``.
+    - **Budget**: a probe runs only while the monitor's time stays within ``max_overhead`` of the training
+      time (:class:`~lightning_stablelr.callbacks._monitor_policy.MonitorPolicy`): each instrument runs at
+      least once per epoch when the budget affords it (a certificate or sharpness probe not yet run is due
+      at the epoch's last batch), skipped probes are counted in ``monitor/deferred_probes``, an instrument
+      skipped for a whole epoch is named once in a warning, and ``monitor/overhead`` is the measured ratio.
 
-    Under DDP every rank calls every collective: each rank probes its own batches, the numbers are
-    averaged across ranks (identical everywhere) and a probe failing on one rank is reported and
-    skipped everywhere (``monitor/failed_probes``), never a hang.
+    Under DDP every rank calls every collective: the numbers are averaged across ranks (identical
+    everywhere) and a probe failing on one rank is skipped everywhere (``monitor/failed_probes``).
 
     Args:
         certificate_every_n_steps: optimizer steps between certificates; 0 turns them off.
-        window: default length of both windows below.
-        certificate_window: certificates in ``certified_rate`` and ``ema_decrease`` (None: ``window``).
-        snapshot_window: previous snapshots compared with the newest (None: ``window``).
+        certificate_window: certificates in ``certified_rate`` and ``ema_decrease``.
         sharpness_every_n_steps: optimizer steps between sharpness measurements; 0 turns them off.
         sharpness_iters: most Hessian-vector products per measurement (warm-started, so few are needed).
         sharpness_tol: relative tolerance that stops the power iteration early.
-        probe_every_n_epochs: epochs between connectivity probes; 0 turns them off.
-        probe_points: points per segment, endpoints included (>= 3).
-        probe_batches: validation batches the connectivity probes use (cached once; the first training
-            batches when there is no validation loader).
+        connectivity_every_n_epochs: epochs between connectivity probes; 0 turns them off.
+        connectivity_window: previous snapshots compared with the newest (4 float16 snapshots of fp32
+            parameters, and the newest, are the default ``snapshot_memory``).
+        connectivity_points: points per segment, endpoints included (>= 3).
+        connectivity_batches: validation batches each point is evaluated on (cached once; the first
+            training batches when there is no validation loader).
         connected_tol: ``connected`` is ``sublevel_excess <= connected_tol`` (absolute, loss units).
         bn_recalibration_batches: training batches for the BatchNorm statistics at each point (0 keeps
             the module's running statistics); unused without BatchNorm.
+        snapshot_memory: the most memory the snapshots take: a float is a multiple of the trainable
+            parameters' size, an int is bytes. The window shrinks to fit it (said once).
+        snapshot_dtype: the dtype snapshots are stored in: float16 halves fp32 snapshots and kept every
+            connectivity metric within 0.2% of fp32 (bfloat16 was up to 2% off; ``tests/test_monitor_memory.py``);
+            a tensor beyond float16's range stays in its own dtype; ``"float32"`` for exact.
         ema_decay: decay per training batch of the loss EMA behind ``ema_decrease``.
-        val_monitor: the validation loss key in ``callback_metrics`` for ``val_decrease``.
+        monitor: the validation loss key in ``callback_metrics`` for ``val_decrease``.
         max_overhead: allowed probe time as a fraction of training time; ``math.inf`` runs every probe.
         snapshot_device: where snapshots and cached batches are kept.
         log_figures: write the connectivity figures (TensorBoard only).
+        **deprecated: ``val_monitor`` (now ``monitor``), ``probe_every_n_epochs``, ``probe_points``,
+            ``probe_batches``, ``snapshot_window`` (now ``connectivity_*``) and ``window`` (both windows);
+            each warns once.
+
+    Raises:
+        ValueError: an argument out of its range (the message names it, the value and what to do).
+        TypeError: an unknown keyword argument.
 
     Example::
 
@@ -95,54 +117,57 @@ class StabilityMonitor(MonitorProbes, Callback):
     def __init__(
         self,
         certificate_every_n_steps: int = 32,
-        window: int = 16,
-        certificate_window: int | None = None,
-        snapshot_window: int | None = None,
+        certificate_window: int = 16,
         sharpness_every_n_steps: int = 500,
         sharpness_iters: int = 20,
         sharpness_tol: float = 1e-3,
-        probe_every_n_epochs: int = 1,
-        probe_points: int = 7,
-        probe_batches: int = 4,
+        connectivity_every_n_epochs: int = 1,
+        connectivity_window: int = 4,
+        connectivity_points: int = 5,
+        connectivity_batches: int = 2,
         connected_tol: float = 1e-3,
         bn_recalibration_batches: int = 4,
+        snapshot_memory: float | int = 2.5,
+        snapshot_dtype: str | torch.dtype = "float16",
         ema_decay: float = 0.98,
-        val_monitor: str = "val_loss",
+        monitor: str = "val_loss",
         max_overhead: float = 0.05,
         snapshot_device: str | torch.device = "cpu",
         log_figures: bool = True,
+        **deprecated: Any,
     ) -> None:
         super().__init__()
-        self.config = MonitorConfig(
-            certificate_every_n_steps=certificate_every_n_steps, window=window,
-            certificate_window=certificate_window, snapshot_window=snapshot_window,
-            sharpness_every_n_steps=sharpness_every_n_steps, sharpness_iters=sharpness_iters,
-            sharpness_tol=sharpness_tol, probe_every_n_epochs=probe_every_n_epochs, probe_points=probe_points,
-            probe_batches=probe_batches, connected_tol=connected_tol,
-            bn_recalibration_batches=bn_recalibration_batches, ema_decay=ema_decay, val_monitor=val_monitor,
-            max_overhead=max_overhead, snapshot_device=snapshot_device, log_figures=log_figures,
-        )  # fmt: skip
-        config = self.config
+        arguments = {name: value for name, value in locals().items() if name in MonitorConfig.__dataclass_fields__}
+        for message in set(apply_deprecated(arguments, deprecated)) - _WARNED_DEPRECATIONS:
+            _WARNED_DEPRECATIONS.add(message)
+            rank_zero_deprecation(message)
+        self.config = config = MonitorConfig(**arguments)
+        # The key names of the first release, so that checkpoints written by it still load.
         self._state_key = self._generate_state_key(
             certificate_every_n_steps=config.certificate_every_n_steps,
             sharpness_every_n_steps=config.sharpness_every_n_steps,
-            probe_every_n_epochs=config.probe_every_n_epochs,
+            probe_every_n_epochs=config.connectivity_every_n_epochs,
         )
-        self._train_cache_size = self._needed_train_batches(config)
-        self._window = CertificateWindow(config.certificate_window)
-        self._ema = LossEMA(config.ema_decay)
-        self._val_trend = ValidationTrend()
-        kinds = [kind for kind, every in (("certificate", config.certificate_every_n_steps),
-                                          ("sharpness", config.sharpness_every_n_steps),
-                                          ("connectivity", config.probe_every_n_epochs),
-                                          ("figures", config.probe_every_n_epochs and config.log_figures)) if every]
-        self._governor = ProbeGovernor(config.max_overhead, kinds, prior_costs={"figures": _FIGURES_PRIOR_SECONDS})
-        self.failed_probes = 0
+        self.certificates = CertificateInstrument(config.certificate_window, config.ema_decay)
+        self.sharpness = SharpnessInstrument(config.sharpness_iters, config.sharpness_tol)
+        self.connectivity = ConnectivityInstrument.from_config(config)
+        self._governor = ProbeGovernor(config.max_overhead, config.probe_kinds, prior_costs={"figures": _FIGURES_PRIOR_SECONDS})
+        self._policy = MonitorPolicy(self._governor, config.minimal_units(self.sharpness.FIRST_ITERS))
         self._certificate_step: int | None = None
         self._last_step_seen = -1
         #: The line-probe session; the one of the first callback carrying one is shared by all.
         self.line_probe = LineProbeSession()
         self._reset_runtime()
+
+    @property
+    def failed_probes(self) -> int:
+        """Probes that raised on some rank and were skipped on every rank."""
+        return self._policy.failed_probes
+
+    @property
+    def last_report(self) -> Any:
+        """The latest connectivity probe (``ConnectivityReport``), None before the first."""
+        return self.connectivity.last_report
 
     # ------------------------------------------------------------------ state
     @property
@@ -153,43 +178,38 @@ class StabilityMonitor(MonitorProbes, Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """Primitives only: the certificate window, loss EMA, last validation loss and counters."""
+        """Primitives only: each instrument's state, the governor's deferred counts and the failed probes."""
         return {
-            "version": 1,
-            "window": self._window.state_dict(),
-            "ema": self._ema.state_dict(),
-            "val_trend": self._val_trend.state_dict(),
+            "version": 2,
+            "certificates": self.certificates.state_dict(),
+            "sharpness": self.sharpness.state_dict(),
+            "connectivity": self.connectivity.state_dict(),
             "governor": self._governor.state_dict(),
             "failed_probes": self.failed_probes,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; missing keys keep their defaults (snapshots are not checkpointed)."""
-        self._window.load_state_dict(state_dict.get("window", {}))
-        self._ema.load_state_dict(state_dict.get("ema", {}))
-        self._val_trend.load_state_dict(state_dict.get("val_trend", {}))
+        """Restore :meth:`state_dict`; missing keys keep their defaults (snapshots are not checkpointed).
+
+        The first release's layout (``window``, ``ema``, ``val_trend`` at the top) loads too.
+        """
+        self.certificates.load_state_dict(state_dict.get("certificates", state_dict))
+        self.sharpness.load_state_dict(state_dict.get("sharpness", {}))
+        self.connectivity.load_state_dict(state_dict.get("connectivity", {}))
         self._governor.load_state_dict(state_dict.get("governor", {}))
-        self.failed_probes = int(state_dict.get("failed_probes", 0))
+        self._policy.failed_probes = int(state_dict.get("failed_probes", 0))
 
     def __getstate__(self) -> dict[str, Any]:
         # Runtime caches (module references, batches, snapshots) never travel with a pickled callback.
         state = self.__dict__.copy()
-        for name in _RUNTIME:
-            state[name] = None
-        state["_train_batches"] = []
+        state.update(_probe=None, _writer=None, _train_batches=[])
         return state
 
     def _reset_runtime(self) -> None:
         self._probe: ObjectiveProbe | None = None
         self._writer: Any = None
         self._train_batches: list[Any] = []
-        self._eval_batches: list[Any] | None = None
-        self._tracker: ConnectivityTracker | None = None
-        self._sharpness_vector: tuple[bool, dict[str, Tensor]] | None = None
-        self._caching_seconds = 0.0
-        #: The latest connectivity probe (segments, pairwise barrier matrix), None before the first.
-        self.last_report: ConnectivityReport | None = None
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -197,12 +217,13 @@ class StabilityMonitor(MonitorProbes, Callback):
         if stage != "fit":
             return
         self._reset_runtime()
+        self.sharpness.reset()
         line_probe_session(trainer).reset()
         self._probe = ObjectiveProbe(pl_module, forward_context=trainer.precision_plugin.forward_context)
-        config = self.config
-        self._tracker = ConnectivityTracker(
-            config.snapshot_window, config.probe_points, config.connected_tol, config.snapshot_device
-        )
+        if self.config.connectivity_every_n_epochs:
+            message = self.connectivity.setup(self._probe.parameters())
+            if message is not None:  # the window shrank to the budget (info), or connectivity is off (warning)
+                (rank_zero_warn if self.connectivity.tracker is None else rank_zero_info)(message)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -213,11 +234,17 @@ class StabilityMonitor(MonitorProbes, Callback):
         self._writer = find_tensorboard_writer(trainer)
         if self._writer is not None:
             write_layout_once(self._writer)
-        elif self.config.log_figures and self.config.probe_every_n_epochs:
+            return
+        if "figures" in (kinds := self.config.probe_kinds):
+            self._governor.share_among([kind for kind in kinds if kind != "figures"])
             rank_zero_info(
                 "StabilityMonitor: no TensorBoardLogger, so the figures connectivity/path and connectivity/pairwise"
                 " are skipped; the scalars still go to every logger."
             )
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._policy.start_epoch()
 
     @override
     def on_before_optimizer_step(
@@ -236,14 +263,14 @@ class StabilityMonitor(MonitorProbes, Callback):
             self._certificate_step = step
             return
         # Same convention as StableLR's checks (steps n-1, 2n-1, ...), so equal cadences coincide.
-        if (step + 1) % every:
+        if (step + 1) % every and not self._policy.catch_up(trainer, "certificate"):
             return
-        if self._allowed(trainer, "certificate"):
-            start = time.perf_counter()
+        if self._policy.allowed(trainer, "certificate"):
+            start = time.perf_counter()  # copying θ (and g) is the certificate's too
             session.request(step)
             session.snapshot(trainer, pl_module)
-            self._certificate_step = step
             self._governor.charge("certificate", time.perf_counter() - start)
+            self._certificate_step = step
 
     @override
     def on_train_batch_end(
@@ -253,57 +280,71 @@ class StabilityMonitor(MonitorProbes, Callback):
         if isinstance(loss, Tensor):
             # Lightning divides the loss by the accumulation; the EMA tracks the loss itself.
             accumulate = trainer.accumulate_grad_batches
-            self._ema.update(loss if accumulate == 1 else loss * accumulate)
-        if len(self._train_batches) < self._train_cache_size:
+            self.certificates.observe_loss(loss if accumulate == 1 else loss * accumulate)
+        if len(self._train_batches) < self.config.train_batches_needed:
             self._train_batches.append(detached_copy(batch, self.config.snapshot_device))
         stepped = trainer.global_step != self._last_step_seen
         self._last_step_seen = trainer.global_step
         if stepped and self._certificate_step == trainer.global_step - 1:
             self._certificate_step = None
-            self._run_certificate(trainer, pl_module, batch, batch_idx)
+            session = line_probe_session(trainer)
+            run = self.certificates.run(lambda: session.result(trainer, pl_module, batch, batch_idx),
+                                        self._context(trainer, pl_module))  # fmt: skip
+            self._account(trainer, "certificate", run)
         every = self.config.sharpness_every_n_steps
-        if stepped and every and trainer.global_step % every == 0 and self._allowed(trainer, "sharpness"):
-            self._run_sharpness(trainer, pl_module)
+        due = stepped and every and (trainer.global_step % every == 0 or self._policy.catch_up(trainer, "sharpness"))
+        iters = self._policy.sharpness_iters(trainer, self.config.sharpness_iters, self.sharpness.FIRST_ITERS) if due else None
+        if iters is not None:
+            batch = self._train_batches[0] if self._train_batches else None
+            run = self.sharpness.run(self._probe, trainer.optimizers[0], batch, self._context(trainer, pl_module), iters)
+            self._account(trainer, "sharpness", run)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        key = self.config.val_monitor
+        key = self.config.monitor
         if trainer.state.fn != "fit" or trainer.sanity_checking or key not in trainer.callback_metrics:
             return
         value = torch.as_tensor(trainer.callback_metrics[key], dtype=torch.float64)
         value = trainer.strategy.reduce(value.to(pl_module.device), reduce_op="mean")
-        decrease = self._val_trend.observe(float(value))
-        if decrease is not None:
-            self._log(trainer, {"lyapunov/val_decrease": decrease})
+        metrics = self.certificates.observe_validation(float(value))
+        if metrics:
+            self._log(trainer, metrics)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        every = self.config.probe_every_n_epochs
-        if every and (trainer.current_epoch + 1) % every == 0 and self._tracker is not None:
-            segments = self._affordable_segments(trainer, pl_module)
-            if segments is None:
-                self._governor.defer("connectivity")
-            else:
-                units = self._tracker.num_evaluations(segments)
-                self._caching_seconds = 0.0
-                start = time.perf_counter()
-                report = self._run_connectivity(trainer, pl_module, segments)
-                once = self._caching_seconds
-                self._governor.record("connectivity", time.perf_counter() - start - once, units)
-                self._governor.charge("connectivity", once)
-                if report is not None:
-                    self._write_figures(trainer, report)
-                    self._log(trainer, report.metrics())
-                    return
-        self._log(trainer, {})
+        config = self.config
+        every = config.connectivity_every_n_epochs
+        metrics: dict[str, float] = {}
+        if every and (trainer.current_epoch + 1) % every == 0 and self.connectivity.tracker is not None:
+            segments = self._policy.connectivity_segments(trainer, pl_module, self.connectivity)
+            if segments is not None:  # None: deferred
+                assert self._probe is not None
+                run = self.connectivity.run(self._probe, segments, lambda: validation_batches(trainer, config),
+                                            self._train_batches, self._context(trainer, pl_module))  # fmt: skip
+                self._policy.account(trainer, "connectivity", run)
+                if run.ran:
+                    self._write_figures(trainer)
+                metrics = run.metrics
+        self._policy.warn_deferred_epoch(trainer)
+        self._log(trainer, metrics)
 
-    # ------------------------------------------------------------------ probes
-    @staticmethod
-    def _needed_train_batches(config: MonitorConfig) -> int:
-        """Training batches kept: the sharpness batch, BatchNorm recalibration and the no-validation fallback."""
-        if not (config.certificate_every_n_steps or config.sharpness_every_n_steps or config.probe_every_n_epochs):
-            return 0
-        needed = [1 if config.sharpness_every_n_steps else 0]
-        if config.probe_every_n_epochs:
-            needed += [config.bn_recalibration_batches, config.probe_batches]
-        return max(needed)
+    # ------------------------------------------------------------------ helpers
+    def _context(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeContext:
+        return ProbeContext(reducer(trainer), pl_module.device, trainer.global_rank, trainer.global_step,
+                            trainer.current_epoch)  # fmt: skip
+
+    def _account(self, trainer: pl.Trainer, kind: str, run: InstrumentRun) -> None:
+        self._policy.account(trainer, kind, run)
+        if run.ran or run.failed:  # a failure still logs the counters
+            self._log(trainer, run.metrics)
+
+    # ------------------------------------------------------------------ output
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        counters = {"monitor/deferred_probes": float(self._governor.total_deferred),
+                    "monitor/failed_probes": float(self.failed_probes)}  # fmt: skip
+        log_monitor_metrics(trainer, self._governor, {**metrics, **counters})
+
+    def _write_figures(self, trainer: pl.Trainer) -> None:
+        report = self.connectivity.last_report
+        if self.config.log_figures and self._writer is not None and report is not None and report.segments:
+            write_connectivity_figures(trainer, self._writer, self._governor, report)
