@@ -2,7 +2,7 @@
 
 For param group ``g`` with base learning rate ``η0_g`` and ``k = last_epoch`` optimizer steps taken,
 
-    η_g(k) = max(min_lr_ratio · η0_g,  η0_g · warmup(k) · exp(-λ·t) · G · C)
+    η_g(k) = η0_g · max(min_lr_ratio,  warmup(k) · exp(-λ·t) · G) · C
 
 with ``t = k / steps_per_epoch`` (``interval="step"``) or ``t = k // steps_per_epoch`` (``"epoch"``).
 ``G`` and ``C`` come from :class:`~lightning_stablelr.controller.StableLRController`; see
@@ -37,7 +37,7 @@ _CADENCE = CheckCadence()
 class StableLRScheduler(LRScheduler):
     """Exponential decay, validation-gap factor and curvature guard, as one torch LR scheduler.
 
-    ``η_g = max(min_lr_ratio·η0_g, η0_g · warmup(k) · exp(-λt) · G · C)`` after ``k`` optimizer steps
+    ``η_g = η0_g · max(min_lr_ratio, warmup(k) · exp(-λt) · G) · C`` after ``k`` optimizer steps
     (``last_epoch`` counts optimizer steps, as in ``OneCycleLR``). Call :meth:`step` once per optimizer step::
 
         scheduler = StableLRScheduler(optimizer, steps_per_epoch=len(loader))
@@ -117,7 +117,7 @@ class StableLRScheduler(LRScheduler):
 
     # ------------------------------------------------------------------ the closed form
     def get_lr(self) -> list[float]:
-        """``[max(min_lr_ratio·η0_g, η0_g · controller.factor(k, t)) for each group]`` at ``k = last_epoch``."""
+        """``[η0_g · controller.factor(k, t) for each group]`` at ``k = last_epoch`` (the floor is inside the factor)."""
         step = self.last_epoch
         elapsed = self.controller.epochs_elapsed(step, self.steps_per_epoch, step // self.steps_per_epoch)
         return [self.controller.lr(float(base_lr), step, elapsed) for base_lr in self.base_lrs]

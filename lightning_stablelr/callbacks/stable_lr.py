@@ -2,7 +2,7 @@
 
 For each param group ``g`` with base lr ``η0_g`` (read in ``on_fit_start``):
 
-    η_g(t) = max(min_lr_ratio · η0_g,  η0_g · warmup(step) · exp(-λ·t) · G · C)
+    η_g(t) = η0_g · max(min_lr_ratio,  warmup(step) · exp(-λ·t) · G) · C
 
 ``t = global_step / steps_per_epoch`` (``interval="step"``) or the epoch (``interval="epoch"``); ``G`` is
 the validation-gap factor, ``C`` the curvature/divergence guard. The math lives in
@@ -71,7 +71,7 @@ class StableLR(Callback):
         skip_nonfinite: drop the gradients of a step whose gradients contain NaN/Inf on any rank, so the
             weights are never poisoned. Such a step always halves ``C`` and is counted.
         on_scheduler_conflict: ``"error"`` raises when ``configure_optimizers`` returns a scheduler;
-            ``"compose"`` uses ``min(η_s, max(min_lr_ratio · η0, η_s · factor))`` with ``η_s`` the
+            ``"compose"`` uses ``min(η_s, max(min_lr_ratio · η0, η_s · f)) · C`` with ``η_s`` the
             scheduler's lr, so the scheduler keeps its own trajectory and StableLR only scales it down.
         steps_per_epoch: optimizer steps that count as one epoch of decay; default
             ``ceil(num_training_batches / accumulate_grad_batches)``. Needed for loaders without length.
