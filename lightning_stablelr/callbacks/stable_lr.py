@@ -20,7 +20,6 @@ observations and applies its lrs.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,12 +27,22 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_stablelr.callbacks._inputs import TrainerInputs, check_callback_arguments
-from lightning_stablelr.callbacks._lightning_access import log_to_loggers, put_callback_metrics, reducer
+from lightning_stablelr.callbacks._inputs import (
+    TrainerInputs,
+    check_callback_arguments,
+    decay_needs_epochs,
+    run_length_steps_per_epoch,
+)
+from lightning_stablelr.callbacks._lightning_access import (
+    log_step,
+    log_to_loggers,
+    logs_this_step,
+    put_callback_metrics,
+)
+from lightning_stablelr.callbacks._nonfinite_steps import NonfiniteSteps
 from lightning_stablelr.callbacks._optimizers import (
     SchedulerComposition,
     composed_lr,
@@ -43,10 +52,10 @@ from lightning_stablelr.callbacks._optimizers import (
     set_group_lr,
 )
 from lightning_stablelr.callbacks.line_probe_session import LineProbeSession, line_probe_session
-from lightning_stablelr.collectives import nonfinite_across_ranks
 from lightning_stablelr.config import CheckCadence, StableLRConfig, config_field_names
 from lightning_stablelr.controller import StableLRController
 from lightning_stablelr.metric_names import controller_metrics
+from lightning_stablelr.nonfinite import clear_found_inf
 
 __all__ = ["StableLR"]
 
@@ -68,8 +77,10 @@ class StableLR(Callback):
             forward passes each): every step below ``dense_check_steps``, then the steps with
             ``(global_step + 1) % check_every_n_steps == 0``; 0 disables either
             (:class:`~lightning_stablelr.config.CheckCadence`, also ``StableLRScheduler.should_check``).
-        skip_nonfinite: drop the gradients of a step whose gradients contain NaN/Inf on any rank, so the
-            weights are never poisoned. Such a step always halves ``C`` and is counted.
+        skip_nonfinite: neutralise a step whose loss or gradients are NaN/Inf, on the device and without a
+            host sync (:mod:`lightning_stablelr.nonfinite`): a fused optimizer (``fused=True``) skips it,
+            any other optimizer applies zero gradients; the weights are never poisoned. Every such step
+            halves ``C`` and is counted, read lazily: at the next logging step, guard check or validation.
         on_scheduler_conflict: ``"error"`` raises when ``configure_optimizers`` returns a scheduler;
             ``"compose"`` uses ``min(η_s, max(min_lr_ratio · η0, η_s · factor))`` with ``η_s`` the
             scheduler's lr, so the scheduler keeps its own trajectory and StableLR only scales it down.
@@ -129,8 +140,16 @@ class StableLR(Callback):
         self._composition = SchedulerComposition()
         self._factor = 1.0
         self._epochs_elapsed = 0.0
-        self._check_step: int | None = None
-        self._logged_step: int | None = None
+        self._check_step: int | None = None  # the schedule step of a requested guard check
+        self._probe_step: int | None = None  # its global_step (the line-probe session's step id)
+        self._seen_step: int | None = None  # the schedule step whose first batch started
+        self._batch_global_step = 0  # trainer.global_step at the start of this batch
+        self._applied: tuple[int, int] | None = None  # (step, epoch) whose lrs are set
+        self._applied_lrs: dict[str, float] = {}
+        self._applied_epochs = 0.0
+        self._next_step: int | None = None
+        self._nonfinite = NonfiniteSteps(self.controller, self.skip_nonfinite)
+        self._step_hooks: list[Any] = []
         self._inputs = TrainerInputs(self.monitor, self.strict)
         self._pending_state: dict[str, Any] | None = None
         self._metric_cache: dict[str, tuple[float, Tensor]] = {}
@@ -160,6 +179,8 @@ class StableLR(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         """Primitives: version, controller state (G, C, best L_va, running mean...), base lrs, steps per epoch."""
+        if self._nonfinite.resolve_local():
+            self._applied = None  # C changed: the next step sets the lrs again
         pending_sum, pending_count = self._inputs.train_loss.pending()
         return {
             "version": 1,
@@ -214,7 +235,7 @@ class StableLR(Callback):
         # A new fit re-reads everything that depends on the trainer; G and C carry over (or come from
         # a checkpoint in on_train_start).
         self._resolved_steps_per_epoch = None
-        self._check_step = self._logged_step = None
+        self._check_step = self._probe_step = self._seen_step = self._next_step = self._applied = None
         self.base_lrs = {}
         for i, optimizer in enumerate(trainer.optimizers):
             for j, group in enumerate(optimizer.param_groups):
@@ -235,70 +256,106 @@ class StableLR(Callback):
         if self.steps_per_epoch is not None:
             self._resolved_steps_per_epoch = self.steps_per_epoch
         elif self._resolved_steps_per_epoch is None and self.config.interval == "step":
-            self._resolved_steps_per_epoch = infer_steps_per_epoch(trainer, type(self).__name__)
+            self._resolved_steps_per_epoch = infer_steps_per_epoch(
+                trainer, type(self).__name__, required=decay_needs_epochs(self.controller)
+            ) or run_length_steps_per_epoch(trainer, self.controller)
         self._inputs.apply_run_length(trainer, self.controller, self._resolved_steps_per_epoch)
+        self._inputs.warn_about_setup(trainer, pl_module)
         self._composition.attach(trainer.optimizers, self._scheduled, self._composed_lr, self.base_lrs)
+        self._detach_step_hooks()
+        if getattr(trainer.precision_plugin, "scaler", None) is None:
+            self._step_hooks = [opt.register_step_post_hook(clear_found_inf) for opt in trainer.optimizers]
+        # The first step's lrs are set before any callback's on_train_batch_start (LearningRateMonitor).
+        self._apply_lrs(trainer, self._schedule_step(trainer, pl_module))
+        self.last_lrs, self._epochs_elapsed = self._applied_lrs, self._applied_epochs
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply_lrs(trainer, self._schedule_step(trainer, pl_module))  # interval="epoch": a new epoch
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        self._apply_lrs(trainer, step)
-        if self.cadence.should_check(step) or self.controller.take_confirmation_request():
-            self._check_step = step
-            self._shared_probe(trainer).request(step)
-        if step != self._logged_step:  # once per optimizer step, also under gradient accumulation
-            self._logged_step = step
+        self._batch_global_step = trainer.global_step
+        step = self._schedule_step(trainer, pl_module)
+        if step == self._seen_step:  # a further micro-batch of the same optimizer step (accumulation)
+            return
+        self._seen_step = step
+        check = self.cadence.should_check(step) or self.controller.take_confirmation_request()
+        logs = logs_this_step(trainer)
+        if check or logs:  # the only steps that read the device counters (a host sync)
+            self._resolve_nonfinite(trainer)
+        if self._applied != (step, trainer.current_epoch) or self._scheduled:  # a scheduler may have moved
+            self._apply_lrs(trainer, step)
+        self.last_lrs, self._epochs_elapsed = self._applied_lrs, self._applied_epochs  # this step's, for metrics
+        if check:
+            self._check_step, self._probe_step = step, trainer.global_step
+            self._shared_probe(trainer).request(trainer.global_step)
+        if logs:
             metrics = self._metrics()
             put_callback_metrics(trainer, metrics, self._metric_cache)
-            log_to_loggers(trainer, metrics)
+            log_to_loggers(trainer, metrics, every_n_steps=False)
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        self._nonfinite.record_loss(loss)
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is None:  # with fp16 AMP the GradScaler already skips (and expects) overflowing steps
-            grads = [
-                p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
-            ]
-            reduce = reducer(trainer) if trainer.world_size > 1 else None
-            if nonfinite_across_ranks(grads, reduce, trainer.strategy.root_device):
-                self._drop_nonfinite_step(trainer, optimizer)
-        self._shared_probe(trainer).snapshot(trainer, pl_module)
+        session = self._shared_probe(trainer)
+        step = self._seen_step if self._seen_step is not None else trainer.global_step
+        self._nonfinite.protect(trainer, optimizer, step)
+        # A probed step reads the flag now (a sync, on every rank alike): a non-finite step has no probe.
+        if session.requested(trainer.global_step) and self._resolve_nonfinite(trainer) == step:
+            session.discard(trainer.global_step)
+            self._check_step = None
+        session.snapshot(trainer, pl_module)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._inputs.record_train_loss(trainer, pl_module, outputs)
-        step = trainer.global_step - 1
-        if self._check_step is None or self._check_step != step:
-            return
-        self._check_step = None
-        result = self._shared_probe(trainer).result(trainer, pl_module, batch, batch_idx)
-        if result is not None and not result.failed:
-            self.controller.observe_line(result.line, step, self._epochs(trainer, step))
-            self._inputs.warn_if_unresolved(result.line)
+        if trainer.global_step == self._batch_global_step:
+            return  # no optimizer stepped in this batch (gradient accumulation)
+        step = self._seen_step if self._seen_step is not None else trainer.global_step - 1
+        if self._check_step == step and self._probe_step is not None:
+            self._check_step = None
+            result = self._shared_probe(trainer).result(trainer, pl_module, batch, batch_idx, step=self._probe_step)
+            if result is not None and not result.failed:
+                self.controller.observe_line(result.line, step, self._epochs(trainer, step))
+                self._inputs.warn_if_unresolved(result.line)
+        # The next step's lrs, now: a LearningRateMonitor listed before StableLR reads them at its batch start.
+        self._next_step = step + 1
+        self._apply_lrs(trainer, step + 1)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mean = self._inputs.flush_train_loss(trainer)
         if mean is not None:
             self.controller.record_train_loss(*mean)
+        self._resolve_nonfinite(trainer)
+        put_callback_metrics(trainer, self._metrics(), self._metric_cache)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if trainer.sanity_checking:  # a wrongly named monitor is reported now, not after an epoch
+            self._inputs.validation_value(trainer)
             return
         mean = self._inputs.flush_train_loss(trainer)
         if mean is not None:
             self.controller.record_train_loss(*mean)
+        self._resolve_nonfinite(trainer)
         val_loss = self._inputs.validation_value(trainer)
-        if val_loss is None:
-            return
-        self.controller.observe_validation(val_loss)
+        if val_loss is not None:
+            self.controller.observe_validation(val_loss)
+        if self._next_step is not None:
+            self._apply_lrs(trainer, self._next_step)
         put_callback_metrics(trainer, self._metrics(), self._metric_cache)
 
     @override
@@ -306,51 +363,54 @@ class StableLR(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._composition.detach()
+        self._detach_step_hooks()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._composition.detach()
+        self._detach_step_hooks()
 
     # ------------------------------------------------------------------------------------------ decisions
+    def _detach_step_hooks(self) -> None:
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
+
+    @staticmethod
+    def _schedule_step(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        """The step count of warmup, decay and the check cadence: optimizer steps, or batches under manual
+        optimization (where one batch may step several optimizers, each advancing ``global_step``)."""
+        return trainer.global_step if pl_module.automatic_optimization else log_step(trainer)
+
     def _epochs(self, trainer: pl.Trainer, step: int) -> float:
-        steps_per_epoch = self._resolved_steps_per_epoch or math.inf
-        return self.controller.epochs_elapsed(step, steps_per_epoch, trainer.current_epoch)
+        if self._resolved_steps_per_epoch is None and self.config.interval == "step":
+            return 0.0  # no epoch known and none needed (decay_needs_epochs): t has no effect
+        return self.controller.epochs_elapsed(step, self._resolved_steps_per_epoch or 1, trainer.current_epoch)
 
     def _apply_lrs(self, trainer: pl.Trainer, step: int) -> None:
         """Set ``η_g`` on every group (scheduled optimizers: at the step itself, see :meth:`_compose`)."""
-        self._epochs_elapsed = self._epochs(trainer, step)
-        self._factor = self.controller.factor(step, self._epochs_elapsed)
+        self._applied = (step, trainer.current_epoch)
+        self._applied_epochs = epochs = self._epochs(trainer, step)
+        self._applied_lrs = lrs = {}
+        self._factor = self.controller.factor(step, epochs)
         for i, optimizer in enumerate(trainer.optimizers):
             for j, group in enumerate(optimizer.param_groups):
                 base = self.base_lrs.get(f"{i}/{j}", float(group["lr"]))
                 if i in self._scheduled:
                     lr = self._composed_lr(base, float(group["lr"]))
                 else:
-                    lr = self.controller.lr(base, step, self._epochs_elapsed)
+                    lr = self.controller.lr(base, step, epochs)
                     set_group_lr(group, lr)
-                self.last_lrs[self._lr_names[(i, j)]] = lr
+                lrs[self._lr_names[(i, j)]] = lr
 
     def _composed_lr(self, base_lr: float, scheduler_lr: float) -> float:
         return composed_lr(base_lr, scheduler_lr, self._factor, self.config.min_lr_ratio)
 
-    def _drop_nonfinite_step(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
-        step = trainer.global_step
-        self._shared_probe(trainer).discard(step)
-        if step == self._check_step:
-            self._check_step = None
-        if self.skip_nonfinite:
-            for group in optimizer.param_groups:
-                for parameter in group["params"]:
-                    parameter.grad = None  # torch optimizers skip parameters without a gradient
-        count = self.controller.nonfinite_steps + 1
-        self.controller.observe_nonfinite()
-        if count & (count - 1) == 0:  # warn on the 1st, 2nd, 4th, 8th... occurrence
-            action = "dropped its update" if self.skip_nonfinite else "kept its update (skip_nonfinite=False)"
-            rank_zero_warn(
-                f"StableLR: non-finite loss or gradient at step {step}; {action} and halved the stability"
-                f" factor to {self.controller.stability_factor:.3g} ({count} such steps so far; further"
-                " warnings at powers of two)."
-            )
+    def _resolve_nonfinite(self, trainer: pl.Trainer) -> int | None:
+        last = self._nonfinite.resolve(trainer)
+        if last is not None:
+            self._applied = None  # C changed: the lrs are set again
+        return last
 
     def _metrics(self) -> dict[str, float]:
         return controller_metrics(self.controller, self.last_lrs, self._epochs_elapsed)

@@ -1,0 +1,146 @@
+"""Non-finite steps detected and neutralised on the device, without a host sync (pure: no Lightning import).
+
+For every optimizer step, on the gradients' device and without a host sync or a collective:
+
+    bad = not isfinite(‖g_i‖₂ for every gradient g_i)   (one fused ``_foreach_norm``, at least float32)
+          or a non-finite loss since the last step (:meth:`NonfiniteTracker.record_loss`)
+
+``bad`` holds for any NaN/Inf element; a gradient whose norm overflows float32 (beyond about 1.8e19,
+where no update survives anyway) counts too. Sparse gradients are tested through their values.
+:meth:`NonfiniteTracker.protect` then makes the update harmless, still on the device:
+
+- an optimizer that can skip a step on the device (``optimizer._step_supports_amp_scaling``: torch's
+  SGD, Adam, AdamW and Adagrad with ``fused=True``) gets ``optimizer.found_inf = bad``, the flag a
+  ``GradScaler`` passes: its kernel then skips the step and leaves the optimizer state untouched;
+- any other optimizer gets every gradient zeroed (``masked_fill_(bad, 0)``): the weights stay finite,
+  but momentum and weight decay still move them by their finite amount on that step.
+
+The number of such steps and the last of them accumulate on the device; :meth:`NonfiniteTracker.take`
+reads them (one host sync) at the points where they are needed: logging, guard checks, validation.
+Under DDP every rank holds the same all-reduced gradients, so the gradient flag needs no collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NonfiniteCount", "NonfiniteTracker", "ReduceMax", "clear_found_inf", "gradients_nonfinite", "step_gradients",
+]  # fmt: skip
+
+#: ``reduce_max(tensor)``: the element-wise maximum over all ranks (a collective).
+ReduceMax = Callable[[Tensor], Tensor]
+
+
+class NonfiniteCount(NamedTuple):
+    """What :meth:`NonfiniteTracker.take` read: how many non-finite steps, and the last one (-1: none)."""
+
+    count: int
+    last_step: int
+
+
+def step_gradients(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The gradients ``optimizer`` would apply, as dense tensors (a sparse gradient's values: a view)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return [grad._values() if grad.is_sparse else grad for grad in grads]
+
+
+def gradients_nonfinite(grads: Sequence[Tensor]) -> Tensor | None:
+    """0-d bool tensor, True when some gradient has a NaN/Inf (or a float32-overflowing norm); None if no grads.
+
+    One fused ``torch._foreach_norm`` per device and dtype; no host sync.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for grad in grads:
+        if grad.numel():
+            groups.setdefault((grad.device, grad.dtype), []).append(grad)
+    flag: Tensor | None = None
+    for (_, dtype), group in groups.items():
+        # half-precision norms in float32 (a float16 norm overflows at 65504); float32/64 in their own dtype
+        norms = torch._foreach_norm(group, 2, dtype=torch.float32) if dtype.itemsize < 4 else torch._foreach_norm(group, 2)
+        bad = ~torch.stack(norms).isfinite().all()
+        flag = bad if flag is None else flag | bad.to(flag.device)
+    return flag
+
+
+class NonfiniteTracker:
+    """Flags non-finite steps on the device, protects the update, and counts them lazily (see the module)."""
+
+    def __init__(self) -> None:
+        self._loss_bad: Tensor | None = None
+        self._count: Tensor | None = None
+        self._last: Tensor | None = None
+
+    def record_loss(self, loss: Tensor) -> None:
+        """Remember whether ``loss`` (one backward's loss) is non-finite, for the next :meth:`protect`."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad.to(self._loss_bad.device)
+
+    def forget_loss(self) -> None:
+        """Drop the loss flag (a step handled elsewhere, e.g. by a GradScaler)."""
+        self._loss_bad = None
+
+    def protect(
+        self, optimizer: torch.optim.Optimizer, step: int, *, skip: bool = True, loss_decides: bool = True
+    ) -> Tensor | None:
+        """Flag this optimizer step, neutralise it on the device when ``skip``, and count it; no host sync.
+
+        ``loss_decides``: a non-finite loss also neutralises the step. Pass False when ranks may differ
+        in it (DDP: each rank has its own loss but the same gradients); it is then only counted.
+        Returns the step's flag (0-d bool on the gradients' device), or None when there is no gradient.
+        """
+        grads = step_gradients(optimizer)
+        grad_bad = gradients_nonfinite(grads)
+        loss_bad, self._loss_bad = self._loss_bad, None
+        if grad_bad is None and loss_bad is None:
+            return None
+        if grad_bad is None:
+            assert loss_bad is not None
+            grad_bad = torch.zeros((), dtype=torch.bool, device=loss_bad.device)
+        counted = grad_bad if loss_bad is None else grad_bad | loss_bad.to(grad_bad.device)
+        decided = counted if loss_decides else grad_bad
+        if skip and grads:
+            if getattr(optimizer, "_step_supports_amp_scaling", False):
+                optimizer.found_inf = decided.float()  # type: ignore[attr-defined]
+            else:
+                for grad in grads:
+                    grad.masked_fill_(decided.to(grad.device), 0.0)
+        self._count = counted.float() if self._count is None else self._count + counted.to(self._count.device)
+        last = torch.where(counted, float(step), -1.0)
+        self._last = last if self._last is None else torch.maximum(self._last, last.to(self._last.device))
+        return counted
+
+    def take(self, reduce_max: ReduceMax | None = None, device: torch.device | str = "cpu") -> NonfiniteCount:
+        """The non-finite steps counted since the last call (one host sync), then reset.
+
+        ``reduce_max(tensor)``: the element-wise maximum over ranks (a collective every rank must enter),
+        so that a non-finite loss seen on one rank counts on all (the count is the largest rank's);
+        None on one process. ``device``: where a rank that saw no step builds its contribution.
+        """
+        if self._count is None or self._last is None:
+            values = None
+        else:
+            values = torch.stack([self._count, self._last])
+        self._count = self._last = None
+        if reduce_max is not None:
+            local = values if values is not None else torch.tensor([0.0, -1.0], device=device)
+            values = reduce_max(local)
+        if values is None:
+            return NonfiniteCount(0, -1)
+        count, last = values.tolist()
+        return NonfiniteCount(int(count), int(last))
+
+    @property
+    def pending(self) -> bool:
+        """Whether some step was flagged (or may have been) since the last :meth:`take` (no host sync)."""
+        return self._count is not None
+
+
+def clear_found_inf(optimizer: torch.optim.Optimizer, *args: object) -> None:
+    """Step post-hook: remove the ``found_inf`` set by :meth:`NonfiniteTracker.protect` after the step."""
+    optimizer.__dict__.pop("found_inf", None)
+
