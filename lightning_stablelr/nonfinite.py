@@ -17,6 +17,8 @@ where no update survives anyway) counts too. Sparse gradients are tested through
 
 The number of such steps and the last of them accumulate on the device; :meth:`NonfiniteTracker.take`
 reads them (one host sync) at the points where they are needed: logging, guard checks, validation.
+A flag that lives on the CPU is read at once (:attr:`NonfiniteTracker.read_cpu_flags`): CPU kernels are
+synchronous, so that read waits for nothing, and a finite step then skips the masking and the counting.
 Under DDP every rank holds the same all-reduced gradients, so the gradient flag needs no collective.
 """
 
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "NonfiniteCount", "NonfiniteTracker", "ReduceMax", "clear_found_inf", "gradients_nonfinite", "step_gradients",
+    "NonfiniteCount", "NonfiniteTracker", "ReduceMax", "clear_found_inf", "step_gradients", "tensors_nonfinite",
 ]  # fmt: skip
 
 #: ``reduce_max(tensor)``: the element-wise maximum over all ranks (a collective).
@@ -49,15 +51,15 @@ def step_gradients(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [grad._values() if grad.is_sparse else grad for grad in grads]
 
 
-def gradients_nonfinite(grads: Sequence[Tensor]) -> Tensor | None:
-    """0-d bool tensor, True when some gradient has a NaN/Inf (or a float32-overflowing norm); None if no grads.
+def tensors_nonfinite(tensors: Sequence[Tensor]) -> Tensor | None:
+    """0-d bool tensor, True when some tensor has a NaN/Inf (or a float32-overflowing 2-norm); None if empty.
 
     One fused ``torch._foreach_norm`` per device and dtype; no host sync.
     """
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for grad in grads:
-        if grad.numel():
-            groups.setdefault((grad.device, grad.dtype), []).append(grad)
+    for tensor in tensors:
+        if tensor.numel():
+            groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
     flag: Tensor | None = None
     for (_, dtype), group in groups.items():
         # half-precision norms in float32 (a float16 norm overflows at 65504); float32/64 in their own dtype
@@ -68,21 +70,28 @@ def gradients_nonfinite(grads: Sequence[Tensor]) -> Tensor | None:
 
 
 class NonfiniteTracker:
-    """Flags non-finite steps on the device, protects the update, and counts them lazily (see the module)."""
+    """Flags non-finite steps on the device, protects the update, and counts them lazily (see the module).
+
+    ``read_cpu_flags`` (default True): a flag that lives on the CPU is read at once. CPU kernels run
+    synchronously, so that read waits for nothing (it is not a host sync); it lets a finite step skip the
+    masking pass and the counting, the common case. The result is the same as on an accelerator, where
+    the flag is never read per step (False forces that path, e.g. to test it on a CPU).
+    """
+
+    read_cpu_flags = True
 
     def __init__(self) -> None:
-        self._loss_bad: Tensor | None = None
+        self._losses: list[Tensor] = []
         self._count: Tensor | None = None
         self._last: Tensor | None = None
 
     def record_loss(self, loss: Tensor) -> None:
-        """Remember whether ``loss`` (one backward's loss) is non-finite, for the next :meth:`protect`."""
-        bad = ~torch.isfinite(loss.detach()).all()
-        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad.to(self._loss_bad.device)
+        """Keep one backward's loss for the next :meth:`protect` (a reference, no computation)."""
+        self._losses.append(loss.detach())
 
     def forget_loss(self) -> None:
-        """Drop the loss flag (a step handled elsewhere, e.g. by a GradScaler)."""
-        self._loss_bad = None
+        """Drop the kept losses (a step handled elsewhere, e.g. by a GradScaler)."""
+        self._losses = []
 
     def protect(
         self, optimizer: torch.optim.Optimizer, step: int, *, skip: bool = True, loss_decides: bool = True
@@ -91,24 +100,29 @@ class NonfiniteTracker:
 
         ``loss_decides``: a non-finite loss also neutralises the step. Pass False when ranks may differ
         in it (DDP: each rank has its own loss but the same gradients); it is then only counted.
-        Returns the step's flag (0-d bool on the gradients' device), or None when there is no gradient.
+        Returns the step's flag (0-d bool), or None when there is neither a gradient nor a loss.
         """
         grads = step_gradients(optimizer)
-        grad_bad = gradients_nonfinite(grads)
-        loss_bad, self._loss_bad = self._loss_bad, None
-        if grad_bad is None and loss_bad is None:
+        losses, self._losses = self._losses, []
+        if loss_decides:
+            decided = counted = tensors_nonfinite(grads + losses)
+        else:
+            decided, loss_bad = tensors_nonfinite(grads), tensors_nonfinite(losses)
+            counted = decided if loss_bad is None else loss_bad if decided is None else decided | loss_bad.to(decided.device)
+        if counted is None:
             return None
-        if grad_bad is None:
-            assert loss_bad is not None
-            grad_bad = torch.zeros((), dtype=torch.bool, device=loss_bad.device)
-        counted = grad_bad if loss_bad is None else grad_bad | loss_bad.to(grad_bad.device)
-        decided = counted if loss_decides else grad_bad
-        if skip and grads:
+        on_cpu = self.read_cpu_flags and counted.device.type == "cpu"
+        if on_cpu and not bool(counted):  # a finite step, known without waiting: nothing to do
+            return counted
+        if skip and grads and decided is not None:
             if getattr(optimizer, "_step_supports_amp_scaling", False):
                 optimizer.found_inf = decided.float()  # type: ignore[attr-defined]
-            else:
+            elif not on_cpu:
                 for grad in grads:
                     grad.masked_fill_(decided.to(grad.device), 0.0)
+            elif decided is counted or bool(decided):  # counted is known True here
+                for grad in grads:
+                    grad.zero_()
         self._count = counted.float() if self._count is None else self._count + counted.to(self._count.device)
         last = torch.where(counted, float(step), -1.0)
         self._last = last if self._last is None else torch.maximum(self._last, last.to(self._last.device))

@@ -1,5 +1,5 @@
 """StableLR's hot path: on a step that is neither a guard check nor a logging step, its hooks make no host
-sync (``aten._local_scalar_dense``: ``.item()``, ``float(t)``, ``bool(t)``) and no collective
+sync (on an accelerator; on a CPU, one read of a CPU flag, which waits for nothing) (``aten._local_scalar_dense``: ``.item()``, ``float(t)``, ``bool(t)``) and no collective
 (``strategy.reduce``, ``torch.distributed.all_reduce``), also on the step where a gradient turns NaN.
 The non-finite step is still neutralised there (on the device) and counted at the next check or log step.
 
@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_stablelr import StableLR
 from lightning_stablelr.callbacks._lightning_access import logs_this_step
+from lightning_stablelr.nonfinite import NonfiniteTracker
 from tests.helpers import make_trainer, regression_loader
 
 STEPS = 16
@@ -142,6 +143,8 @@ def _fit(tmp_path: Any, model: Probed, monkeypatch: pytest.MonkeyPatch) -> tuple
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-sgd", "sgd"])
 def test_quiet_steps_make_no_host_sync_and_no_collective_and_still_stop_a_nan(tmp_path, monkeypatch, fused):
+    # The accelerator path: the step's flag stays on the device (read_cpu_flags=False forces it on a CPU).
+    monkeypatch.setattr(NonfiniteTracker, "read_cpu_flags", False)
     model = Probed(fused=fused, nan_grad_step=NAN_STEP)
     callback, syncs, read_steps, collectives = _fit(tmp_path, model, monkeypatch)
 
@@ -162,8 +165,24 @@ def test_quiet_steps_make_no_host_sync_and_no_collective_and_still_stop_a_nan(tm
         assert not all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
+def test_on_a_cpu_the_flag_is_read_once_per_step_and_the_result_is_the_same(tmp_path, monkeypatch):
+    # A CPU flag is read at once (CPU kernels are synchronous: nothing to wait for): one read per quiet
+    # step, no collective, and the same weights as the device path.
+    model = Probed(fused=False, nan_grad_step=NAN_STEP)
+    callback, syncs, read_steps, collectives = _fit(tmp_path, model, monkeypatch)
+    quiet = [step for step in range(STEPS) if step not in read_steps]
+    assert {step: syncs[step] for step in quiet} == {step: [1, 0] for step in quiet} and collectives == []
+    assert callback.controller.nonfinite_steps == 1
+
+    monkeypatch.setattr(NonfiniteTracker, "read_cpu_flags", False)
+    device_path = Probed(fused=False, nan_grad_step=NAN_STEP)
+    _fit(tmp_path, device_path, monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), device_path.parameters(), strict=True))
+
+
 def test_a_nan_loss_with_finite_gradients_counts_and_is_skipped(tmp_path, monkeypatch):
     # Issue 8: the loss, not only the gradients, decides (one process: every rank sees it).
+    monkeypatch.setattr(NonfiniteTracker, "read_cpu_flags", False)
     model = Probed(fused=True, nan_loss_step=NAN_STEP)
     callback, syncs, read_steps, _ = _fit(tmp_path, model, monkeypatch)
     assert callback.controller.nonfinite_steps == 1
