@@ -24,7 +24,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -51,6 +50,7 @@ from lightning_stablelr.callbacks._optimizers import (
     scheduled_optimizers,
     set_group_lr,
 )
+from lightning_stablelr.callbacks._stable_lr_state import StableLRState
 from lightning_stablelr.callbacks.line_probe_session import LineProbeSession, line_probe_session
 from lightning_stablelr.config import CheckCadence, StableLRConfig, config_field_names
 from lightning_stablelr.controller import StableLRController
@@ -63,7 +63,7 @@ _CONFIG = StableLRConfig()  # the defaults of the controller arguments: written 
 _CADENCE = CheckCadence()
 
 
-class StableLR(Callback):
+class StableLR(StableLRState):
     """Controls the learning rate: exponential decay, validation-gap factor and curvature guard.
 
     Args:
@@ -75,7 +75,8 @@ class StableLR(Callback):
         strict: a missing ``monitor`` raises (True) or warns once and leaves ``G`` unchanged (False).
         check_every_n_steps, dense_check_steps: which optimizer steps run the three-point guard (three extra
             forward passes each): every step below ``dense_check_steps``, then the steps with
-            ``(global_step + 1) % check_every_n_steps == 0``; 0 disables either
+            ``(step + 1) % check_every_n_steps == 0``; 0 disables either. ``step`` is ``global_step``, or
+            under manual optimization the batches that stepped (a batch may step several optimizers)
             (:class:`~lightning_stablelr.config.CheckCadence`, also ``StableLRScheduler.should_check``).
         skip_nonfinite: neutralise a step whose loss or gradients are NaN/Inf, on the device and without a
             host sync (:mod:`lightning_stablelr.nonfinite`): a fused optimizer (``fused=True``) skips it,
@@ -94,7 +95,7 @@ class StableLR(Callback):
         ValueError: an argument is out of range (the message names it, the value and what to pass).
         MisconfigurationException: at fit start, with several StableLR callbacks, a scheduler driving the
             same optimizer under ``on_scheduler_conflict="error"``, duplicate param-group names, or a
-            loader without length and no ``steps_per_epoch``.
+            loader without length and no ``steps_per_epoch`` while an explicit ``decay_rate > 0`` needs epochs.
         RuntimeError: at validation end, when ``monitor`` is missing and ``strict=True``.
     """
 
@@ -170,51 +171,6 @@ class StableLR(Callback):
     def dense_check_steps(self) -> int:
         return self.cadence.dense_check_steps
 
-    @property
-    @override
-    def state_key(self) -> str:
-        """``"StableLR"``: the class name, as for every singleton callback (only one StableLR per Trainer)."""
-        return type(self).__name__
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """Primitives: version, controller state (G, C, best L_va, running mean...), base lrs, steps per epoch."""
-        if self._nonfinite.resolve_local():
-            self._applied = None  # C changed: the next step sets the lrs again
-        pending_sum, pending_count = self._inputs.train_loss.pending()
-        return {
-            "version": 1,
-            "controller": self.controller.state_dict(),
-            "base_lrs": dict(self.base_lrs),
-            "steps_per_epoch": self._resolved_steps_per_epoch,
-            "pending_train_loss_sum": pending_sum,
-            "pending_train_loss_count": pending_count,
-        }
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Applied in on_train_start: Lightning restores callbacks before it configures the optimizers.
-        self._pending_state = dict(state_dict)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_session"] = None  # possibly another callback's session: found again in setup
-        # Lightning attaches the module's log/log_dict to every callback during fit: not ours to carry.
-        state.pop("log", None)
-        state.pop("log_dict", None)
-        return state
-
-    @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # Checkpoints written before the state key became the class name used "StableLR{...arguments...}".
-        states = checkpoint.get("callbacks", {})
-        if self.state_key not in states:
-            legacy = [key for key in states if isinstance(key, str) and key.startswith(self.state_key + "{")]
-            if len(legacy) == 1:
-                self.load_state_dict(states[legacy[0]])
-
     # ------------------------------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -245,14 +201,7 @@ class StableLR(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        state, self._pending_state = self._pending_state, None
-        if state is not None:
-            self.controller.load_state_dict(state.get("controller", {}))
-            self.base_lrs.update({key: float(value) for key, value in state.get("base_lrs", {}).items()})
-            self._resolved_steps_per_epoch = state.get("steps_per_epoch")
-            if state.get("pending_train_loss_count", 0) > 0:
-                count = float(state["pending_train_loss_count"])
-                self.controller.record_train_loss(float(state["pending_train_loss_sum"]) / count, count)
+        self._restore_pending_state()
         if self.steps_per_epoch is not None:
             self._resolved_steps_per_epoch = self.steps_per_epoch
         elif self._resolved_steps_per_epoch is None and self.config.interval == "step":
@@ -261,8 +210,8 @@ class StableLR(Callback):
             ) or run_length_steps_per_epoch(trainer, self.controller)
         self._inputs.apply_run_length(trainer, self.controller, self._resolved_steps_per_epoch)
         self._inputs.warn_about_setup(trainer, pl_module)
+        self._detach_hooks()
         self._composition.attach(trainer.optimizers, self._scheduled, self._composed_lr, self.base_lrs)
-        self._detach_step_hooks()
         if getattr(trainer.precision_plugin, "scaler", None) is None:
             self._step_hooks = [opt.register_step_post_hook(clear_found_inf) for opt in trainer.optimizers]
         # The first step's lrs are set before any callback's on_train_batch_start (LearningRateMonitor).
@@ -334,10 +283,7 @@ class StableLR(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        mean = self._inputs.flush_train_loss(trainer)
-        if mean is not None:
-            self.controller.record_train_loss(*mean)
-        self._resolve_nonfinite(trainer)
+        self._flush(trainer)
         put_callback_metrics(trainer, self._metrics(), self._metric_cache)
 
     @override
@@ -347,10 +293,7 @@ class StableLR(Callback):
         if trainer.sanity_checking:  # a wrongly named monitor is reported now, not after an epoch
             self._inputs.validation_value(trainer)
             return
-        mean = self._inputs.flush_train_loss(trainer)
-        if mean is not None:
-            self.controller.record_train_loss(*mean)
-        self._resolve_nonfinite(trainer)
+        self._flush(trainer)
         val_loss = self._inputs.validation_value(trainer)
         if val_loss is not None:
             self.controller.observe_validation(val_loss)
@@ -362,19 +305,27 @@ class StableLR(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._composition.detach()
-        self._detach_step_hooks()
+        self._detach_hooks()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._composition.detach()
-        self._detach_step_hooks()
+        self._detach_hooks()
 
     # ------------------------------------------------------------------------------------------ decisions
-    def _detach_step_hooks(self) -> None:
+    def _detach_hooks(self) -> None:
+        """Remove the optimizer hooks of this fit (scheduler composition, ``found_inf`` clean-up)."""
+        self._composition.detach()
         for handle in self._step_hooks:
             handle.remove()
         self._step_hooks = []
+
+    def _flush(self, trainer: pl.Trainer) -> None:
+        """Read what accumulated on the device since the last flush: the training-loss mean (a collective)
+        and the non-finite steps. Every rank calls it at the same points (epoch and validation end)."""
+        mean = self._inputs.flush_train_loss(trainer)
+        if mean is not None:
+            self.controller.record_train_loss(*mean)
+        self._resolve_nonfinite(trainer)
 
     @staticmethod
     def _schedule_step(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
