@@ -46,8 +46,10 @@ class NonfiniteCount(NamedTuple):
 
 
 def step_gradients(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    """The gradients ``optimizer`` would apply, as dense tensors (a sparse gradient's values: a view)."""
+    """The gradients ``optimizer`` would apply, as local dense tensors: a sparse gradient's values, a sharded
+    (DTensor, FSDP2) gradient's local shard; views, so that writing into them writes the gradient."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grads = [grad.to_local() if hasattr(grad, "to_local") else grad for grad in grads]
     return [grad._values() if grad.is_sparse else grad for grad in grads]
 
 
@@ -94,12 +96,20 @@ class NonfiniteTracker:
         self._losses = []
 
     def protect(
-        self, optimizer: torch.optim.Optimizer, step: int, *, skip: bool = True, loss_decides: bool = True
+        self,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        *,
+        skip: bool = True,
+        loss_decides: bool = True,
+        reduce_flag: ReduceMax | None = None,
     ) -> Tensor | None:
         """Flag this optimizer step, neutralise it on the device when ``skip``, and count it; no host sync.
 
         ``loss_decides``: a non-finite loss also neutralises the step. Pass False when ranks may differ
         in it (DDP: each rank has its own loss but the same gradients); it is then only counted.
+        ``reduce_flag(flag)``: the maximum over ranks (a collective; on NCCL no host sync), for ranks that
+        hold different gradients (sharded parameters): every rank then neutralises the same steps.
         Returns the step's flag (0-d bool), or None when there is neither a gradient nor a loss.
         """
         grads = step_gradients(optimizer)
@@ -111,6 +121,8 @@ class NonfiniteTracker:
             counted = decided if loss_bad is None else loss_bad if decided is None else decided | loss_bad.to(decided.device)
         if counted is None:
             return None
+        if reduce_flag is not None:
+            decided = counted = reduce_flag(counted.float()) > 0
         on_cpu = self.read_cpu_flags and counted.device.type == "cpu"
         if on_cpu and not bool(counted):  # a finite step, known without waiting: nothing to do
             return counted
