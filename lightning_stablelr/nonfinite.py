@@ -5,8 +5,12 @@ For every optimizer step, on the gradients' device and without a host sync or a 
     bad = not isfinite(‖g_i‖₂ for every gradient g_i)   (one fused ``_foreach_norm``, at least float32)
           or a non-finite loss since the last step (:meth:`NonfiniteTracker.record_loss`)
 
-``bad`` holds for any NaN/Inf element; a gradient whose norm overflows float32 (beyond about 1.8e19,
-where no update survives anyway) counts too. Sparse gradients are tested through their values.
+``bad`` holds for any NaN/Inf element; a gradient whose 2-norm overflows counts too (its sum of
+squares: beyond a norm of about 1.8e19 for float32 and narrower dtypes, 1.3e154 for float64; no update
+survives such a gradient anyway). Sparse gradients are tested through their values, sharded
+(``DTensor``, FSDP2) gradients through their local shards; ranks that hold different shards pass
+``reduce_flag`` so that all of them take the same decision. The cost is one read of every gradient per
+step (the norm), a single fused kernel on a GPU.
 :meth:`NonfiniteTracker.protect` then makes the update harmless, still on the device:
 
 - an optimizer that can skip a step on the device (``optimizer._step_supports_amp_scaling``: torch's
