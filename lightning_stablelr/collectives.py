@@ -106,7 +106,7 @@ class RankMeanAccumulator:
 
     def add(self, value: Tensor, scale: float = 1.0) -> None:
         """Add ``scale · value`` (a one-element tensor) if it is finite; decided later, on its device."""
-        self._values.append(value.detach().reshape(()))
+        self._values.append(value.detach())  # one-element: reshaped when folded
         self._scales.append(float(scale))
         if len(self._values) >= self.fold_every:
             self._fold()
@@ -114,7 +114,8 @@ class RankMeanAccumulator:
     def _fold(self) -> None:
         if not self._values:
             return
-        values = torch.stack([value.to(self._values[0].device) for value in self._values]).float()
+        device = self._values[0].device
+        values = torch.stack([value.reshape(()).to(device) for value in self._values]).float()
         scales = set(self._scales)
         if len(scales) == 1:
             values = values * scales.pop()

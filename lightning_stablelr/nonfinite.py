@@ -15,7 +15,9 @@ step (the norm), a single fused kernel on a GPU.
 
 - an optimizer that can skip a step on the device (``optimizer._step_supports_amp_scaling``: torch's
   SGD, Adam, AdamW and Adagrad with ``fused=True``) gets ``optimizer.found_inf = bad``, the flag a
-  ``GradScaler`` passes: its kernel then skips the step and leaves the optimizer state untouched;
+  ``GradScaler`` passes: its kernel then skips the step and leaves the optimizer state untouched
+  (except on the optimizer's very first step, which gets the zeroed gradients below: fused SGD would
+  leave its momentum buffers uninitialised);
 - any other optimizer gets every gradient zeroed (``masked_fill_(bad, 0)``): the weights stay finite,
   but momentum and weight decay still move them by their finite amount on that step.
 
@@ -28,6 +30,7 @@ Under DDP every rank holds the same all-reduced gradients, so the gradient flag 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -57,22 +60,35 @@ def step_gradients(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [grad._values() if grad.is_sparse else grad for grad in grads]
 
 
-def tensors_nonfinite(tensors: Sequence[Tensor]) -> Tensor | None:
-    """0-d bool tensor, True when some tensor has a NaN/Inf (or a float32-overflowing 2-norm); None if empty.
-
-    One fused ``torch._foreach_norm`` per device and dtype; no host sync.
-    """
+def _stacked_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The 2-norms of ``tensors``, one stacked 1-d tensor per device and dtype (one fused ``_foreach_norm``
+    each); half precision in float32 (a float16 norm overflows at 65504), float32/64 in their own dtype."""
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for tensor in tensors:
         if tensor.numel():
             groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
-    flag: Tensor | None = None
+    stacked = []
     for (_, dtype), group in groups.items():
-        # half-precision norms in float32 (a float16 norm overflows at 65504); float32/64 in their own dtype
         norms = torch._foreach_norm(group, 2, dtype=torch.float32) if dtype.itemsize < 4 else torch._foreach_norm(group, 2)
-        bad = ~torch.stack(norms).isfinite().all()
+        stacked.append(torch.stack(norms))
+    return stacked
+
+
+def tensors_nonfinite(tensors: Sequence[Tensor]) -> Tensor | None:
+    """0-d bool tensor, True when some tensor has a NaN/Inf (or an overflowing 2-norm); None if empty.
+
+    One fused ``torch._foreach_norm`` per device and dtype; no host sync.
+    """
+    flag: Tensor | None = None
+    for norms in _stacked_norms(tensors):
+        bad = ~norms.isfinite().all()
         flag = bad if flag is None else flag | bad.to(flag.device)
     return flag
+
+
+def _all_finite_on_cpu(tensors: Sequence[Tensor]) -> bool:
+    """Whether every tensor is finite, read at once: ``tensors`` are on the CPU (no device queue to wait for)."""
+    return all(math.isfinite(value) for norms in _stacked_norms(tensors) for value in norms.tolist())
 
 
 class NonfiniteTracker:
@@ -114,10 +130,16 @@ class NonfiniteTracker:
         in it (DDP: each rank has its own loss but the same gradients); it is then only counted.
         ``reduce_flag(flag)``: the maximum over ranks (a collective; on NCCL no host sync), for ranks that
         hold different gradients (sharded parameters): every rank then neutralises the same steps.
-        Returns the step's flag (0-d bool), or None when there is neither a gradient nor a loss.
+        Returns the step's flag (0-d bool), or None when there is nothing to check or the step is known to
+        be finite (the CPU path).
         """
         grads = step_gradients(optimizer)
         losses, self._losses = self._losses, []
+        if skip:
+            optimizer.__dict__.pop("found_inf", None)  # a previous step's flag (if no post-hook removed it)
+        on_cpu = self.read_cpu_flags and all(tensor.device.type == "cpu" for tensor in grads + losses)
+        if on_cpu and reduce_flag is None and _all_finite_on_cpu(grads + losses):
+            return None  # a finite step, known without waiting (CPU kernels are synchronous): nothing to do
         if loss_decides:
             decided = counted = tensors_nonfinite(grads + losses)
         else:
@@ -127,16 +149,17 @@ class NonfiniteTracker:
             return None
         if reduce_flag is not None:
             decided = counted = reduce_flag(counted.float()) > 0
-        on_cpu = self.read_cpu_flags and counted.device.type == "cpu"
-        if on_cpu and not bool(counted):  # a finite step, known without waiting: nothing to do
-            return counted
+            if on_cpu and not bool(counted):
+                return counted
         if skip and grads and decided is not None:
-            if getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Not on an optimizer's first step: torch's fused SGD then allocates its momentum buffers with
+            # empty_like and a skipped kernel would leave them uninitialised (zeroed gradients are safe).
+            if getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.state:
                 optimizer.found_inf = decided.float()  # type: ignore[attr-defined]
             elif not on_cpu:
                 for grad in grads:
                     grad.masked_fill_(decided.to(grad.device), 0.0)
-            elif decided is counted or bool(decided):  # counted is known True here
+            elif decided is counted or bool(decided):  # on the CPU path, counted is known to be True here
                 for grad in grads:
                     grad.zero_()
         self._count = counted.float() if self._count is None else self._count + counted.to(self._count.device)

@@ -59,15 +59,32 @@ def test_a_nan_loss_counts_and_decides_only_when_told():
 def test_a_fused_optimizer_gets_found_inf_and_skips_the_step_exactly():
     optimizer, weight = _optimizer(fused=True)
     tracker = NonfiniteTracker()
-    weight.grad = torch.tensor([1.0, math.nan, 1.0])
+    weight.grad = torch.ones(3)
     tracker.protect(optimizer, 0)
+    optimizer.step()  # a first, finite step: the momentum buffer is g = 1, the weights 0.9
+    weight.grad = torch.tensor([1.0, math.nan, 1.0])
+    tracker.protect(optimizer, 1)
     assert optimizer.found_inf.item() == 1.0  # type: ignore[attr-defined]
     optimizer.step()
-    optimizer.__dict__.pop("found_inf")
-    assert torch.equal(weight.detach(), torch.ones(3))
-    # The momentum buffer was not touched: the next (finite) step is a first momentum step, θ - lr·g.
+    assert torch.allclose(weight.detach(), torch.full((3,), 0.9), rtol=0, atol=1e-7)  # skipped
+    # The momentum buffer was not touched: the next step is buf = 0.9·1 + 1, θ = 0.9 - 0.1·1.9 = 0.71.
+    weight.grad = torch.ones(3)
+    tracker.protect(optimizer, 2)
+    assert "found_inf" not in optimizer.__dict__  # the flag of the skipped step does not outlive it
+    optimizer.step()
+    assert torch.allclose(weight.detach(), torch.full((3,), 0.71), rtol=0, atol=1e-6)
+    assert tracker.take() == (1, 1)
+
+
+def test_a_nan_first_step_of_fused_sgd_leaves_no_uninitialised_momentum():
+    # torch's fused SGD allocates its momentum buffers with empty_like on the first step: a found_inf
+    # skip would leave garbage in them, so the first step gets zeroed gradients instead.
+    optimizer, weight = _optimizer(fused=True)
+    tracker = NonfiniteTracker()
+    weight.grad = torch.full((3,), math.nan)
+    tracker.protect(optimizer, 0)
+    optimizer.step()
     weight.grad = torch.ones(3)
     tracker.protect(optimizer, 1)
     optimizer.step()
     assert torch.allclose(weight.detach(), torch.full((3,), 0.9), rtol=0, atol=1e-7)
-    assert tracker.take() == (1, 0)
