@@ -1,48 +1,46 @@
-"""Cost of the callbacks in optimizer steps per second: ``python -m benchmarks.overhead``.
+"""Whole-fit cost of the callbacks, and StableLR's own per-step hook time: ``python -m benchmarks.overhead``.
 
-Models: the default recipe's MLP (64-512-512-10) and its small CNN (``model=cnn``), both on the default
-recipe's digits (300 training images, batch 32, validation every epoch) with SGD + momentum, built from
-``conf/`` through Hydra. Each run is a real ``lightning.Trainer`` on the CPU with the default recipe's
-TensorBoard logger (in a temporary directory), no checkpointing, no progress bar and no model summary.
+**Whole fits.** Each run is a complete ``trainer.fit`` of ``--steps`` optimizer steps (640 by default:
+10 epochs of 64 steps, a validation of 4 batches after each), timed from the call to its return, with no
+untimed warm-up steps inside: what a user waits for. Models: an MLP ``64-256-256-10`` (about 3 ms per
+step here) and an MLP ``64-1024-1024-10`` (about 13 ms), batch 128, cross-entropy on fixed synthetic
+data, SGD with momentum, Lightning's default logger (in a temporary directory), no checkpointing,
+progress bar or model summary. Conditions (``--conditions``): ``none``, ``stablelr`` (``StableLR()``
+defaults, guard checks included), ``stablelr_noguard`` (guard checks off: the hot path, validation-end
+and logging work alone) and ``monitor`` (``StabilityMonitor()`` defaults). They run interleaved
+(each round: every model, every condition), and a condition's ratio is its process CPU time
+(``time.process_time``: insensitive to other processes taking the cores) over ``none``'s in the same
+round; the table shows the median and range over ``--rounds`` rounds (wall-time ratios beside it).
 
-Conditions: ``none``, ``stablelr`` (``StableLR()`` defaults), ``monitor`` (``StabilityMonitor()`` defaults)
-and ``both``. They run interleaved in one process (none, stablelr, monitor, both, none, ... per model),
-after ``--warmup-rounds`` discarded rounds, for ``--repeats`` rounds.
-
-**What is timed.** A callback placed first in the list reads the clocks at the start of optimizer step
-``--warmup-steps`` and at the start of step ``--warmup-steps + --steps``: the window holds ``--steps``
-whole steps with everything in between (the callbacks' hooks, validations, end-of-epoch probes, logging),
-and excludes Trainer construction, setup and the first steps. Time per step = window / steps, for two
-clocks: the process's CPU time (``time.process_time``, all threads; insensitive to other processes taking
-the cores, so the ratios are judged on it) and wall time (what a user waits; noisy on a shared machine).
-The ratio of a condition is its time per step over ``none``'s in the same round; the table shows the
-median over rounds (and the range).
-
-**In-run hook time.** On 2 shared cores the A/B ratios scatter by +-20% from round to round, too much to
-resolve a 3% target. So every hook (``on_*``) of the measured callbacks is also timed inside the same run;
-with ``h`` the hook seconds and ``w`` the wall seconds of the window, ``w / (w - h)`` is the slowdown the
-callbacks' own work causes, measured without comparing two runs. It misses indirect costs (cache effects,
-garbage collection), which the A/B ratios include.
+**Hook time.** A per-step cost of tens of µs is far below the scatter of whole fits (±5% of paired
+medians on a shared machine), so StableLR's own hooks are also timed from inside: ``StableLR`` with its
+guard checks off (``check_every_n_steps=0, dense_check_steps=0``), every ``on_*`` hook wrapped with
+``time.perf_counter``, summed per optimizer step. The table shows the median over all steps of
+``--hook-runs`` fits per model, and the mean with the epoch-end and validation-end hooks spread over
+the steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.common import (
     BENCH_DIR,
-    CONF_DIR,
     RESULTS_PATH,
     command_line,
     machine_info,
@@ -51,22 +49,82 @@ from benchmarks.common import (
     replace_section,
 )
 
-__all__ = ["CONDITIONS", "TABLE_HEADER", "TARGETS", "HookClock", "StepWindowTimer", "format_table", "main", "measure"]
+__all__ = [
+    "CONDITIONS", "HOOK_HEADER", "MODELS", "TABLE_HEADER", "TARGETS", "StepHookClock", "fit_once", "format_tables",
+    "main", "measure",
+]  # fmt: skip
 
-CONDITIONS = ("none", "stablelr", "monitor", "both")
-MODELS = ("mlp", "cnn")
-TARGETS = {"stablelr": 1.03, "monitor": 1.05, "both": 1.03 * 1.05}
+MODELS = {"mlp-3ms": (64, 256, 256, 10), "mlp-13ms": (64, 1024, 1024, 10)}
+CONDITIONS = ("none", "stablelr", "stablelr_noguard", "monitor")
+TARGETS = {"stablelr": 1.03, "stablelr_noguard": 1.03, "monitor": 1.05}
+HOOK_TARGET_US = 50.0
+BATCH = 128
+STEPS_PER_EPOCH = 64
 TABLE_HEADER = (
-    "| model | condition | steps/s (wall, median) | hook ms per step (median) | in-run slowdown w/(w-h) "
-    "(median) | A/B CPU time vs none (median, range) | A/B wall time vs none (median) | target | met |"
+    "| model | ms per step (none, wall) | condition | whole-fit CPU time vs none (median, range) "
+    "| whole-fit wall time vs none (median) | target | met |"
+)
+HOOK_HEADER = (
+    "| model | StableLR hooks per step, guard checks off: median µs | mean µs (epoch and validation ends "
+    "included) | steps timed | target | met |"
 )
 
 
-class HookClock:
-    """Sums the wall time spent in the ``on_*`` hooks of the callbacks passed to :meth:`instrument`."""
+class SyntheticMLP(L.LightningModule):
+    """An MLP on fixed synthetic classification data (``STEPS_PER_EPOCH`` batches of ``BATCH``, 4 val batches)."""
+
+    def __init__(self, widths: Sequence[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in itertools.pairwise(widths):
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        self.net = nn.Sequential(*layers[:-1])
+        generator = torch.Generator().manual_seed(0)
+        n = BATCH * (STEPS_PER_EPOCH + 4)
+        x = torch.randn(n, widths[0], generator=generator)
+        y = torch.randint(0, widths[-1], (n,), generator=generator)
+        self.train_set = TensorDataset(x[: BATCH * STEPS_PER_EPOCH], y[: BATCH * STEPS_PER_EPOCH])
+        self.val_set = TensorDataset(x[BATCH * STEPS_PER_EPOCH :], y[BATCH * STEPS_PER_EPOCH :])
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self.net(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.03, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=BATCH, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=BATCH)
+
+
+class StepHookClock(L.Callback):
+    """Sums the wall time inside the instrumented callbacks' ``on_*`` hooks per optimizer step.
+
+    Put it first in the callback list: its ``on_train_batch_start`` opens the step's bucket, so every
+    hook until the next batch start counts for that step; hooks outside batches (fit start, epoch end,
+    validation) go to :attr:`outside`.
+    """
 
     def __init__(self) -> None:
-        self.seconds = 0.0
+        self.per_step: dict[int, float] = defaultdict(float)
+        self.outside = 0.0
+        self._step: int | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self._step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step = None
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step = None
 
     def instrument(self, callback: L.Callback) -> L.Callback:
         """Replace each ``on_*`` hook the callback overrides by a timed wrapper (on the instance only)."""
@@ -82,144 +140,114 @@ class HookClock:
             try:
                 return hook(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - started
+                seconds = time.perf_counter() - started
+                if self._step is None:
+                    self.outside += seconds
+                else:
+                    self.per_step[self._step] += seconds
 
         return timed
 
 
-class StepWindowTimer(L.Callback):
-    """Clock at the start of step ``warmup`` and of step ``warmup + steps`` (the run's ``max_steps`` ends after it).
-
-    Put it first in the callback list, so that both clock readings precede every other callback's work
-    of that step: the window then contains exactly ``steps`` complete optimizer steps.
-    """
-
-    def __init__(self, warmup: int, steps: int, hooks: HookClock | None = None) -> None:
-        self.warmup, self.steps = warmup, steps
-        self.hooks = hooks or HookClock()
-        self.started: tuple[float, float, float] | None = None
-        self.elapsed: tuple[float, float, float] | None = None  # (wall, CPU, hook) seconds
-
-    def _now(self) -> tuple[float, float, float]:
-        return time.perf_counter(), time.process_time(), self.hooks.seconds
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        if trainer.global_step == self.warmup and self.started is None:
-            self.started = self._now()
-        elif trainer.global_step == self.warmup + self.steps and self.started is not None and self.elapsed is None:
-            now = self._now()
-            self.elapsed = (now[0] - self.started[0], now[1] - self.started[1], now[2] - self.started[2])
-
-
-def _compose(model: str) -> Any:
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"model={model}", "lr_policy=stablelr", "monitor=off"])
-
-
-def _condition_callbacks(condition: str) -> list[L.Callback]:
+def _callbacks(condition: str) -> list[L.Callback]:
     from lightning_stablelr import StabilityMonitor, StableLR
 
-    return {
-        "none": [],
-        "stablelr": [StableLR()],
-        "monitor": [StabilityMonitor()],
-        "both": [StableLR(), StabilityMonitor()],
-    }[condition]
+    if condition == "stablelr_noguard":
+        return [StableLR(check_every_n_steps=0, dense_check_steps=0)]
+    return {"none": [], "stablelr": [StableLR()], "monitor": [StabilityMonitor()]}[condition]
 
 
-def time_one(cfg: Any, datamodule: Any, condition: str, warmup: int, steps: int) -> tuple[float, float, float]:
-    """``(wall, CPU, hook)`` seconds per optimizer step of one run (see the module docstring)."""
-    from hydra.utils import instantiate
-
-    from recipes.train import build_model  # the model config names no optimizer: build_model passes it in
-
-    L.seed_everything(int(cfg.seed), verbose=False)
-    model = build_model(cfg)
-    hooks = HookClock()
-    timer = StepWindowTimer(warmup, steps, hooks)
+def fit_once(widths: Sequence[int], callbacks: list[L.Callback], steps: int) -> tuple[float, float]:
+    """``(wall, CPU)`` seconds of one whole ``trainer.fit`` of ``steps`` optimizer steps."""
+    L.seed_everything(0, verbose=False)
+    model = SyntheticMLP(widths)
     with tempfile.TemporaryDirectory() as tmp:
-        logger = instantiate(cfg.logger.tensorboard, save_dir=tmp)
         trainer = L.Trainer(
-            accelerator="cpu", devices=1, max_steps=warmup + steps + 1, max_epochs=-1, logger=logger,
-            log_every_n_steps=int(cfg.trainer.log_every_n_steps), enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-            callbacks=[timer, *(hooks.instrument(cb) for cb in _condition_callbacks(condition))],
+            accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, default_root_dir=tmp,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, callbacks=callbacks,
         )  # fmt: skip
-        trainer.fit(model, datamodule=datamodule)
-    if timer.elapsed is None:
-        raise RuntimeError(f"the timing window did not close (global_step={trainer.global_step}).")
-    wall, cpu, hook = timer.elapsed
-    return wall / steps, cpu / steps, hook / steps
+        wall, cpu = time.perf_counter(), time.process_time()
+        trainer.fit(model)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if trainer.global_step != steps:
+        raise RuntimeError(f"the fit stopped at global_step={trainer.global_step}, expected {steps}.")
+    return wall, cpu
 
 
-def measure(models: Sequence[str], repeats: int, warmup_rounds: int, warmup: int, steps: int,
+def measure(models: Sequence[str], conditions: Sequence[str], rounds: int, steps: int,
             progress: bool = True) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """``{clock: {model: {condition: [seconds per step of each kept round]}}}`` for clocks ``wall``, ``cpu``
-    and ``hook`` (time inside the callbacks' hooks); conditions interleaved within each round."""
-    from hydra.utils import instantiate
-
-    times = {clock: {m: {c: [] for c in CONDITIONS} for m in models} for clock in ("wall", "cpu", "hook")}
-    configs = {model: _compose(model) for model in models}
-    datamodules = {model: instantiate(configs[model].data) for model in models}
-    rounds = warmup_rounds + repeats
+    """``{clock: {model: {condition: [seconds of each round's fit]}}}`` for clocks ``wall`` and ``cpu``."""
+    times: dict[str, dict[str, dict[str, list[float]]]] = {
+        clock: {m: {c: [] for c in conditions} for m in models} for clock in ("wall", "cpu")
+    }
     for round_index in range(rounds):
         for model in models:
-            for condition in CONDITIONS:
-                wall, cpu, hook = time_one(configs[model], datamodules[model], condition, warmup, steps)
-                if round_index >= warmup_rounds:
-                    times["wall"][model][condition].append(wall)
-                    times["cpu"][model][condition].append(cpu)
-                    times["hook"][model][condition].append(hook)
+            for condition in conditions:
+                wall, cpu = fit_once(MODELS[model], _callbacks(condition), steps)
+                times["wall"][model][condition].append(wall)
+                times["cpu"][model][condition].append(cpu)
                 if progress:
-                    kept = "warm-up" if round_index < warmup_rounds else "kept"
-                    print(f"round {round_index + 1}/{rounds} ({kept}) {model:>3} {condition:>8}: "
-                          f"{1 / wall:7.1f} steps/s wall, {1 / cpu:7.1f} per CPU second, hooks "
-                          f"{1000 * hook:6.3f} ms/step", file=sys.stderr, flush=True)
+                    print(f"round {round_index + 1}/{rounds} {model:>8} {condition:>8}: {1000 * wall / steps:6.2f} "
+                          f"ms/step wall, {cpu:6.2f} s CPU", file=sys.stderr, flush=True)
     return times
 
 
-def ratios(times: dict[str, list[float]], condition: str) -> list[float]:
-    """Per-round ratios ``time per step of condition / time per step of none`` (paired by round)."""
-    return [t / base for t, base in zip(times[condition], times["none"])]
+def measure_hooks(models: Sequence[str], runs: int, steps: int) -> dict[str, tuple[list[float], float]]:
+    """``{model: (per-step hook seconds of every timed step, total hook seconds / steps)}``, guard checks off."""
+    from lightning_stablelr import StableLR
+
+    result: dict[str, tuple[list[float], float]] = {}
+    for model in models:
+        per_step: list[float] = []
+        total = 0.0
+        for _ in range(runs):
+            clock = StepHookClock()
+            callback = clock.instrument(StableLR(check_every_n_steps=0, dense_check_steps=0))
+            fit_once(MODELS[model], [clock, callback], steps)
+            per_step += list(clock.per_step.values())
+            total += sum(clock.per_step.values()) + clock.outside
+        result[model] = (per_step, total / (runs * steps))
+    return result
 
 
-def format_table(times: dict[str, dict[str, dict[str, list[float]]]]) -> str:
-    """The Markdown table: one row per (model, condition), header :data:`TABLE_HEADER`.
+def _ratios(times: dict[str, list[float]], condition: str) -> list[float]:
+    return [t / base for t, base in zip(times[condition], times["none"], strict=True)]
 
-    A target is met when the in-run slowdown (median over rounds) is within it; the A/B ratios are shown
-    next to it as the cross-check that includes indirect costs.
-    """
-    lines = [TABLE_HEADER, "|---|---|---|---|---|---|---|---|---|"]
+
+def format_tables(times: dict[str, dict[str, dict[str, list[float]]]], hooks: dict[str, tuple[list[float], float]],
+                  steps: int) -> str:
+    """The whole-fit table (:data:`TABLE_HEADER`) and the hook table (:data:`HOOK_HEADER`), in Markdown."""
+    lines = [TABLE_HEADER, "|---|---|---|---|---|---|---|"]
     for model, by_condition in times["cpu"].items():
-        walls, hooks = times["wall"][model], times["hook"][model]
-        for condition in CONDITIONS:
-            steps_per_s = 1.0 / statistics.median(walls[condition])
+        ms = 1000 * statistics.median(times["wall"][model]["none"]) / steps
+        for condition in by_condition:
             if condition == "none":
-                lines.append(f"| {model} | none | {steps_per_s:.1f} | 0 | 1.000 | 1.000 | 1.000 | — | — |")
                 continue
-            slowdown = statistics.median(w / (w - h) for w, h in zip(walls[condition], hooks[condition]))
-            values = ratios(by_condition, condition)
-            target = TARGETS[condition]
+            cpu, wall = _ratios(by_condition, condition), _ratios(times["wall"][model], condition)
+            median, target = statistics.median(cpu), TARGETS[condition]
             lines.append(
-                f"| {model} | {condition} | {steps_per_s:.1f} | {1000 * statistics.median(hooks[condition]):.3f} | "
-                f"{slowdown:.3f} | {statistics.median(values):.3f} ({min(values):.3f} to {max(values):.3f}) | "
-                f"{statistics.median(ratios(walls, condition)):.3f} | ≤ {target:.2f} | "
-                f"{'✅' if slowdown <= target else '❌'} |"
+                f"| {model} | {ms:.2f} | {condition} | {median:.3f} ({min(cpu):.3f} to {max(cpu):.3f}) | "
+                f"{statistics.median(wall):.3f} | ≤ {target:.2f} | {'✅' if median <= target else '❌'} |"
             )
+    lines += ["", HOOK_HEADER, "|---|---|---|---|---|---|"]
+    for model, (per_step, mean) in hooks.items():
+        median = 1e6 * statistics.median(per_step)
+        lines.append(
+            f"| {model} | {median:.1f} | {1e6 * mean:.1f} | {len(per_step)} | ≤ {HOOK_TARGET_US:.0f} | "
+            f"{'✅' if median <= HOOK_TARGET_US else '❌'} |"
+        )
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 round of 5 steps per run (smoke test)")
-    parser.add_argument("--repeats", type=int, default=5, help="kept rounds (the median is over these)")
-    parser.add_argument("--warmup-rounds", type=int, default=1, help="discarded rounds first")
-    parser.add_argument("--warmup-steps", type=int, default=30,
-                        help="untimed steps first (past StableLR's dense checks: steady state)")
-    parser.add_argument("--steps", type=int, default=200, help="steps in the timing window")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--quick", action="store_true", help="1 round of 8-step fits (smoke test)")
+    parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds (the median is over these)")
+    parser.add_argument("--steps", type=int, default=640, help="optimizer steps of every fit")
+    parser.add_argument("--hook-runs", type=int, default=2, help="fits per model for the hook timing")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: less noise on shared cores)")
     parser.add_argument("--out", type=Path, default=None, help="directory for RESULTS.md (default: benchmarks/)")
     return parser
@@ -229,28 +257,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.quick:
-        args.repeats, args.warmup_rounds, args.warmup_steps, args.steps = 1, 0, 1, 5
+        args.rounds, args.steps, args.hook_runs = 1, 8, 1
+    conditions = ["none", *(c for c in args.conditions if c != "none")]
     torch.set_num_threads(args.threads)
     quiet_lightning()
     started = time.perf_counter()
-    times = measure(args.models, args.repeats, args.warmup_rounds, args.warmup_steps, args.steps)
+    times = measure(args.models, conditions, args.rounds, args.steps)
+    hooks = measure_hooks(args.models, args.hook_runs, args.steps)
     elapsed = time.perf_counter() - started
-    table = format_table(times)
-    print(table)
+    tables = format_tables(times, hooks, args.steps)
+    print(tables)
     body = "\n\n".join([
         "## Overhead of the callbacks",
         f"Command: `{command_line('benchmarks.overhead', argv)}` (took {elapsed:.0f} s; torch threads: "
         f"{args.threads}).",
         machine_line(machine_info()),
-        f"Each run: the default recipe's data, model and TensorBoard logger, SGD + momentum (lr 0.03), "
-        f"{args.warmup_steps} untimed steps, then a window of {args.steps} optimizer steps timed from a "
-        f"first-placed callback (validations and end-of-epoch probes inside the window count); "
-        f"{args.warmup_rounds} discarded round(s), then {args.repeats} rounds of none, stablelr, monitor, "
-        "both, interleaved. Ratio = time per step over `none`'s in the same round; median and range over rounds. "
-        "Hook time: wall time inside the measured callbacks' `on_*` hooks within the window (same run); "
-        "in-run slowdown = window / (window - hook time), on which the targets are judged; the A/B ratios "
-        "(CPU time, wall time) are the cross-check between runs.",
-        table,
+        f"Whole fits of {args.steps} optimizer steps (epochs of {STEPS_PER_EPOCH} steps, a validation after "
+        f"each), timed from `trainer.fit` to its return, nothing untimed inside; {args.rounds} interleaved "
+        f"round(s) of {', '.join(conditions)}; ratio = the fit's process CPU time over `none`'s in the same "
+        "round, median and range over rounds. Hook time: StableLR with guard checks off, its `on_*` hooks "
+        f"timed inside {args.hook_runs} fit(s) per model, summed per optimizer step; median over steps. "
+        "Details in `benchmarks/overhead.py`'s docstring.",
+        tables,
     ])
     replace_section((args.out or BENCH_DIR) / RESULTS_PATH.name, "overhead", body)
     return 0

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["RankMeanAccumulator", "Reduce", "Reduced", "all_finite", "nonfinite_across_ranks", "reduce_with_flag"]
+__all__ = ["RankMeanAccumulator", "Reduce", "Reduced", "all_finite", "reduce_with_flag"]
 
 #: ``reduce(tensor, op)``: the element-wise reduction of ``tensor`` over all ranks (identity on one process).
 Reduce = Callable[[Tensor, str], Tensor]
@@ -72,7 +72,7 @@ def all_finite(tensors: Sequence[Tensor]) -> Tensor:
     """0-d bool tensor: every element of every tensor is finite. No host sync (the caller decides when).
 
     Uses the max-abs norm, which stays finite for any finite input (a 2-norm could overflow to inf).
-    Exact but slow on CPU; :func:`nonfinite_across_ranks` calls it only when the fast test is in doubt.
+    Exact but slow on CPU; the per-step test of :mod:`lightning_stablelr.nonfinite` uses a fused 2-norm.
     """
     if not tensors:
         return torch.tensor(True)
@@ -87,81 +87,63 @@ def all_finite(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack(checks).all()
 
 
-def _norm_total(tensors: Sequence[Tensor]) -> Tensor:
-    """0-d fp32 sum of the 2-norms (fused): finite if every element is finite and nothing overflows."""
-    if not tensors:
-        return torch.zeros(())
-    device = tensors[0].device
-    totals: list[Tensor] = []
-    for group in _by_device_and_dtype(tensors):
-        try:
-            norms = torch._foreach_norm(group, 2, dtype=torch.float32)
-        except (RuntimeError, TypeError, NotImplementedError):
-            norms = [torch.linalg.vector_norm(tensor.float()) for tensor in group]
-        totals.append(torch.stack(norms).sum().to(device))
-    return totals[0] if len(totals) == 1 else torch.stack(totals).sum()
-
-
-def nonfinite_across_ranks(tensors: Sequence[Tensor], reduce: Reduce | None, device: torch.device | str) -> bool:
-    """True if any element of ``tensors`` is NaN/Inf on any rank. Every rank must call it.
-
-    ``reduce`` is None on a single process (no collective). The common case costs one fused 2-norm,
-    one collective on ``device`` (a sum, which propagates NaN/Inf) and one host sync. Only when the
-    total is not finite (a NaN/Inf somewhere, or a huge but finite gradient whose square overflows) do
-    all ranks run the exact max-abs test and a second collective, so the answer is exact.
-    """
-    total = _norm_total(tensors)
-    if reduce is not None:
-        total = reduce(total.to(device), "sum")
-    if math.isfinite(float(total)):
-        return False
-    local = ~all_finite(tensors)
-    if reduce is None:
-        return bool(local)
-    return bool(reduce(local.to(device=device, dtype=torch.float32), "sum").item() > 0)
-
-
 class RankMeanAccumulator:
     """Running sum and count of finite scalar losses, kept on their device (no host sync per step).
 
-    :meth:`flush` returns ``(mean, count)`` over all ranks, ``mean = Σ_ranks sum / Σ_ranks count``, and
-    resets; it is a collective, so every rank must call it at the same point.
+    :meth:`add` only keeps a reference to the detached loss; every ``fold_every`` values are stacked and
+    summed on their device (the non-finite ones left out). :meth:`flush` returns ``(mean, count)`` over
+    all ranks, ``mean = Σ_ranks sum / Σ_ranks count``, and resets; it is a collective, so every rank must
+    call it at the same point.
     """
+
+    fold_every = 256
 
     def __init__(self) -> None:
         self._sum: Tensor | None = None
         self._count: Tensor | None = None
-        self._cpu_sum = 0.0
-        self._cpu_count = 0.0
+        self._values: list[Tensor] = []
+        self._scales: list[float] = []
 
     def add(self, value: Tensor, scale: float = 1.0) -> None:
-        """Add ``scale · value`` if it is finite (decided on device; on CPU as Python floats, which is faster)."""
-        if value.device.type == "cpu":
-            number = float(value) * scale
-            if math.isfinite(number):
-                self._cpu_sum += number
-                self._cpu_count += 1.0
+        """Add ``scale · value`` (a one-element tensor) if it is finite; decided later, on its device."""
+        self._values.append(value.detach())  # one-element: reshaped when folded
+        self._scales.append(float(scale))
+        if len(self._values) >= self.fold_every:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self._values:
             return
-        value = value.detach().float().reshape(()) * scale
-        finite = value.isfinite()
-        if self._sum is None or self._count is None or self._sum.device != value.device:
-            self._sum, self._count = value.new_zeros(()), value.new_zeros(())
-        self._sum = self._sum + torch.where(finite, value, torch.zeros_like(value))
-        self._count = self._count + finite.float()
+        device = self._values[0].device
+        values = torch.stack([value.reshape(()).to(device) for value in self._values]).float()
+        scales = set(self._scales)
+        if len(scales) == 1:
+            values = values * scales.pop()
+        else:
+            values = values * torch.tensor(self._scales, device=values.device)
+        finite = values.isfinite()
+        total = torch.where(finite, values, torch.zeros_like(values)).sum()
+        count = finite.float().sum()
+        if self._sum is None or self._count is None:
+            self._sum, self._count = total, count
+        else:
+            self._sum, self._count = self._sum + total.to(self._sum.device), self._count + count.to(self._sum.device)
+        self._values, self._scales = [], []
 
     def pending(self) -> tuple[float, float]:
         """This rank's ``(sum, count)`` not yet flushed (a host sync)."""
+        self._fold()
         if self._sum is None or self._count is None:
-            return self._cpu_sum, self._cpu_count
-        return float(self._sum) + self._cpu_sum, float(self._count) + self._cpu_count
+            return 0.0, 0.0
+        return float(self._sum), float(self._count)
 
     def flush(self, reduce: Reduce, device: torch.device | str, world_size: int) -> tuple[float, float] | None:
         """``(mean, count)`` over all ranks, or None when no rank saw a finite value; then reset."""
-        local = torch.tensor([self._cpu_sum, self._cpu_count], device=device)
+        self._fold()
+        local = torch.zeros(2, dtype=torch.float64, device=device)
         if self._sum is not None and self._count is not None:
-            local = local + torch.stack([self._sum, self._count]).to(local.device)
+            local = local + torch.stack([self._sum, self._count]).to(local)
         self._sum = self._count = None
-        self._cpu_sum = self._cpu_count = 0.0
         (total, count), _ = reduce_with_flag(reduce, local, size=2, device=device, dtype=local.dtype)
         if count <= 0:
             return None

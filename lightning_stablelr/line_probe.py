@@ -153,6 +153,8 @@ def line_losses(
     parameters and calls the user's closure).
     """
     mirror, norm_sq = line_points(theta_before, theta_after)
+    if hasattr(norm_sq, "full_tensor"):  # sharded parameters (FSDP2 DTensors): the global ‖Δθ‖², on every rank
+        norm_sq = norm_sq.full_tensor()
     losses = [torch.as_tensor(loss).detach().reshape(()) for loss in evaluate([theta_before, theta_after, mirror])]
     dtype = torch.float64 if any(loss.dtype == torch.float64 for loss in losses) else torch.float32
     device = losses[0].device

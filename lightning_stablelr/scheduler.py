@@ -25,12 +25,27 @@ from lightning_stablelr.config import CheckCadence, StableLRConfig, make_config
 from lightning_stablelr.controller import GapDecision, StableLRController
 from lightning_stablelr.curvature import LineModel, line_model
 from lightning_stablelr.line_probe import line_losses
+from lightning_stablelr.nonfinite import NonfiniteTracker
 from lightning_stablelr.rng import isolated_rng
 from lightning_stablelr.validation import check_int_at_least
 
 __all__ = ["StableLRScheduler"]
 
-_NOT_STATE = ("optimizer", "controller", "_snapshot", "cadence")
+_NOT_STATE = ("optimizer", "controller", "_snapshot", "cadence", "_nonfinite")
+
+
+def _world_size() -> int:
+    """Processes of the default ``torch.distributed`` group (1 when it is not initialized)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if distributed else 1
+
+
+def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    """``tensor`` averaged (``"mean"``) or maximised (``"max"``) over the default group; a collective."""
+    reduced = tensor.clone()
+    max_op, sum_op = torch.distributed.ReduceOp.MAX, torch.distributed.ReduceOp.SUM
+    torch.distributed.all_reduce(reduced, op=max_op if op == "max" else sum_op)
+    return reduced / _world_size() if op == "mean" else reduced
 _CADENCE = CheckCadence()
 
 
@@ -54,6 +69,13 @@ class StableLRScheduler(LRScheduler):
         optimizer.step()
         if scheduler.should_check():
             scheduler.check_step(lambda: loss_fn(model(x), y))
+
+    NaN/Inf protection: call :meth:`protect` between ``loss.backward()`` and ``optimizer.step()``.
+
+    Under ``torch.distributed`` (DDP, or FSDP2's ``fully_shard`` with sharded ``DTensor`` parameters) every
+    rank takes the same decisions: :meth:`check_step` averages the three losses over the ranks and writes
+    the probe points into each rank's local shards (the same ``Δθ`` everywhere), and :meth:`protect`
+    takes the maximum of the non-finite flag over the ranks; so every rank keeps the same lr.
 
     Args:
         optimizer: the wrapped optimizer; ``base_lrs`` are the groups' ``initial_lr`` (their ``lr`` at creation).
@@ -105,6 +127,7 @@ class StableLRScheduler(LRScheduler):
                 stacklevel=2,
             )
         self._snapshot: list[torch.Tensor] | None = None
+        self._nonfinite = NonfiniteTracker()
         super().__init__(optimizer, last_epoch)
 
     def should_check(self, step: int | None = None) -> bool:
@@ -112,8 +135,32 @@ class StableLRScheduler(LRScheduler):
         same rule as the :class:`~lightning_stablelr.StableLR` callback (:class:`~lightning_stablelr.config.CheckCadence`),
         plus the confirmation check the guard asks for after a low margin."""
         step = self.last_epoch if step is None else step
+        scheduled = self.cadence.should_check(step)
+        if scheduled:  # a check step reads the non-finite steps counted on the device so far
+            self._resolve_nonfinite()
         # A low margin asks for a confirmation check at the next step (cleared by that check).
-        return self.cadence.should_check(step) or self.controller.confirm_pending
+        return scheduled or self.controller.confirm_pending
+
+    def protect(self, loss: torch.Tensor | None = None) -> None:
+        """Neutralise this step if ``loss`` or a gradient is NaN/Inf (on any rank); call it between
+        ``loss.backward()`` and ``optimizer.step()``.
+
+        Decided on the device without a host sync (:class:`~lightning_stablelr.nonfinite.NonfiniteTracker`):
+        a fused optimizer skips the step, any other applies zero gradients (sharded gradients: their local
+        shards). Under ``torch.distributed`` the flag is maximised over the ranks (one small all-reduce).
+        Such steps are counted, and halve ``C``, at the next check step, :meth:`observe` or :meth:`state_dict`.
+        """
+        if loss is not None:
+            self._nonfinite.record_loss(loss)
+        reduce_flag = (lambda flag: _all_reduce(flag, "max")) if _world_size() > 1 else None
+        self._nonfinite.protect(self.optimizer, max(self.last_epoch, 0), reduce_flag=reduce_flag)
+
+    def _resolve_nonfinite(self) -> None:
+        count, _ = self._nonfinite.take()  # flags already maximised over the ranks: no collective here
+        if count:
+            for _ in range(count):
+                self.controller.observe_nonfinite()
+            self._apply_lrs()
 
     # ------------------------------------------------------------------ the closed form
     def get_lr(self) -> list[float]:
@@ -150,6 +197,7 @@ class StableLRScheduler(LRScheduler):
                 self.controller.record_train_loss(loss)
             else:
                 self.controller.observe_nonfinite()
+        self._resolve_nonfinite()
         decision = None
         if val_loss is not None:
             decision = self.controller.observe_validation(float(val_loss))
@@ -240,12 +288,15 @@ class StableLRScheduler(LRScheduler):
                     param.copy_(end)
                 for buffer, saved in zip(buffers, saved_buffers):
                     buffer.copy_(saved)
+        if _world_size() > 1:  # every rank probes its own batch: the decision uses the mean over ranks
+            values = _all_reduce(values, "mean")
         loss_before, loss_plus, loss_minus, _ = values.tolist()
         return self.observe_line(loss_before, loss_plus, loss_minus)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Torch's scheduler state (``last_epoch``, ``base_lrs``, ...) plus ``"controller"`` (primitives only)."""
+        self._resolve_nonfinite()
         state = {key: value for key, value in self.__dict__.items() if key not in _NOT_STATE}
         state["controller"] = self.controller.state_dict()
         return state
@@ -256,4 +307,5 @@ class StableLRScheduler(LRScheduler):
         self.__dict__.update(state)
         self.controller.load_state_dict(state_dict.get("controller", {}))
         self._snapshot = None
+        self._nonfinite = NonfiniteTracker()
         self._apply_lrs()

@@ -278,3 +278,31 @@ def test_bad_arguments(kwargs, message: str) -> None:
     with pytest.raises(ValueError) as info:
         StableLRScheduler(optimizer, **kwargs)
     assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-sgd", "sgd"])
+def test_protect_neutralises_a_nan_step_and_counts_it_at_the_next_check(fused: bool) -> None:
+    model, loader = _regression()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused)
+    scheduler = StableLRScheduler(
+        optimizer, steps_per_epoch=4, decay_rate=0.0, warmup_steps=0, check_every_n_steps=4, dense_check_steps=0
+    )
+    weights = []
+    for step in range(8):
+        x, y = loader[step % 4]
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y) * (math.nan if step == 1 else 1.0)
+        loss.backward()
+        scheduler.protect(loss)
+        weights.append([p.detach().clone() for p in model.parameters()])
+        optimizer.step()
+        scheduler.step()
+        if step == 1:
+            assert scheduler.controller.nonfinite_steps == 0  # not read yet: no host sync at this step
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if fused:  # the fused kernel skipped the step: step 2 starts from step 1's weights
+        assert all(torch.equal(a, b) for a, b in zip(weights[1], weights[2], strict=True))
+    scheduler.should_check(3)  # a check step reads the count
+    assert scheduler.controller.nonfinite_steps == 1
+    assert scheduler.controller.stability_factor == 0.5
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)

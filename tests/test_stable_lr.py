@@ -306,7 +306,10 @@ def test_failing_probe_warns_once_and_leaves_c_alone(tmp_path):
     callback = StableLR(decay_rate=0.0, dense_check_steps=4, check_every_n_steps=0, gap_strength=0.0)
     with pytest.warns(UserWarning, match=r"line probe failed at step 0 \(RuntimeError: boom\)") as record:
         _fit(tmp_path, BrokenProbe(lr=0.1), callback, epochs=1)
-    assert sum("line probe failed" in str(warning.message) for warning in record) == 1
+    messages = [str(warning.message) for warning in record if "line probe failed" in str(warning.message)]
+    assert len(messages) == 1
+    # The message says what happens: the checks are skipped and C stays (not "treated as non-finite").
+    assert "leave the stability factor C unchanged" in messages[0] and "non-finite" not in messages[0]
     assert callback.controller.stability_factor == 1.0 and callback.controller.checks == 0
 
 
@@ -388,8 +391,9 @@ def test_loader_without_length_uses_the_validation_interval_or_asks_for_steps_pe
     lrs = [lrs[0] for lrs in trainer.callbacks[1].lrs]
     assert lrs == pytest.approx([0.1 * math.exp(-step / 3) for step in range(6)], rel=1e-12)
 
+    # Only a decay that counts epochs needs them: an explicit decay_rate > 0.
     with pytest.raises(MisconfigurationException, match=r"Pass `steps_per_epoch=N`"):
-        make_trainer(tmp_path, max_steps=2, callbacks=[StableLR(**NO_GUARD)]).fit(
+        make_trainer(tmp_path, max_steps=2, callbacks=[StableLR(decay_rate=0.5, **NO_GUARD)]).fit(
             TinyRegression(), torch.utils.data.DataLoader(_Stream(), batch_size=None)
         )
     explicit = StableLR(steps_per_epoch=5, **NO_GUARD)
@@ -397,6 +401,23 @@ def test_loader_without_length_uses_the_validation_interval_or_asks_for_steps_pe
         TinyRegression(), torch.utils.data.DataLoader(_Stream(), batch_size=None)
     )
     assert explicit._resolved_steps_per_epoch == 5
+
+
+def test_endless_loader_with_max_steps_needs_no_steps_per_epoch_unless_the_decay_counts_epochs(tmp_path):
+    # Issue 9 (6): decay_rate=0 has no time term; the run-length default decay takes its unit from max_steps.
+    stream = lambda: torch.utils.data.DataLoader(_Stream(), batch_size=None)  # noqa: E731
+    flat = StableLR(decay_rate=0.0, min_lr_ratio=0.0, **CLOSED_FORM)
+    trainer = make_trainer(tmp_path, max_steps=10, callbacks=[flat, LrRecorder()])
+    trainer.fit(TinyRegression(), stream())
+    assert [lrs[0] for lrs in trainer.callbacks[1].lrs] == [0.1] * 10
+
+    default = StableLR(min_lr_ratio=0.0, **CLOSED_FORM)  # run-length decay: hold, then exp down to 0.01
+    trainer = make_trainer(tmp_path, max_steps=10, callbacks=[default, LrRecorder()])
+    trainer.fit(TinyRegression(), stream())
+    assert default._resolved_steps_per_epoch == 10
+    lrs = [lrs[0] for lrs in trainer.callbacks[1].lrs]
+    # the last 20% of the 10 steps anneal: lr = 0.1 * 0.01 ** (max(0, step - 8) / 2)
+    assert lrs == pytest.approx([0.1 * 0.01 ** (max(0, step - 8) / 2) for step in range(10)], rel=1e-12)
 
 
 def test_state_key_and_duplicate_callbacks(tmp_path):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
@@ -19,7 +20,10 @@ if TYPE_CHECKING:
     from lightning_stablelr.controller import StableLRController
     from lightning_stablelr.curvature import LineModel
 
-__all__ = ["CONFLICT_POLICIES", "TrainerInputs", "check_bool", "check_callback_arguments"]
+__all__ = [
+    "CONFLICT_POLICIES", "TrainerInputs", "check_bool", "check_callback_arguments", "decay_needs_epochs",
+    "run_length_steps_per_epoch",
+]  # fmt: skip
 
 CONFLICT_POLICIES = ("error", "compose")
 
@@ -54,6 +58,24 @@ def check_callback_arguments(
     return monitor, check_bool("strict", strict), check_bool("skip_nonfinite", skip_nonfinite), conflict, steps_per_epoch
 
 
+def decay_needs_epochs(controller: StableLRController) -> bool:
+    """Whether ``steps_per_epoch`` matters: only for an explicit decay rate > 0 (``t`` counts epochs).
+
+    ``decay_rate=0`` has no time term, and the run-length decay scales ``λ`` and ``t`` by the same unit
+    (``λ·t = ln(1/anneal_to) · step / total``), so there any unit serves (:func:`run_length_steps_per_epoch`).
+    """
+    return not controller.config.run_length_decay and controller.decay_rate > 0.0
+
+
+def run_length_steps_per_epoch(trainer: pl.Trainer, controller: StableLRController) -> int | None:
+    """The run's length in optimizer steps as the unit of ``t`` when no epoch is known (an endless loader
+    with ``max_steps``) and the decay follows the run's length; None otherwise."""
+    total = float(trainer.estimated_stepping_batches)
+    if controller.config.run_length_decay and math.isfinite(total) and total > 0:
+        return max(1, int(total))
+    return None
+
+
 class TrainerInputs:
     """The training-loss running mean (on device, flushed with one collective) and the validation metric.
 
@@ -69,6 +91,7 @@ class TrainerInputs:
         self._warned_missing = False
         self._warned_endless = False
         self._warned_unresolved = False
+        self._warned_no_validation = False
 
     def apply_run_length(self, trainer: pl.Trainer, controller: StableLRController, steps_per_epoch: int | None) -> None:
         """Give the controller the run's length (``trainer.estimated_stepping_batches``) for its default
@@ -86,6 +109,19 @@ class TrainerInputs:
                 "StableLR: the run's length is unknown (no max_steps/max_epochs, or an endless loader), so the"
                 " default decay, which follows the run's length, is off: the lr follows only G and C. Pass"
                 " `decay_rate` or `half_life` for a time decay, or set max_steps. (shown once)"
+            )
+
+    def warn_about_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warn once when the fit runs no validation: then ``G`` can never act."""
+        if self._warned_no_validation:
+            return
+        if trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module):
+            self._warned_no_validation = True
+            rank_zero_warn(
+                f"StableLR: this fit runs no validation (limit_val_batches={trainer.limit_val_batches!r}, or no"
+                f" `validation_step`), so the gap factor G, which acts on `{self.monitor}` at validation end,"
+                " stays 1: only the decay and the guard C move the lr. Give the Trainer validation batches to"
+                " let G act. (shown once)"
             )
 
     def warn_if_unresolved(self, line: LineModel) -> None:
@@ -129,9 +165,16 @@ class TrainerInputs:
             return mean_value
         available = [key for key in trainer.callback_metrics if not key.startswith("stablelr/")]
         keys = f"one of the available keys: `{'`, `'.join(available)}`" if available else "a metric (none is logged yet)"
+        if trainer.barebones:  # self.log is refused there: the metric must be put in by hand
+            how = (
+                f"`Trainer(barebones=True)` turns `self.log` off, so put it there yourself at the end of"
+                f" validation (`self.trainer.callback_metrics['{self.monitor}'] = mean_loss` in"
+                " `on_validation_epoch_end`), or drop barebones=True"
+            )
+        else:
+            how = f"Log it in `validation_step` (self.log), or pass `StableLR(monitor=...)` {keys}"
         message = (
-            f"StableLR conditioned on metric `{self.monitor}` which is not available. Log it in"
-            f" `validation_step` (self.log), or pass `StableLR(monitor=...)` {keys}."
+            f"StableLR conditioned on metric `{self.monitor}` which is not available in `trainer.callback_metrics`. {how}."
             " Use `StableLR(strict=False)` to leave the gap factor unchanged instead."
         )
         if self.strict:

@@ -6,7 +6,7 @@ names it, and this module is the only one to change. Everything else in the call
 
 - ``trainer.fit_loop.epoch_loop._batches_that_stepped``: the step Lightning's own ``self.log`` and
   ``LearningRateMonitor`` write at (:func:`log_step`);
-- ``trainer._logger_connector.should_update_logs``: ``Trainer(log_every_n_steps)`` (:func:`log_to_loggers`);
+- ``trainer._logger_connector.should_update_logs``: ``Trainer(log_every_n_steps)`` (:func:`logs_this_step`);
 - ``trainer._logger_connector._callback_metrics``: the dict behind ``trainer.callback_metrics``, whose
   public property rebuilds the logged metrics on every access (:func:`put_callback_metrics`);
 - ``trainer.fit_loop.epoch_loop.batch_idx`` next to ``trainer.is_last_batch``: the epoch's last training
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from lightning_stablelr.collectives import Reduce
 
-__all__ = ["is_last_training_batch", "log_step", "log_to_loggers", "put_callback_metrics", "reducer"]
+__all__ = ["is_last_training_batch", "log_step", "log_to_loggers", "logs_this_step", "put_callback_metrics", "reducer"]
 
 
 def reducer(trainer: pl.Trainer) -> Reduce:
@@ -41,13 +41,19 @@ def log_step(trainer: pl.Trainer) -> int:
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
+def logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes its logs at this step (``Trainer(log_every_n_steps)``); valid from
+    ``on_train_batch_start`` on, as ``LearningRateMonitor`` uses it."""
+    return bool(trainer._logger_connector.should_update_logs)
+
+
 def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], *, every_n_steps: bool = True) -> None:
     """Write ``metrics`` to every logger at :func:`log_step`, as ``LearningRateMonitor`` does.
 
     ``every_n_steps``: respect ``Trainer(log_every_n_steps)`` (the logger connector's ``should_update_logs``);
     False writes now (the monitor's probes have their own, sparser cadence).
     """
-    if not trainer.loggers or (every_n_steps and not trainer._logger_connector.should_update_logs):
+    if not trainer.loggers or (every_n_steps and not logs_this_step(trainer)):
         return
     step = log_step(trainer)
     for logger in trainer.loggers:

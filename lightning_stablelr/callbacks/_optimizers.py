@@ -71,12 +71,13 @@ def set_group_lr(group: dict[str, Any], lr: float) -> None:
         group["lr"] = lr
 
 
-def infer_steps_per_epoch(trainer: pl.Trainer, owner: str) -> int:
+def infer_steps_per_epoch(trainer: pl.Trainer, owner: str, *, required: bool = True) -> int | None:
     """Optimizer steps per epoch: ``ceil(num_training_batches / accumulate_grad_batches)``.
 
     Lightning also steps on the last, incomplete accumulation of an epoch, hence the ceiling. A train
     loader without length (IterableDataset) has no epoch; then the validation interval
-    (``Trainer(val_check_interval=k)``) stands in for it, and without one this raises.
+    (``Trainer(val_check_interval=k)``) stands in for it, and without one this raises, or returns None
+    when not ``required`` (a decay that does not count epochs).
     """
     accumulate = max(1, int(trainer.accumulate_grad_batches))
     batches = trainer.num_training_batches
@@ -90,6 +91,8 @@ def infer_steps_per_epoch(trainer: pl.Trainer, owner: str) -> int:
             f" interval: {steps} optimizer steps. Pass `steps_per_epoch` to choose another unit."
         )
         return steps
+    if not required:
+        return None
     raise MisconfigurationException(
         f"{owner}(interval='step') counts time in epochs, but the train dataloader has no length and there is"
         " no step-based validation interval. Pass `steps_per_epoch=N` (optimizer steps per epoch of decay),"

@@ -126,10 +126,12 @@ class LineProbeSession:
         self._snapshot_step = step
 
     def result(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, step: int | None = None
     ) -> LineProbeResult | None:
-        """The probe of the step just taken, or None when it was not requested, snapshotted or was discarded."""
-        step = trainer.global_step - 1
+        """The probe of ``step`` (default: the step just taken, ``global_step - 1``), or None when it was not
+        requested, snapshotted or was discarded. Pass the ``global_step`` the batch started at when one batch
+        steps several optimizers (manual optimization): the probe then covers the whole batch's update."""
+        step = trainer.global_step - 1 if step is None else int(step)
         if self._cached is not None and self._cached.step == step:
             return self._cached
         if self._snapshot is None or self._snapshot_step != step or self._discarded == step:
@@ -172,8 +174,8 @@ class LineProbeSession:
             self._warned = True
             reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
             rank_zero_warn(
-                f"The StableLR line probe failed at step {step} ({reason}); its checks are treated as"
-                " non-finite. Implement `probe_loss(self, batch) -> Tensor` on your LightningModule if"
+                f"The StableLR line probe failed at step {step} ({reason}); such checks are skipped: they"
+                " leave the stability factor C unchanged, so the guard does not act on them. Implement `probe_loss(self, batch) -> Tensor` on your LightningModule if"
                 " `training_step` cannot be replayed. This warning is shown once.",
             )
         derivative_value = reduced[4] if gradient is not None else None

@@ -20,20 +20,28 @@ observations and applies its lrs.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_stablelr.callbacks._inputs import TrainerInputs, check_callback_arguments
-from lightning_stablelr.callbacks._lightning_access import log_to_loggers, put_callback_metrics, reducer
+from lightning_stablelr.callbacks._inputs import (
+    TrainerInputs,
+    check_callback_arguments,
+    decay_needs_epochs,
+    run_length_steps_per_epoch,
+)
+from lightning_stablelr.callbacks._lightning_access import (
+    log_step,
+    log_to_loggers,
+    logs_this_step,
+    put_callback_metrics,
+)
+from lightning_stablelr.callbacks._nonfinite_steps import NonfiniteSteps
 from lightning_stablelr.callbacks._optimizers import (
     SchedulerComposition,
     composed_lr,
@@ -42,11 +50,12 @@ from lightning_stablelr.callbacks._optimizers import (
     scheduled_optimizers,
     set_group_lr,
 )
+from lightning_stablelr.callbacks._stable_lr_state import StableLRState
 from lightning_stablelr.callbacks.line_probe_session import LineProbeSession, line_probe_session
-from lightning_stablelr.collectives import nonfinite_across_ranks
 from lightning_stablelr.config import CheckCadence, StableLRConfig, config_field_names
 from lightning_stablelr.controller import StableLRController
 from lightning_stablelr.metric_names import controller_metrics
+from lightning_stablelr.nonfinite import clear_found_inf
 
 __all__ = ["StableLR"]
 
@@ -54,7 +63,7 @@ _CONFIG = StableLRConfig()  # the defaults of the controller arguments: written 
 _CADENCE = CheckCadence()
 
 
-class StableLR(Callback):
+class StableLR(StableLRState):
     """Controls the learning rate: exponential decay, validation-gap factor and curvature guard.
 
     Args:
@@ -66,10 +75,13 @@ class StableLR(Callback):
         strict: a missing ``monitor`` raises (True) or warns once and leaves ``G`` unchanged (False).
         check_every_n_steps, dense_check_steps: which optimizer steps run the three-point guard (three extra
             forward passes each): every step below ``dense_check_steps``, then the steps with
-            ``(global_step + 1) % check_every_n_steps == 0``; 0 disables either
+            ``(step + 1) % check_every_n_steps == 0``; 0 disables either. ``step`` is ``global_step``, or
+            under manual optimization the batches that stepped (a batch may step several optimizers)
             (:class:`~lightning_stablelr.config.CheckCadence`, also ``StableLRScheduler.should_check``).
-        skip_nonfinite: drop the gradients of a step whose gradients contain NaN/Inf on any rank, so the
-            weights are never poisoned. Such a step always halves ``C`` and is counted.
+        skip_nonfinite: neutralise a step whose loss or gradients are NaN/Inf, on the device and without a
+            host sync (:mod:`lightning_stablelr.nonfinite`): a fused optimizer (``fused=True``) skips it,
+            any other optimizer applies zero gradients; the weights are never poisoned. Every such step
+            halves ``C`` and is counted, read lazily: at the next logging step, guard check or validation.
         on_scheduler_conflict: ``"error"`` raises when ``configure_optimizers`` returns a scheduler;
             ``"compose"`` uses ``min(η_s, max(min_lr_ratio · η0, η_s · f)) · C`` with ``η_s`` the
             scheduler's lr, so the scheduler keeps its own trajectory and StableLR only scales it down.
@@ -83,7 +95,7 @@ class StableLR(Callback):
         ValueError: an argument is out of range (the message names it, the value and what to pass).
         MisconfigurationException: at fit start, with several StableLR callbacks, a scheduler driving the
             same optimizer under ``on_scheduler_conflict="error"``, duplicate param-group names, or a
-            loader without length and no ``steps_per_epoch``.
+            loader without length and no ``steps_per_epoch`` while an explicit ``decay_rate > 0`` needs epochs.
         RuntimeError: at validation end, when ``monitor`` is missing and ``strict=True``.
     """
 
@@ -129,8 +141,16 @@ class StableLR(Callback):
         self._composition = SchedulerComposition()
         self._rest = 1.0  # max(min_lr_ratio, warmup · decay · G) of the current step: the composed lr scales by it
         self._epochs_elapsed = 0.0
-        self._check_step: int | None = None
-        self._logged_step: int | None = None
+        self._check_step: int | None = None  # the schedule step of a requested guard check
+        self._probe_step: int | None = None  # its global_step (the line-probe session's step id)
+        self._seen_step: int | None = None  # the schedule step whose first batch started
+        self._batch_global_step = 0  # trainer.global_step at the start of this batch
+        self._applied: tuple[int, int] | None = None  # (step, epoch) whose lrs are set
+        self._applied_lrs: dict[str, float] = {}
+        self._applied_epochs = 0.0
+        self._next_step: int | None = None
+        self._nonfinite = NonfiniteSteps(self.controller, self.skip_nonfinite)
+        self._step_hooks: list[Any] = []
         self._inputs = TrainerInputs(self.monitor, self.strict)
         self._pending_state: dict[str, Any] | None = None
         self._metric_cache: dict[str, tuple[float, Tensor]] = {}
@@ -150,49 +170,6 @@ class StableLR(Callback):
     @property
     def dense_check_steps(self) -> int:
         return self.cadence.dense_check_steps
-
-    @property
-    @override
-    def state_key(self) -> str:
-        """``"StableLR"``: the class name, as for every singleton callback (only one StableLR per Trainer)."""
-        return type(self).__name__
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """Primitives: version, controller state (G, C, best L_va, running mean...), base lrs, steps per epoch."""
-        pending_sum, pending_count = self._inputs.train_loss.pending()
-        return {
-            "version": 1,
-            "controller": self.controller.state_dict(),
-            "base_lrs": dict(self.base_lrs),
-            "steps_per_epoch": self._resolved_steps_per_epoch,
-            "pending_train_loss_sum": pending_sum,
-            "pending_train_loss_count": pending_count,
-        }
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Applied in on_train_start: Lightning restores callbacks before it configures the optimizers.
-        self._pending_state = dict(state_dict)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_session"] = None  # possibly another callback's session: found again in setup
-        # Lightning attaches the module's log/log_dict to every callback during fit: not ours to carry.
-        state.pop("log", None)
-        state.pop("log_dict", None)
-        return state
-
-    @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # Checkpoints written before the state key became the class name used "StableLR{...arguments...}".
-        states = checkpoint.get("callbacks", {})
-        if self.state_key not in states:
-            legacy = [key for key in states if isinstance(key, str) and key.startswith(self.state_key + "{")]
-            if len(legacy) == 1:
-                self.load_state_dict(states[legacy[0]])
 
     # ------------------------------------------------------------------------------------------ hooks
     @override
@@ -214,7 +191,7 @@ class StableLR(Callback):
         # A new fit re-reads everything that depends on the trainer; G and C carry over (or come from
         # a checkpoint in on_train_start).
         self._resolved_steps_per_epoch = None
-        self._check_step = self._logged_step = None
+        self._check_step = self._probe_step = self._seen_step = self._next_step = self._applied = None
         self.base_lrs = {}
         for i, optimizer in enumerate(trainer.optimizers):
             for j, group in enumerate(optimizer.param_groups):
@@ -224,135 +201,169 @@ class StableLR(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        state, self._pending_state = self._pending_state, None
-        if state is not None:
-            self.controller.load_state_dict(state.get("controller", {}))
-            self.base_lrs.update({key: float(value) for key, value in state.get("base_lrs", {}).items()})
-            self._resolved_steps_per_epoch = state.get("steps_per_epoch")
-            if state.get("pending_train_loss_count", 0) > 0:
-                count = float(state["pending_train_loss_count"])
-                self.controller.record_train_loss(float(state["pending_train_loss_sum"]) / count, count)
+        self._restore_pending_state()
         if self.steps_per_epoch is not None:
             self._resolved_steps_per_epoch = self.steps_per_epoch
         elif self._resolved_steps_per_epoch is None and self.config.interval == "step":
-            self._resolved_steps_per_epoch = infer_steps_per_epoch(trainer, type(self).__name__)
+            self._resolved_steps_per_epoch = infer_steps_per_epoch(
+                trainer, type(self).__name__, required=decay_needs_epochs(self.controller)
+            ) or run_length_steps_per_epoch(trainer, self.controller)
         self._inputs.apply_run_length(trainer, self.controller, self._resolved_steps_per_epoch)
+        self._inputs.warn_about_setup(trainer, pl_module)
+        self._detach_hooks()
         self._composition.attach(trainer.optimizers, self._scheduled, self._composed_lr, self.base_lrs)
+        if getattr(trainer.precision_plugin, "scaler", None) is None:
+            self._step_hooks = [opt.register_step_post_hook(clear_found_inf) for opt in trainer.optimizers]
+        # The first step's lrs are set before any callback's on_train_batch_start (LearningRateMonitor).
+        self._apply_lrs(trainer, self._schedule_step(trainer, pl_module))
+        self.last_lrs, self._epochs_elapsed = self._applied_lrs, self._applied_epochs
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply_lrs(trainer, self._schedule_step(trainer, pl_module))  # interval="epoch": a new epoch
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        self._apply_lrs(trainer, step)
-        if self.cadence.should_check(step) or self.controller.take_confirmation_request():
-            self._check_step = step
-            self._shared_probe(trainer).request(step)
-        if step != self._logged_step:  # once per optimizer step, also under gradient accumulation
-            self._logged_step = step
+        self._batch_global_step = trainer.global_step
+        step = self._schedule_step(trainer, pl_module)
+        if step == self._seen_step:  # a further micro-batch of the same optimizer step (accumulation)
+            return
+        self._seen_step = step
+        check = self.cadence.should_check(step) or self.controller.take_confirmation_request()
+        logs = logs_this_step(trainer)
+        if check or logs:  # the only steps that read the device counters (a host sync)
+            self._resolve_nonfinite(trainer)
+        if self._applied != (step, trainer.current_epoch) or self._scheduled:  # a scheduler may have moved
+            self._apply_lrs(trainer, step)
+        self.last_lrs, self._epochs_elapsed = self._applied_lrs, self._applied_epochs  # this step's, for metrics
+        if check:
+            self._check_step, self._probe_step = step, trainer.global_step
+            self._shared_probe(trainer).request(trainer.global_step)
+        if logs:
             metrics = self._metrics()
             put_callback_metrics(trainer, metrics, self._metric_cache)
-            log_to_loggers(trainer, metrics)
+            log_to_loggers(trainer, metrics, every_n_steps=False)
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        self._nonfinite.record_loss(loss)
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is None:  # with fp16 AMP the GradScaler already skips (and expects) overflowing steps
-            grads = [
-                p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
-            ]
-            reduce = reducer(trainer) if trainer.world_size > 1 else None
-            if nonfinite_across_ranks(grads, reduce, trainer.strategy.root_device):
-                self._drop_nonfinite_step(trainer, optimizer)
-        self._shared_probe(trainer).snapshot(trainer, pl_module)
+        session = self._shared_probe(trainer)
+        step = self._seen_step if self._seen_step is not None else trainer.global_step
+        self._nonfinite.protect(trainer, optimizer, step)
+        # A probed step reads the flag now (a sync, on every rank alike): a non-finite step has no probe.
+        if session.requested(trainer.global_step) and self._resolve_nonfinite(trainer) == step:
+            session.discard(trainer.global_step)
+            self._check_step = None
+        session.snapshot(trainer, pl_module)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._inputs.record_train_loss(trainer, pl_module, outputs)
-        step = trainer.global_step - 1
-        if self._check_step is None or self._check_step != step:
-            return
-        self._check_step = None
-        result = self._shared_probe(trainer).result(trainer, pl_module, batch, batch_idx)
-        if result is not None and not result.failed:
-            self.controller.observe_line(result.line, step, self._epochs(trainer, step))
-            self._inputs.warn_if_unresolved(result.line)
+        if trainer.global_step == self._batch_global_step:
+            return  # no optimizer stepped in this batch (gradient accumulation)
+        step = self._seen_step if self._seen_step is not None else trainer.global_step - 1
+        if self._check_step == step and self._probe_step is not None:
+            self._check_step = None
+            result = self._shared_probe(trainer).result(trainer, pl_module, batch, batch_idx, step=self._probe_step)
+            if result is not None and not result.failed:
+                self.controller.observe_line(result.line, step, self._epochs(trainer, step))
+                self._inputs.warn_if_unresolved(result.line)
+        # The next step's lrs, now: a LearningRateMonitor listed before StableLR reads them at its batch start.
+        self._next_step = step + 1
+        self._apply_lrs(trainer, step + 1)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        mean = self._inputs.flush_train_loss(trainer)
-        if mean is not None:
-            self.controller.record_train_loss(*mean)
+        self._flush(trainer)
+        put_callback_metrics(trainer, self._metrics(), self._metric_cache)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+        if trainer.state.fn != TrainerFn.FITTING:
             return
-        mean = self._inputs.flush_train_loss(trainer)
-        if mean is not None:
-            self.controller.record_train_loss(*mean)
+        if trainer.sanity_checking:  # a wrongly named monitor is reported now, not after an epoch
+            self._inputs.validation_value(trainer)
+            return
+        self._flush(trainer)
         val_loss = self._inputs.validation_value(trainer)
-        if val_loss is None:
-            return
-        self.controller.observe_validation(val_loss)
+        if val_loss is not None:
+            self.controller.observe_validation(val_loss)
+        if self._next_step is not None:
+            self._apply_lrs(trainer, self._next_step)
         put_callback_metrics(trainer, self._metrics(), self._metric_cache)
 
     @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._composition.detach()
+        self._detach_hooks()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._composition.detach()
+        self._detach_hooks()
 
     # ------------------------------------------------------------------------------------------ decisions
+    def _detach_hooks(self) -> None:
+        """Remove the optimizer hooks of this fit (scheduler composition, ``found_inf`` clean-up)."""
+        self._composition.detach()
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
+
+    def _flush(self, trainer: pl.Trainer) -> None:
+        """Read what accumulated on the device since the last flush: the training-loss mean (a collective)
+        and the non-finite steps. Every rank calls it at the same points (epoch and validation end)."""
+        mean = self._inputs.flush_train_loss(trainer)
+        if mean is not None:
+            self.controller.record_train_loss(*mean)
+        self._resolve_nonfinite(trainer)
+
+    @staticmethod
+    def _schedule_step(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        """The step count of warmup, decay and the check cadence: optimizer steps, or batches under manual
+        optimization (where one batch may step several optimizers, each advancing ``global_step``)."""
+        return trainer.global_step if pl_module.automatic_optimization else log_step(trainer)
+
     def _epochs(self, trainer: pl.Trainer, step: int) -> float:
-        steps_per_epoch = self._resolved_steps_per_epoch or math.inf
-        return self.controller.epochs_elapsed(step, steps_per_epoch, trainer.current_epoch)
+        if self._resolved_steps_per_epoch is None and self.config.interval == "step":
+            return 0.0  # no epoch known and none needed (decay_needs_epochs): t has no effect
+        return self.controller.epochs_elapsed(step, self._resolved_steps_per_epoch or 1, trainer.current_epoch)
 
     def _apply_lrs(self, trainer: pl.Trainer, step: int) -> None:
         """Set ``η_g`` on every group (scheduled optimizers: at the step itself, see :meth:`_compose`)."""
-        self._epochs_elapsed = self._epochs(trainer, step)
-        self._rest = self.controller.schedule_factor(step, self._epochs_elapsed)
+        self._applied = (step, trainer.current_epoch)
+        self._applied_epochs = epochs = self._epochs(trainer, step)
+        self._applied_lrs = lrs = {}
+        self._rest = self.controller.schedule_factor(step, epochs)
         for i, optimizer in enumerate(trainer.optimizers):
             for j, group in enumerate(optimizer.param_groups):
                 base = self.base_lrs.get(f"{i}/{j}", float(group["lr"]))
                 if i in self._scheduled:
                     lr = self._composed_lr(base, float(group["lr"]))
                 else:
-                    lr = self.controller.lr(base, step, self._epochs_elapsed)
+                    lr = self.controller.lr(base, step, epochs)
                     set_group_lr(group, lr)
-                self.last_lrs[self._lr_names[(i, j)]] = lr
+                lrs[self._lr_names[(i, j)]] = lr
 
     def _composed_lr(self, base_lr: float, scheduler_lr: float) -> float:
         return composed_lr(
             base_lr, scheduler_lr, self._rest, self.config.min_lr_ratio, self.controller.stability_factor
         )
 
-    def _drop_nonfinite_step(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
-        step = trainer.global_step
-        self._shared_probe(trainer).discard(step)
-        if step == self._check_step:
-            self._check_step = None
-        if self.skip_nonfinite:
-            for group in optimizer.param_groups:
-                for parameter in group["params"]:
-                    parameter.grad = None  # torch optimizers skip parameters without a gradient
-        count = self.controller.nonfinite_steps + 1
-        self.controller.observe_nonfinite()
-        if count & (count - 1) == 0:  # warn on the 1st, 2nd, 4th, 8th... occurrence
-            action = "dropped its update" if self.skip_nonfinite else "kept its update (skip_nonfinite=False)"
-            rank_zero_warn(
-                f"StableLR: non-finite loss or gradient at step {step}; {action} and halved the stability"
-                f" factor to {self.controller.stability_factor:.3g} ({count} such steps so far; further"
-                " warnings at powers of two)."
-            )
+    def _resolve_nonfinite(self, trainer: pl.Trainer) -> int | None:
+        last = self._nonfinite.resolve(trainer)
+        if last is not None:
+            self._applied = None  # C changed: the lrs are set again
+        return last
 
     def _metrics(self) -> dict[str, float]:
         return controller_metrics(self.controller, self.last_lrs, self._epochs_elapsed)

@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         deterministic=True,
         callbacks=callbacks,
         logger=False,
+        log_every_n_steps=1,  # StableLR refreshes its metrics at logging steps; this harness reads every batch
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,

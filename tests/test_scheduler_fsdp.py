@@ -1,0 +1,49 @@
+"""StableLRScheduler with FSDP2 (``torch.distributed.fsdp.fully_shard``): 2 CPU processes over gloo.
+
+``tests/scripts/fsdp2_scheduler.py`` trains a sharded MLP in a plain torch loop; each rank sees its own
+batches (inputs scaled by ``1 + 2 r``), and rank 0's loss is NaN at one step. The guard probes by writing
+the three points into each rank's local shards (the same Δθ everywhere) and averages the losses over the
+ranks; ``protect`` maximises the non-finite flag over the ranks. So both ranks set the same lr at every
+step, and no NaN reaches a shard; without ``protect`` (the control) the NaN does reach them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_scheduler.py"
+REPO = Path(__file__).resolve().parents[1]
+NAN_STEP = 6
+
+pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 (fully_shard) needs torch >= 2.6")
+
+
+def _run(out: Path, port: int, *extra: str) -> list[dict]:
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), "--nan-step", str(NAN_STEP), "--port", str(port), *extra],
+        env=env, check=True, timeout=300, capture_output=True,
+    )  # fmt: skip
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_fsdp2_ranks_keep_the_same_lr_and_finite_shards_after_a_nan(tmp_path: Path) -> None:
+    rank0, rank1 = _run(tmp_path / "protected", 29561)
+    assert rank0["sharded"] and rank1["sharded"]  # the parameters really are DTensor shards
+    assert rank0["lrs"] == rank1["lrs"]  # bit-identical on every step
+    assert len(set(rank0["lrs"])) > 2  # and the guard moved them
+    assert rank0["checks"] == rank1["checks"] >= 8
+    assert rank0["stability_factor"] == rank1["stability_factor"] < 1.0
+    assert rank0["nonfinite_steps"] == rank1["nonfinite_steps"] == 1  # rank 0's NaN counted on both
+    assert rank0["finite"] and rank1["finite"]
+    assert rank0["local_sum"] != rank1["local_sum"]  # different shards (not a replicated model)
+
+    control = _run(tmp_path / "control", 29562, "--no-protect")
+    assert not control[0]["finite"] and not control[1]["finite"]
