@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -24,13 +24,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_stablelr._probe_isolation import (
+    restored_metric_states,
+    restored_training_flags,
+    silenced_logging,
+)
 from lightning_stablelr._state_guard import ProbeSideEffectError, ProbeSideEffectWarning, state_guard
 from lightning_stablelr.rng import isolated_rng
 
 __all__ = ["ObjectiveProbe", "ProbeError", "ProbeSideEffectError", "ProbeSideEffectWarning", "probe_failure_advice"]
 
-_SILENCED = ("log", "log_dict")
-_MISSING = object()
 
 
 class ProbeError(RuntimeError):
@@ -45,10 +48,6 @@ def probe_failure_advice(error: BaseException) -> str:
         "The error came from evaluating the model on a cached batch, which `probe_loss` would not change. If"
         " training itself runs, please report it with this message."
     )
-
-
-def _noop(*args: Any, **kwargs: Any) -> None:
-    return None
 
 
 def _accepts_batch_idx(training_step: Callable[..., Any]) -> bool:
@@ -78,70 +77,6 @@ def _signature_accepts_batch_idx(training_step: Callable[..., Any], *, skip_firs
     return positional >= 2
 
 
-@contextlib.contextmanager
-def _silenced_logging(module: nn.Module) -> Iterator[None]:
-    """Shadow ``module.log``/``module.log_dict`` on the instance, then restore what was there before.
-
-    A probe is not a training step: its ``self.log`` calls must not reach the trainer's results.
-    """
-    saved = {name: module.__dict__.get(name, _MISSING) for name in _SILENCED}
-    try:
-        for name in _SILENCED:
-            object.__setattr__(module, name, _noop)
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is _MISSING:
-                module.__dict__.pop(name, None)
-            else:
-                object.__setattr__(module, name, value)
-
-
-@contextlib.contextmanager
-def _restored_training_flags(module: nn.Module) -> Iterator[None]:
-    """A user's ``training_step`` may toggle ``.train()/.eval()``; the probe must leave the modes as found."""
-    flags = [(submodule, submodule.training) for submodule in module.modules()]
-    try:
-        yield
-    finally:
-        for submodule, training in flags:
-            submodule.training = training
-
-
-_METRIC_BOOKKEEPING = ("_update_count", "_computed", "_forward_cache")
-
-
-def _copied_state(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().clone()
-    if isinstance(value, list):
-        return [_copied_state(item) for item in value]
-    return value
-
-
-@contextlib.contextmanager
-def _restored_metric_states(module: nn.Module) -> Iterator[None]:
-    """Put back the state of every torchmetrics ``Metric`` inside ``module`` after a replayed step.
-
-    A ``training_step`` commonly updates metrics (``self.train_acc(preds, y)``). Their states are plain
-    attributes, not buffers, so the cloned buffers of :func:`torch.func.functional_call` do not protect
-    them: without this, every probe point would add a fake sample to the epoch's training metrics.
-    Duck-typed on ``Metric``'s ``_defaults`` (no torchmetrics import here).
-    """
-    metrics = [m for m in module.modules() if isinstance(getattr(m, "_defaults", None), dict)]
-    saved = [
-        (metric, {name: _copied_state(getattr(metric, name)) for name in [*metric._defaults, *_METRIC_BOOKKEEPING]
-                  if hasattr(metric, name)})
-        for metric in metrics
-    ]  # fmt: skip
-    try:
-        yield
-    finally:
-        for metric, state in saved:
-            for name, value in state.items():
-                setattr(metric, name, value)
-
-
 def _training_loss(module: nn.Module, batch: Any, batch_idx: int) -> Tensor:
     """The loss source: ``probe_loss(batch)`` if defined, else the silenced ``training_step``'s loss."""
     probe_loss = getattr(module, "probe_loss", None)
@@ -161,7 +96,7 @@ def _training_loss(module: nn.Module, batch: Any, batch_idx: int) -> Tensor:
                 f"{type(module).__name__} uses manual optimization, so its `training_step` cannot be replayed"
                 " as a probe. Implement `probe_loss(self, batch) -> Tensor` returning the scalar training loss."
             )
-        with _silenced_logging(module), _restored_metric_states(module):
+        with silenced_logging(module), restored_metric_states(module):
             output = (
                 training_step(batch, batch_idx) if _accepts_batch_idx(training_step) else training_step(batch)
             )
@@ -321,7 +256,7 @@ class ObjectiveProbe:
         grad_mode = contextlib.nullcontext() if create_graph else torch.no_grad()
         values: list[Tensor] = []
         record = self._guard.begin()
-        with isolated_rng() as reseed, _restored_training_flags(self.module), grad_mode:
+        with isolated_rng() as reseed, restored_training_flags(self.module), grad_mode:
             for params in points:
                 arguments = self._call_arguments(params, buffers)
                 reseed(seed)

@@ -411,13 +411,13 @@ def test_endless_loader_with_max_steps_needs_no_steps_per_epoch_unless_the_decay
     trainer.fit(TinyRegression(), stream())
     assert [lrs[0] for lrs in trainer.callbacks[1].lrs] == [0.1] * 10
 
-    default = StableLR(min_lr_ratio=0.0, **CLOSED_FORM)  # run-length decay: hold, then exp down to 0.01
+    default = StableLR(min_lr_ratio=0.0, **CLOSED_FORM)  # run-length decay: hold, then exp down to 0.1
     trainer = make_trainer(tmp_path, max_steps=10, callbacks=[default, LrRecorder()])
     trainer.fit(TinyRegression(), stream())
     assert default._resolved_steps_per_epoch == 10
     lrs = [lrs[0] for lrs in trainer.callbacks[1].lrs]
-    # the last 20% of the 10 steps anneal: lr = 0.1 * 0.01 ** (max(0, step - 8) / 2)
-    assert lrs == pytest.approx([0.1 * 0.01 ** (max(0, step - 8) / 2) for step in range(10)], rel=1e-12)
+    # the last 20% of the 10 steps anneal: lr = 0.1 * 0.1 ** (max(0, step - 8) / 2)
+    assert lrs == pytest.approx([0.1 * 0.1 ** (max(0, step - 8) / 2) for step in range(10)], rel=1e-12)
 
 
 def test_state_key_and_duplicate_callbacks(tmp_path):

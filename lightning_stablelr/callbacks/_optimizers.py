@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,11 +19,13 @@ from lightning_stablelr.metric_names import LR_PREFIX
 __all__ = [
     "LR_PREFIX",
     "SchedulerComposition",
+    "base_learning_rates",
     "composed_lr",
     "infer_steps_per_epoch",
     "param_group_lr_names",
     "scheduled_optimizers",
     "set_group_lr",
+    "set_learning_rates",
 ]
 
 
@@ -183,3 +185,35 @@ class SchedulerComposition:
         for j, group in enumerate(optimizer.param_groups):
             if (index, j) in self._scheduler_lrs:
                 set_group_lr(group, self._scheduler_lrs.pop((index, j)))
+
+
+def base_learning_rates(optimizers: Sequence[torch.optim.Optimizer], scheduled: set[int]) -> dict[str, float]:
+    """``{"i/j": η0}`` for group j of optimizer i: its ``lr`` now, or a scheduled optimizer's ``initial_lr``."""
+    return {
+        f"{i}/{j}": float(group.get("initial_lr", group["lr"]) if i in scheduled else group["lr"])
+        for i, optimizer in enumerate(optimizers)
+        for j, group in enumerate(optimizer.param_groups)
+    }
+
+
+def set_learning_rates(
+    optimizers: Sequence[torch.optim.Optimizer],
+    base_lrs: Mapping[str, float],
+    scheduled: set[int],
+    names: Mapping[tuple[int, int], str],
+    lr: Callable[[float], float],
+    composed: Callable[[float, float], float],
+) -> dict[str, float]:
+    """Set ``lr(η0)`` on every group of an unscheduled optimizer; a scheduled one keeps its scheduler's lr
+    (composed around ``optimizer.step()``) and reports ``composed(η0, its lr)``. Returns ``{name: lr}``."""
+    lrs = {}
+    for i, optimizer in enumerate(optimizers):
+        for j, group in enumerate(optimizer.param_groups):
+            base = base_lrs.get(f"{i}/{j}", float(group["lr"]))
+            if i in scheduled:
+                value = composed(base, float(group["lr"]))
+            else:
+                value = lr(base)
+                set_group_lr(group, value)
+            lrs[names[(i, j)]] = value
+    return lrs

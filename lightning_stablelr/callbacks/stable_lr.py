@@ -44,11 +44,12 @@ from lightning_stablelr.callbacks._lightning_access import (
 from lightning_stablelr.callbacks._nonfinite_steps import NonfiniteSteps
 from lightning_stablelr.callbacks._optimizers import (
     SchedulerComposition,
+    base_learning_rates,
     composed_lr,
     infer_steps_per_epoch,
     param_group_lr_names,
     scheduled_optimizers,
-    set_group_lr,
+    set_learning_rates,
 )
 from lightning_stablelr.callbacks._stable_lr_state import StableLRState
 from lightning_stablelr.callbacks.line_probe_session import LineProbeSession, line_probe_session
@@ -158,7 +159,6 @@ class StableLR(StableLRState):
         self.line_probe = LineProbeSession()
         self._session: LineProbeSession | None = None
 
-    # ------------------------------------------------------------------------------------------ state
     @property
     def _hook_handles(self) -> list[Any]:
         return self._composition.handles
@@ -171,7 +171,6 @@ class StableLR(StableLRState):
     def dense_check_steps(self) -> int:
         return self.cadence.dense_check_steps
 
-    # ------------------------------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._session = line_probe_session(trainer)
@@ -192,11 +191,7 @@ class StableLR(StableLRState):
         # a checkpoint in on_train_start).
         self._resolved_steps_per_epoch = None
         self._check_step = self._probe_step = self._seen_step = self._next_step = self._applied = None
-        self.base_lrs = {}
-        for i, optimizer in enumerate(trainer.optimizers):
-            for j, group in enumerate(optimizer.param_groups):
-                base = group.get("initial_lr", group["lr"]) if i in self._scheduled else group["lr"]
-                self.base_lrs[f"{i}/{j}"] = float(base)
+        self.base_lrs = base_learning_rates(trainer.optimizers, self._scheduled)
         self._lr_names = param_group_lr_names(trainer.optimizers)
 
     @override
@@ -302,16 +297,13 @@ class StableLR(StableLRState):
         put_callback_metrics(trainer, self._metrics(), self._metric_cache)
 
     @override
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._detach_hooks()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._detach_hooks()
 
-    # ------------------------------------------------------------------------------------------ decisions
     def _detach_hooks(self) -> None:
         """Remove the optimizer hooks of this fit (scheduler composition, ``found_inf`` clean-up)."""
         self._composition.detach()
@@ -320,8 +312,7 @@ class StableLR(StableLRState):
         self._step_hooks = []
 
     def _flush(self, trainer: pl.Trainer) -> None:
-        """Read what accumulated on the device since the last flush: the training-loss mean (a collective)
-        and the non-finite steps. Every rank calls it at the same points (epoch and validation end)."""
+        """Read the training-loss mean (a collective) and the non-finite steps: at epoch and validation end."""
         mean = self._inputs.flush_train_loss(trainer)
         if mean is not None:
             self.controller.record_train_loss(*mean)
@@ -329,8 +320,7 @@ class StableLR(StableLRState):
 
     @staticmethod
     def _schedule_step(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
-        """The step count of warmup, decay and the check cadence: optimizer steps, or batches under manual
-        optimization (where one batch may step several optimizers, each advancing ``global_step``)."""
+        """Warmup/decay/cadence step: optimizer steps, or batches under manual optimization (several optimizers)."""
         return trainer.global_step if pl_module.automatic_optimization else log_step(trainer)
 
     def _epochs(self, trainer: pl.Trainer, step: int) -> float:
@@ -344,24 +334,15 @@ class StableLR(StableLRState):
         self._applied_epochs = epochs = self._epochs(trainer, step)
         self._applied_lrs = lrs = {}
         self._rest = self.controller.schedule_factor(step, epochs)
-        for i, optimizer in enumerate(trainer.optimizers):
-            for j, group in enumerate(optimizer.param_groups):
-                base = self.base_lrs.get(f"{i}/{j}", float(group["lr"]))
-                if i in self._scheduled:
-                    lr = self._composed_lr(base, float(group["lr"]))
-                else:
-                    lr = self.controller.lr(base, step, epochs)
-                    set_group_lr(group, lr)
-                lrs[self._lr_names[(i, j)]] = lr
+        lrs.update(set_learning_rates(trainer.optimizers, self.base_lrs, self._scheduled, self._lr_names,
+                                      lambda base: self.controller.lr(base, step, epochs), self._composed_lr))
 
     def _composed_lr(self, base_lr: float, scheduler_lr: float) -> float:
-        return composed_lr(
-            base_lr, scheduler_lr, self._rest, self.config.min_lr_ratio, self.controller.stability_factor
-        )
+        guard = self.controller.stability_factor
+        return composed_lr(base_lr, scheduler_lr, self._rest, self.config.min_lr_ratio, guard)
 
     def _resolve_nonfinite(self, trainer: pl.Trainer) -> int | None:
-        last = self._nonfinite.resolve(trainer)
-        if last is not None:
+        if (last := self._nonfinite.resolve(trainer)) is not None:
             self._applied = None  # C changed: the lrs are set again
         return last
 
