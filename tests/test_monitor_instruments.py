@@ -150,3 +150,22 @@ def test_is_last_training_batch_marks_each_epochs_last_batch(tmp_path, limit):
     assert [(hook, epoch, index) for hook, epoch, index, is_last in seen if is_last] == [
         (hook, epoch, last) for epoch in (0, 1) for hook in ("step", "end")]
     assert len(seen) == 2 * 2 * (last + 1)
+
+
+def test_a_missing_validation_metric_is_said_once(tmp_path):
+    # Issue 9 (7): the monitor used to skip lyapunov/val_decrease silently when its metric was missing.
+    import warnings
+
+    from lightning_stablelr import StabilityMonitor
+    from tests.helpers import TinyRegression, make_trainer, regression_loader
+
+    monitor = StabilityMonitor(monitor="val/loss", certificate_every_n_steps=0, sharpness_every_n_steps=0,
+                               connectivity_every_n_epochs=0)  # fmt: skip
+    trainer = make_trainer(tmp_path, max_epochs=3, callbacks=[monitor])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyRegression(), regression_loader(), regression_loader())
+    messages = [str(w.message) for w in caught if "is not in trainer.callback_metrics" in str(w.message)]
+    assert len(messages) == 1
+    assert messages[0].startswith("StabilityMonitor: the validation metric `val/loss` is not in")
+    assert "'val_loss'" in messages[0] and "monitor=<one of the available keys>" in messages[0]

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_stablelr.callbacks._connectivity_probe import ConnectivityReport
 from lightning_stablelr.callbacks._governor import ProbeGovernor
@@ -19,7 +19,7 @@ from lightning_stablelr.callbacks._lightning_access import log_step, put_callbac
 from lightning_stablelr.callbacks._monitor_config import MonitorConfig
 from lightning_stablelr.callbacks._validation_cache import cached_validation_batches
 
-__all__ = ["log_monitor_metrics", "validation_batches", "write_connectivity_figures"]
+__all__ = ["has_monitor_metric", "log_monitor_metrics", "validation_batches", "write_connectivity_figures"]
 
 
 def validation_batches(trainer: pl.Trainer, config: MonitorConfig) -> list[Any]:
@@ -64,3 +64,19 @@ def write_connectivity_figures(trainer: pl.Trainer, writer: Any, governor: Probe
     matrix = report.matrix
     write_figure(writer, "connectivity/pairwise", pairwise_heatmap(matrix.values.numpy(), matrix.labels), step)
     governor.record("figures", time.perf_counter() - start)
+
+
+def has_monitor_metric(trainer: pl.Trainer, key: str, warned: set[str]) -> bool:
+    """Whether ``trainer.callback_metrics`` holds ``key``; warns once (``key`` joins ``warned``, the caller's
+    set) when it does not, since ``lyapunov/val_decrease`` then never appears."""
+    if key in trainer.callback_metrics:
+        return True
+    if key not in warned:
+        warned.add(key)
+        available = [name for name in trainer.callback_metrics if not name.startswith(("stablelr/", "lyapunov/"))]
+        rank_zero_warn(
+            f"StabilityMonitor: the validation metric `{key}` is not in trainer.callback_metrics (available:"
+            f" {available or 'none'}), so lyapunov/val_decrease is not logged. Log it in validation_step"
+            f" (self.log({key!r}, ...)) or pass StabilityMonitor(monitor=<one of the available keys>). (shown once)"
+        )
+    return False

@@ -28,6 +28,7 @@ from lightning_stablelr.callbacks._instruments import (
 from lightning_stablelr.callbacks._lightning_access import reducer
 from lightning_stablelr.callbacks._monitor_config import MonitorConfig, apply_deprecated
 from lightning_stablelr.callbacks._monitor_io import (
+    has_monitor_metric,
     log_monitor_metrics,
     validation_batches,
     write_connectivity_figures,
@@ -209,9 +210,9 @@ class StabilityMonitor(Callback):
     def _reset_runtime(self) -> None:
         self._probe: ObjectiveProbe | None = None
         self._writer: Any = None
-        self._train_batches: list[Any] = []
+        self._train_batches: list[Any] = []  # the sharpness batch and BatchNorm recalibration batches
+        self._warned: set[str] = set()  # missing validation metrics already warned about
 
-    # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -302,7 +303,7 @@ class StabilityMonitor(Callback):
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         key = self.config.monitor
-        if trainer.state.fn != "fit" or trainer.sanity_checking or key not in trainer.callback_metrics:
+        if trainer.state.fn != "fit" or trainer.sanity_checking or not has_monitor_metric(trainer, key, self._warned):
             return
         value = torch.as_tensor(trainer.callback_metrics[key], dtype=torch.float64)
         value = trainer.strategy.reduce(value.to(pl_module.device), reduce_op="mean")
@@ -338,7 +339,6 @@ class StabilityMonitor(Callback):
         if run.ran or run.failed:  # a failure still logs the counters
             self._log(trainer, run.metrics)
 
-    # ------------------------------------------------------------------ output
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         counters = {"monitor/deferred_probes": float(self._governor.total_deferred),
                     "monitor/failed_probes": float(self.failed_probes)}  # fmt: skip
