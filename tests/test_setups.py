@@ -18,15 +18,10 @@ from tests.setups import SETUPS, Outcome, run
 pytestmark = pytest.mark.slow
 
 # Cells that fail for a reason inside StableLR's own code (fixed on another branch; the lead flips these).
-# Cells known to fail for a reason in StableLR's own code. The hot-path work fixed two optimizers per batch
-# (issue 9 item 2) for StableLR alone, sparse gradients (item 3) and the endless loader without
-# steps_per_epoch (item 6); one cell is left, with the monitor beside StableLR (both callbacks only).
+# Cells known to fail for a reason in StableLR's own code: none left. Fixed: two optimizers per batch (issue 9
+# item 2: StableLR and the monitor each probe a batch's first step, over the whole batch's update), sparse
+# gradients (item 3) and the endless loader without steps_per_epoch (item 6).
 STABLELR_XFAIL: dict[str, str] = {}
-BOTH_XFAIL: dict[str, str] = {
-    "manual_two_optimizers": "two optimizer steps per batch with StabilityMonitor beside StableLR: StableLR's"
-    " guard receives no line-probe result from the shared session (stablelr/step_margin never logged); StableLR"
-    " alone passes, so the session's step bookkeeping under two steps per batch is the suspect",
-}
 
 REFERENCE = {"monitor": "none", "both": "stablelr"}
 
@@ -44,8 +39,6 @@ def _cells():
             marks = []
             if kind != "monitor" and name in STABLELR_XFAIL:
                 marks = [pytest.mark.xfail(strict=True, reason=STABLELR_XFAIL[name])]
-            if kind == "both" and name in BOTH_XFAIL:
-                marks = [pytest.mark.xfail(strict=True, reason=BOTH_XFAIL[name])]
             yield pytest.param(name, kind, id=f"{name}-{kind}", marks=marks)
 
 

@@ -255,7 +255,8 @@ class StabilityMonitor(Callback):
         # StableLR probes anyway costs nothing), and with gradient accumulation this is the stepping batch.
         step = trainer.global_step
         every = self.config.certificate_every_n_steps
-        if not every:
+        # One certificate per batch, of its first step (a batch may step several optimizers).
+        if not every or (self._certificate_step is not None and self._certificate_step >= self._last_step_seen):
             return
         session = line_probe_session(trainer)
         if session.requested(step):
@@ -284,12 +285,11 @@ class StabilityMonitor(Callback):
             self.certificates.observe_loss(loss if accumulate == 1 else loss * accumulate)
         if len(self._train_batches) < self.config.train_batches_needed:
             self._train_batches.append(detached_copy(batch, self.config.snapshot_device))
-        stepped = trainer.global_step != self._last_step_seen
-        self._last_step_seen = trainer.global_step
-        if stepped and self._certificate_step == trainer.global_step - 1:
-            self._certificate_step = None
-            session = line_probe_session(trainer)
-            run = self.certificates.run(lambda: session.result(trainer, pl_module, batch, batch_idx),
+        first, self._last_step_seen = self._last_step_seen, trainer.global_step  # this batch's first step
+        stepped = trainer.global_step != first
+        if stepped and self._certificate_step is not None and self._certificate_step >= first:
+            step, self._certificate_step, session = self._certificate_step, None, line_probe_session(trainer)
+            run = self.certificates.run(lambda: session.result(trainer, pl_module, batch, batch_idx, step=step),
                                         self._context(trainer, pl_module))  # fmt: skip
             self._account(trainer, "certificate", run)
         every = self.config.sharpness_every_n_steps
