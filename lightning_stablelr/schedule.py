@@ -53,11 +53,11 @@ __all__ = [
 ]
 
 DEFAULT_DECAY_RATE = 0.0
-"""λ per epoch used when neither ``decay_rate`` nor ``half_life`` is given.
+"""λ per epoch from the first step when neither ``decay_rate`` nor ``half_life`` is given: 0.
 
-0 (no time decay) by evidence: over a 3-decade lr grid a decay of 0.03/epoch cost up to 13% of final
-validation loss at the peers' best lrs and more at small lrs, while the gap factor and the guard already
-lower the lr where it helps (``benchmarks/RESULTS.md``, "How the defaults were chosen")."""
+The default decay is the run-length cool-down instead (:func:`run_length_decay_rate`, :func:`anneal_start`),
+set by ``StableLRController.set_run_length`` once the run's length is known; a decay from the first step
+(0.03/epoch) cost up to 13% of final validation loss at the peers' best lrs (``benchmarks/RESULTS.md``)."""
 
 
 def resolve_decay_rate(decay_rate: float | None, half_life: float | None) -> float:
