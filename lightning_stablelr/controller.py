@@ -99,7 +99,6 @@ class StableLRController:
         self.margins = MarginWindow(config.guard_window)
         self.guard_counts: dict[str, int] = dict.fromkeys(GUARD_REASONS, 0)
         self.last_guard_reason: str | None = None
-        self.robust_margin: float | None = None
         self.confirm_pending = False
         self._train_loss_sum = 0.0
         self._train_loss_weight = 0.0
@@ -231,7 +230,6 @@ class StableLRController:
         rest = 1.0 if step is None else self.schedule_factor(step, epochs_elapsed)
         margin = full_lr_margin(line.step_margin, rest * self.stability_factor)
         self.margins.push(margin)
-        self.robust_margin = self.margins.robust()
         following = 1.0 if step is None else self.schedule_factor(step + 1, epochs_elapsed)
         factor, reason = update_stability_factor(
             self.stability_factor,
@@ -252,6 +250,11 @@ class StableLRController:
         self.nonfinite_steps += 1
         return self._cut_nonfinite()
 
+    @property
+    def robust_margin(self) -> float | None:
+        """``M``: the robust full-lr margin C follows (:meth:`MarginWindow.robust`), None until enough checks."""
+        return self.margins.robust()
+
     def take_confirmation_request(self) -> bool:
         """True once after a check asked for a confirmation check at the next optimizer step."""
         pending, self.confirm_pending = self.confirm_pending, False
@@ -260,7 +263,6 @@ class StableLRController:
     def _cut_nonfinite(self) -> float:
         # Margins measured before a blow-up say nothing about the state after it: recover on fresh evidence.
         self.margins.clear()
-        self.robust_margin = None
         factor = max(self.config.min_stability_factor, min(1.0, self.stability_factor * 0.5))
         return self._decided(factor, "nonfinite", confirm=True)
 
@@ -318,7 +320,6 @@ class StableLRController:
         self.margins.clear()
         for margin in state.get("margins", []):
             self.margins.push(float(margin))
-        self.robust_margin = self.margins.robust()
         self.guard_counts = dict.fromkeys(GUARD_REASONS, 0)
         self.guard_counts.update({str(k): int(v) for k, v in state.get("guard_counts", {}).items()})
         self.last_guard_reason = state.get("last_guard_reason")

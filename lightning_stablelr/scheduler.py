@@ -166,8 +166,12 @@ class StableLRScheduler(LRScheduler):
     def get_lr(self) -> list[float]:
         """``[η0_g · controller.factor(k, t) for each group]`` at ``k = last_epoch`` (the floor is inside the factor)."""
         step = self.last_epoch
-        elapsed = self.controller.epochs_elapsed(step, self.steps_per_epoch, step // self.steps_per_epoch)
+        elapsed = self._epochs(step)
         return [self.controller.lr(float(base_lr), step, elapsed) for base_lr in self.base_lrs]
+
+    def _epochs(self, step: int) -> float:
+        """``t`` of optimizer step ``step``: fractional epochs, or the integer epoch with ``interval="epoch"``."""
+        return self.controller.epochs_elapsed(step, self.steps_per_epoch, step // self.steps_per_epoch)
 
     _get_closed_form_lr = get_lr
 
@@ -214,8 +218,7 @@ class StableLRScheduler(LRScheduler):
         """Update ``C`` from ``L0 = L(θ)``, ``L+ = L(θ+Δθ)``, ``L- = L(θ-Δθ)`` measured by the caller."""
         line = line_model(l0, l_plus, l_minus)
         step = max(self.last_epoch, 0)
-        elapsed = self.controller.epochs_elapsed(step, self.steps_per_epoch, step // self.steps_per_epoch)
-        self.controller.observe_line(line, step, elapsed)
+        self.controller.observe_line(line, step, self._epochs(step))
         self._apply_lrs()
         return line
 
