@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["RankMeanAccumulator", "Reduce", "Reduced", "all_finite", "reduce_with_flag"]
+__all__ = ["RankMeanAccumulator", "Reduce", "Reduced", "reduce_with_flag"]
 
 #: ``reduce(tensor, op)``: the element-wise reduction of ``tensor`` over all ranks (identity on one process).
 Reduce = Callable[[Tensor, str], Tensor]
@@ -59,32 +59,6 @@ def reduce_with_flag(
         flag = torch.zeros(1, dtype=dtype, device=device)
     reduced = reduce(torch.cat([body, flag]), op).tolist()
     return Reduced(reduced[:size], reduced[size] > 0)
-
-
-def _by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for tensor in tensors:
-        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
-    return list(groups.values())
-
-
-def all_finite(tensors: Sequence[Tensor]) -> Tensor:
-    """0-d bool tensor: every element of every tensor is finite. No host sync (the caller decides when).
-
-    Uses the max-abs norm, which stays finite for any finite input (a 2-norm could overflow to inf).
-    Exact but slow on CPU; the per-step test of :mod:`lightning_stablelr.nonfinite` uses a fused 2-norm.
-    """
-    if not tensors:
-        return torch.tensor(True)
-    device = tensors[0].device
-    checks: list[Tensor] = []
-    for group in _by_device_and_dtype(tensors):
-        try:
-            norms = torch._foreach_norm(group, ord=math.inf)
-        except (RuntimeError, TypeError, NotImplementedError):  # sparse or exotic tensors
-            norms = [tensor.abs().max() if tensor.numel() else tensor.new_zeros(()) for tensor in group]
-        checks.append(torch.stack([norm.float() for norm in norms]).isfinite().all().to(device))
-    return torch.stack(checks).all()
 
 
 class RankMeanAccumulator:

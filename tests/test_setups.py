@@ -18,10 +18,6 @@ from tests.setups import SETUPS, Outcome, run
 pytestmark = pytest.mark.slow
 
 # Cells that fail for a reason inside StableLR's own code (fixed on another branch; the lead flips these).
-# Cells known to fail for a reason in StableLR's own code: none left. Fixed: two optimizers per batch (issue 9
-# item 2: StableLR and the monitor each probe a batch's first step, over the whole batch's update), sparse
-# gradients (item 3) and the endless loader without steps_per_epoch (item 6).
-STABLELR_XFAIL: dict[str, str] = {}
 
 REFERENCE = {"monitor": "none", "both": "stablelr"}
 
@@ -36,10 +32,7 @@ def _outcome(name: str, kind: str, root: str) -> Outcome:
 def _cells():
     for name in SETUPS:
         for kind in ("monitor", "stablelr", "both"):
-            marks = []
-            if kind != "monitor" and name in STABLELR_XFAIL:
-                marks = [pytest.mark.xfail(strict=True, reason=STABLELR_XFAIL[name])]
-            yield pytest.param(name, kind, id=f"{name}-{kind}", marks=marks)
+            yield pytest.param(name, kind, id=f"{name}-{kind}")
 
 
 def _assert_identical(a: object, b: object, where: str) -> None:
