@@ -100,10 +100,12 @@ class ModuleStateGuard:
         self._clones.append((name, clone, _version(clone)))
         return clone
 
-    def parameters(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Every parameter of the module: ``params[name]`` where given, else the module's own (frozen ones)."""
-        own = {name: p.detach() for name, p in self.module.named_parameters()}
-        return {name: self.argument(name, params.get(name, own[name])) for name in own}
+    def parameters(self, params: Mapping[str, Tensor], own: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Every parameter of the module: ``params[name]`` where given, else the module's own (frozen ones).
+        ``own``: ``dict(module.named_parameters())`` when the caller has it already."""
+        if own is None:
+            own = dict(self.module.named_parameters())
+        return {name: self.argument(name, params[name] if name in params else own[name].detach()) for name in own}
 
     def begin(self) -> dict[str, Any]:
         """Record versions (and the backups needed to undo) before a probe call; raise when disabled."""

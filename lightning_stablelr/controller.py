@@ -123,6 +123,8 @@ class StableLRController:
         """``t``: ``global_step / steps_per_epoch`` with ``interval="step"``, ``float(epoch)`` with ``"epoch"``."""
         if self.config.interval == "epoch":
             return float(epoch)
+        if type(steps_per_epoch) is int and steps_per_epoch > 0:  # the per-step call: no validation cost
+            return global_step / steps_per_epoch
         steps_per_epoch = check_finite_positive(
             "steps_per_epoch",
             steps_per_epoch,

@@ -184,14 +184,25 @@ def three_point_losses(
 def directional_derivative(
     gradient: Mapping[str, Tensor] | None, theta_before: Mapping[str, Tensor], theta_after: Mapping[str, Tensor]
 ) -> Tensor:
-    """``gᵀΔθ = Σ_p ⟨g_p, θ_after,p - θ_before,p⟩`` in fp32 (NaN when no gradient was kept)."""
+    """``gᵀΔθ = Σ_p ⟨g_p, θ_after,p - θ_before,p⟩`` in fp32 (NaN when no gradient was kept).
+
+    Sharded (DTensor) tensors: each term is the global inner product (``full_tensor``, a collective), so
+    every rank returns the same value."""
     device = next(iter(theta_after.values())).device if theta_after else torch.device("cpu")
     if not gradient:
         return torch.tensor(math.nan, device=device)
+    grads = list(gradient.values())
+    afters = [theta_after[name] for name in gradient]
+    befores = [theta_before[name] for name in gradient]
+    sharded = any(hasattr(t, "full_tensor") for t in grads + afters)
+    if not sharded and all(t.dtype == torch.float32 and t.device == device for t in grads + afters + befores):
+        products = torch._foreach_mul(grads, torch._foreach_sub(afters, befores))  # fused: two kernels in all
+        return torch.stack([product.sum() for product in products]).sum()
     terms = [
         (grad.float() * (theta_after[name].float() - theta_before[name].float())).sum()
         for name, grad in gradient.items()
     ]
+    terms = [term.full_tensor() if hasattr(term, "full_tensor") else term for term in terms]
     return torch.stack(terms).sum().to(device)
 
 

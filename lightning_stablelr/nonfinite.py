@@ -1,16 +1,18 @@
 """Non-finite steps detected and neutralised on the device, without a host sync (pure: no Lightning import).
 
-For every optimizer step, on the gradients' device and without a host sync or a collective:
+For every optimizer step, on the device and without a host sync or a collective, one of two tests:
 
-    bad = not isfinite(‖g_i‖₂ for every gradient g_i)   (one fused ``_foreach_norm``, at least float32)
-          or a non-finite loss since the last step (:meth:`NonfiniteTracker.record_loss`)
+    loss test:      bad = not isfinite(L)   for the loss(es) recorded since the last step (O(1))
+    gradient test:  bad = not isfinite(‖g_i‖₂ for every gradient g_i)  or  not isfinite(L)
+                    (one fused ``_foreach_norm``, at least float32: one read of every gradient)
 
-``bad`` holds for any NaN/Inf element; a gradient whose 2-norm overflows counts too (its sum of
-squares: beyond a norm of about 1.8e19 for float32 and narrower dtypes, 1.3e154 for float64; no update
-survives such a gradient anyway). Sparse gradients are tested through their values, sharded
-(``DTensor``, FSDP2) gradients through their local shards; ranks that hold different shards pass
-``reduce_flag`` so that all of them take the same decision. The cost is one read of every gradient per
-step (the norm), a single fused kernel on a GPU.
+The loss test (``protect(test_gradients=False)``) costs nothing that grows with the model; it misses
+only a gradient that turns non-finite while the loss stays finite (a backward-only NaN, e.g. the
+gradient of ``sqrt`` or ``norm`` at 0). The gradient test catches every NaN/Inf element; a gradient
+whose 2-norm overflows counts too (its sum of squares: beyond a norm of about 1.8e19 for float32 and
+narrower dtypes, 1.3e154 for float64; no update survives such a gradient anyway). Sparse gradients are
+tested through their values, sharded (``DTensor``, FSDP2) gradients through their local shards; ranks
+that hold different shards pass ``reduce_flag`` so that all of them take the same decision.
 :meth:`NonfiniteTracker.protect` then makes the update harmless, still on the device:
 
 - an optimizer that can skip a step on the device (``optimizer._step_supports_amp_scaling``: torch's
@@ -18,14 +20,16 @@ step (the norm), a single fused kernel on a GPU.
   ``GradScaler`` passes: its kernel then skips the step and leaves the optimizer state untouched
   (except on the optimizer's very first step, which gets the zeroed gradients below: fused SGD would
   leave its momentum buffers uninitialised);
-- any other optimizer gets every gradient zeroed (``masked_fill_(bad, 0)``): the weights stay finite,
-  but momentum and weight decay still move them by their finite amount on that step.
+- any other optimizer gets every gradient zeroed (``masked_fill_(bad, 0)``, a pass over the gradients
+  on an accelerator; on a CPU only on a bad step): the weights stay finite, but momentum and weight
+  decay still move them by their finite amount on that step.
 
 The number of such steps and the last of them accumulate on the device; :meth:`NonfiniteTracker.take`
 reads them (one host sync) at the points where they are needed: logging, guard checks, validation.
 A flag that lives on the CPU is read at once (:attr:`NonfiniteTracker.read_cpu_flags`): CPU kernels are
 synchronous, so that read waits for nothing, and a finite step then skips the masking and the counting.
-Under DDP every rank holds the same all-reduced gradients, so the gradient flag needs no collective.
+Under DDP every rank holds the same all-reduced gradients, so the gradient test needs no collective
+(the loss test does: each rank has its own loss, so several processes use the gradient test).
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ class NonfiniteTracker:
         skip: bool = True,
         loss_decides: bool = True,
         reduce_flag: ReduceMax | None = None,
+        test_gradients: bool = True,
     ) -> Tensor | None:
         """Flag this optimizer step, neutralise it on the device when ``skip``, and count it; no host sync.
 
@@ -130,13 +135,22 @@ class NonfiniteTracker:
         in it (DDP: each rank has its own loss but the same gradients); it is then only counted.
         ``reduce_flag(flag)``: the maximum over ranks (a collective; on NCCL no host sync), for ranks that
         hold different gradients (sharded parameters): every rank then neutralises the same steps.
+        ``test_gradients=False``: only the recorded losses decide (O(1): no pass over the gradients; a
+        gradient that turns non-finite while the loss stays finite goes through). Needs ``loss_decides``
+        and a recorded loss; without one the gradients are tested anyway.
         Returns the step's flag (0-d bool), or None when there is nothing to check or the step is known to
         be finite (the CPU path).
         """
-        grads = step_gradients(optimizer)
         losses, self._losses = self._losses, []
         if skip:
             optimizer.__dict__.pop("found_inf", None)  # a previous step's flag (if no post-hook removed it)
+        if not test_gradients and loss_decides and losses and reduce_flag is None:
+            on_cpu = self.read_cpu_flags and all(loss.is_cpu for loss in losses)
+            if on_cpu and all(math.isfinite(loss.item()) for loss in losses):
+                return None  # the common case: one read of a CPU scalar, nothing else
+            bad = tensors_nonfinite(losses)
+            return self._neutralise(optimizer, step, skip, step_gradients(optimizer), bad, bad, on_cpu=on_cpu)
+        grads = step_gradients(optimizer)
         on_cpu = self.read_cpu_flags and all(tensor.device.type == "cpu" for tensor in grads + losses)
         if on_cpu and reduce_flag is None and _all_finite_on_cpu(grads + losses):
             return None  # a finite step, known without waiting (CPU kernels are synchronous): nothing to do
@@ -151,6 +165,23 @@ class NonfiniteTracker:
             decided = counted = reduce_flag(counted.float()) > 0
             if on_cpu and not bool(counted):
                 return counted
+        return self._neutralise(optimizer, step, skip, grads, decided, counted, on_cpu=on_cpu)
+
+    def _neutralise(
+        self,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        skip: bool,
+        grads: list[Tensor],
+        decided: Tensor | None,
+        counted: Tensor | None,
+        *,
+        on_cpu: bool,
+    ) -> Tensor | None:
+        """Skip (fused optimizer) or zero the update where ``decided``; count the step where ``counted``.
+        ``on_cpu``: ``counted`` is known to be True (the CPU path reads it at once) unless ``decided`` differs."""
+        if counted is None:
+            return None
         if skip and grads and decided is not None:
             # Not on an optimizer's first step: torch's fused SGD then allocates its momentum buffers with
             # empty_like and a skipped kernel would leave them uninitialised (zeroed gradients are safe).
@@ -159,7 +190,7 @@ class NonfiniteTracker:
             elif not on_cpu:
                 for grad in grads:
                     grad.masked_fill_(decided.to(grad.device), 0.0)
-            elif decided is counted or bool(decided):  # on the CPU path, counted is known to be True here
+            elif decided is counted or bool(decided):
                 for grad in grads:
                     grad.zero_()
         self._count = counted.float() if self._count is None else self._count + counted.to(self._count.device)

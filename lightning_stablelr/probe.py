@@ -14,8 +14,6 @@ Pure module: no ``lightning`` import, so plain PyTorch and Fabric users can prob
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -24,106 +22,27 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_stablelr._probe_isolation import (
-    restored_metric_states,
-    restored_training_flags,
-    silenced_logging,
-)
+from lightning_stablelr._loss_source import LossSource, ProbeError, training_loss
+from lightning_stablelr._probe_isolation import restored_training_flags
+from lightning_stablelr._sharded_probe import ShardedProbeError, in_place_point_losses, is_sharded
 from lightning_stablelr._state_guard import ProbeSideEffectError, ProbeSideEffectWarning, state_guard
 from lightning_stablelr.rng import isolated_rng
 
-__all__ = ["ObjectiveProbe", "ProbeError", "ProbeSideEffectError", "ProbeSideEffectWarning", "probe_failure_advice"]
+__all__ = [
+    "ObjectiveProbe", "ProbeError", "ProbeSideEffectError", "ProbeSideEffectWarning", "ShardedProbeError",
+    "probe_failure_advice",
+]  # fmt: skip
 
-
-
-class ProbeError(RuntimeError):
-    """The module offers no way to compute its training loss at given parameters."""
 
 
 def probe_failure_advice(error: BaseException) -> str:
     """The fix to print after a failed probe: a ProbeError carries its own; ``probe_loss`` cannot fix other errors."""
-    if isinstance(error, (ProbeError, ProbeSideEffectError)):
+    if isinstance(error, (ProbeError, ProbeSideEffectError, ShardedProbeError)):
         return "Its message says what to change."
     return (
         "The error came from evaluating the model on a cached batch, which `probe_loss` would not change. If"
         " training itself runs, please report it with this message."
     )
-
-
-def _accepts_batch_idx(training_step: Callable[..., Any]) -> bool:
-    """Mirror Lightning's rule: ``batch_idx`` is passed when named, or when the step takes >= 2 arguments."""
-    function = getattr(training_step, "__func__", None)
-    if function is not None:  # a bound method: inspect its function once, not on every probe
-        return _function_accepts_batch_idx(function)
-    return _signature_accepts_batch_idx(training_step, skip_first=False)
-
-
-@functools.lru_cache(maxsize=64)
-def _function_accepts_batch_idx(function: Callable[..., Any]) -> bool:
-    return _signature_accepts_batch_idx(function, skip_first=True)
-
-
-def _signature_accepts_batch_idx(training_step: Callable[..., Any], *, skip_first: bool) -> bool:
-    try:
-        parameters = list(inspect.signature(training_step).parameters.values())[1 if skip_first else 0 :]
-    except (TypeError, ValueError):  # builtins or C callables: be generous
-        return True
-    positional = 0
-    for parameter in parameters:
-        if parameter.name == "batch_idx" or parameter.kind is inspect.Parameter.VAR_POSITIONAL:
-            return True
-        if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
-            positional += 1
-    return positional >= 2
-
-
-def _training_loss(module: nn.Module, batch: Any, batch_idx: int) -> Tensor:
-    """The loss source: ``probe_loss(batch)`` if defined, else the silenced ``training_step``'s loss."""
-    probe_loss = getattr(module, "probe_loss", None)
-    if callable(probe_loss):
-        loss = probe_loss(batch)
-        source = "probe_loss"
-    else:
-        training_step = getattr(module, "training_step", None)
-        if not callable(training_step):
-            raise ProbeError(
-                f"{type(module).__name__} has neither `probe_loss` nor `training_step`, so its objective cannot"
-                " be probed. Implement `probe_loss(self, batch) -> Tensor` returning the scalar training loss."
-            )
-        if getattr(module, "automatic_optimization", True) is False:
-            # Running a manual-optimization step would call optimizer.step() on the real weights.
-            raise ProbeError(
-                f"{type(module).__name__} uses manual optimization, so its `training_step` cannot be replayed"
-                " as a probe. Implement `probe_loss(self, batch) -> Tensor` returning the scalar training loss."
-            )
-        with silenced_logging(module), restored_metric_states(module):
-            output = (
-                training_step(batch, batch_idx) if _accepts_batch_idx(training_step) else training_step(batch)
-            )
-        loss = output.get("loss") if isinstance(output, Mapping) else output
-        source = "training_step"
-    if not isinstance(loss, Tensor):
-        raise ProbeError(
-            f"{type(module).__name__}.{source} returned {type(loss).__name__}, not a loss Tensor (or a dict with"
-            " a 'loss' Tensor). Implement `probe_loss(self, batch) -> Tensor` returning the scalar training loss."
-        )
-    if loss.numel() != 1:
-        raise ProbeError(
-            f"{type(module).__name__}.{source} returned a loss of shape {tuple(loss.shape)}; the probe needs a"
-            " scalar. Reduce it, or implement `probe_loss(self, batch) -> Tensor` returning a scalar."
-        )
-    return loss.reshape(())
-
-
-class _LossSource(nn.Module):
-    """Holds the module so that ``functional_call`` can reparametrise it and still run ``training_step``."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, batch: Any, batch_idx: int) -> Tensor:
-        return _training_loss(self.module, batch, batch_idx)
 
 
 class ObjectiveProbe:
@@ -171,43 +90,44 @@ class ObjectiveProbe:
             )
         self.module = module
         self.forward_context = forward_context
-        self._source = _LossSource(module)
+        self._source = LossSource(module)
         self._guard = state_guard(module)
+        self._sharded: bool | None = None  # DTensor parameters (FSDP2): points written in place
 
     def parameters(self) -> dict[str, Tensor]:
         """Detached references (no copy) to the module's trainable parameters, keyed by name."""
         return {name: p.detach() for name, p in self.module.named_parameters() if p.requires_grad}
 
+    def _layout(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, list[str]]]:
+        """``(parameters, buffers, aliases)`` of the module, read once per probe call: ``aliases[name]`` lists
+        every name a (possibly tied) tensor is registered under, so that ``functional_call`` needs no untying."""
+        aliases: dict[str, list[str]] = {}
+        for named in (self.module.named_parameters, self.module.named_buffers):
+            first: dict[int, str] = {}
+            for name, tensor in named(remove_duplicate=False):
+                aliases.setdefault(first.setdefault(id(tensor), name), []).append(name)
+        return dict(self.module.named_parameters()), dict(self.module.named_buffers()), aliases
+
     def _call_arguments(
-        self, params: Mapping[str, Tensor] | None, buffers: Mapping[str, Tensor] | None = None
+        self,
+        params: Mapping[str, Tensor] | None,
+        buffers: Mapping[str, Tensor] | None = None,
+        layout: tuple[dict[str, Tensor], dict[str, Tensor], dict[str, list[str]]] | None = None,
     ) -> dict[str, Tensor]:
-        known = dict(self.module.named_parameters())
+        known, own_buffers, aliases = layout if layout is not None else self._layout()
+        self._check_names(params, buffers, known, own_buffers)
         if params is None:
             params = {name: p.detach() for name, p in known.items()}
-        else:
-            unknown = set(params) - set(known)
-            if unknown:
-                raise ValueError(
-                    f"params has names that are not parameters of {type(self.module).__name__}: "
-                    f"{sorted(unknown)[:5]}. Build them from ObjectiveProbe.parameters()."
-                )
-        arguments = {f"module.{name}": tensor for name, tensor in self._guard.parameters(params).items()}
-        own_buffers = dict(self.module.named_buffers())
-        if buffers:
-            unknown = set(buffers) - set(own_buffers)
-            if unknown:
-                raise ValueError(
-                    f"buffers has names that are not buffers of {type(self.module).__name__}: "
-                    f"{sorted(unknown)[:5]}. Use names from module.named_buffers()."
-                )
+        tensors = self._guard.parameters(params, known)
         for name, buffer in own_buffers.items():
             if buffers and name in buffers:
                 # The caller's tensor itself: in-place updates (BatchNorm recalibration) are meant to land in it.
-                arguments[f"module.{name}"] = buffers[name]
+                tensors[name] = buffers[name]
             else:
                 # A clone, so in-place updates (BatchNorm running stats, num_batches_tracked) hit a throwaway copy.
-                arguments[f"module.{name}"] = buffer.detach().clone()
-        return arguments
+                tensors[name] = buffer.detach().clone()
+        # Every alias of a tied tensor gets the same argument (functional_call's tie_weights, done once here).
+        return {f"module.{alias}": tensor for name, tensor in tensors.items() for alias in aliases.get(name, (name,))}
 
     def loss(
         self,
@@ -253,12 +173,17 @@ class ObjectiveProbe:
         Same contract as :meth:`loss` (every point re-seeded with ``seed``), with one RNG save/restore
         and one mode save/restore for all points.
         """
+        if self._sharded is None:
+            self._sharded = is_sharded(self.module)
+        if self._sharded:
+            return self._sharded_point_losses(batch, points, batch_idx, seed, create_graph, buffers, training)
         grad_mode = contextlib.nullcontext() if create_graph else torch.no_grad()
         values: list[Tensor] = []
         record = self._guard.begin()
+        layout = self._layout()
         with isolated_rng() as reseed, restored_training_flags(self.module), grad_mode:
             for params in points:
-                arguments = self._call_arguments(params, buffers)
+                arguments = self._call_arguments(params, buffers, layout)
                 reseed(seed)
                 context = (
                     self.forward_context() if self.forward_context is not None else contextlib.nullcontext()
@@ -267,12 +192,67 @@ class ObjectiveProbe:
                     if training is not None:
                         self.module.train(bool(training))
                     try:
-                        loss = functional_call(self._source, arguments, (batch, batch_idx))
+                        loss = functional_call(self._source, arguments, (batch, batch_idx), tie_weights=False)
                     finally:
                         self._guard.after_point()
                 values.append(loss.float())
         self._guard.end(record)
         return values
+
+    def _sharded_point_losses(
+        self,
+        batch: Any,
+        points: Sequence[Mapping[str, Tensor] | None],
+        batch_idx: int,
+        seed: int,
+        create_graph: bool,
+        buffers: Mapping[str, Tensor] | None,
+        training: bool | None,
+    ) -> list[Tensor]:
+        """:meth:`point_losses` for sharded (DTensor) parameters: :mod:`lightning_stablelr._sharded_probe`."""
+        if create_graph:
+            raise ShardedProbeError(
+                f"{type(self.module).__name__} has sharded (DTensor, e.g. FSDP2) parameters, and a differentiable"
+                " probe (create_graph=True: Hessian-vector products for sharpness) cannot run through FSDP2's"
+                " all-gathers. Turn the sharpness instrument off (StabilityMonitor(sharpness_every_n_steps=0))."
+            )
+        self._layout_check(points, buffers)
+
+        def evaluate() -> Tensor:
+            context = self.forward_context() if self.forward_context is not None else contextlib.nullcontext()
+            with context:
+                if training is not None:
+                    self.module.train(bool(training))
+                return training_loss(self.module, batch, batch_idx).float()
+
+        with isolated_rng() as reseed, restored_training_flags(self.module):
+            return in_place_point_losses(self.module, points, evaluate, reseed, seed, buffers=buffers)
+
+    def _layout_check(self, points: Sequence[Mapping[str, Tensor] | None], buffers: Mapping[str, Tensor] | None) -> None:
+        """Raise on names that are not the module's parameters or buffers."""
+        known, own_buffers, _ = self._layout()
+        for params in points:
+            self._check_names(params, buffers, known, own_buffers)
+
+    def _check_names(
+        self,
+        params: Mapping[str, Tensor] | None,
+        buffers: Mapping[str, Tensor] | None,
+        known: Mapping[str, Tensor],
+        own_buffers: Mapping[str, Tensor],
+    ) -> None:
+        if params is not None and not params.keys() <= known.keys():
+            unknown = set(params) - set(known)
+            raise ValueError(
+                f"params has names that are not parameters of {type(self.module).__name__}: "
+                f"{sorted(unknown)[:5]}. Build them from ObjectiveProbe.parameters()."
+            )
+        if buffers and not buffers.keys() <= own_buffers.keys():
+            unknown = set(buffers) - set(own_buffers)
+            raise ValueError(
+                f"buffers has names that are not buffers of {type(self.module).__name__}: "
+                f"{sorted(unknown)[:5]}. Use names from module.named_buffers()."
+            )
 
     def losses(
         self,

@@ -21,6 +21,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from lightning_stablelr._sharded_probe import reshard
 from lightning_stablelr.config import CheckCadence, StableLRConfig, make_config
 from lightning_stablelr.controller import GapDecision, StableLRController
 from lightning_stablelr.curvature import LineModel, line_model
@@ -249,7 +250,8 @@ class StableLRScheduler(LRScheduler):
         the callbacks use :func:`~lightning_stablelr.rng.probe_seed`) before each, so all three see the
         same dropout masks and the caller's random streams are unchanged. Pass ``module=model`` when the closure
         runs the model in train mode with BatchNorm: its buffers (running statistics) are then restored
-        bit-exactly too. Returns the :class:`LineModel`.
+        bit-exactly too; with FSDP2 pass it always: its units are resharded after each point, so that no
+        forward reuses parameters gathered at another point. Returns the :class:`LineModel`.
 
         Raises:
             RuntimeError: :meth:`snapshot` was not called before the step, or the param groups changed since.
@@ -277,7 +279,11 @@ class StableLRScheduler(LRScheduler):
                     for param, key in zip(params, keys):
                         param.copy_(points[index][key])
                     reseed(seed)
-                    loss = closure()  # a Python float is a double: keep it one
+                    try:
+                        loss = closure()  # a Python float is a double: keep it one
+                    finally:
+                        if module is not None:  # FSDP2: the next point must gather the shards just written
+                            reshard(module)
                     losses[index] = loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss), dtype=torch.float64)
             return [losses[0], losses[1], losses[2]]
 
@@ -291,6 +297,8 @@ class StableLRScheduler(LRScheduler):
                     param.copy_(end)
                 for buffer, saved in zip(buffers, saved_buffers):
                     buffer.copy_(saved)
+                if module is not None:
+                    reshard(module)
         if _world_size() > 1:  # every rank probes its own batch: the decision uses the mean over ranks
             values = _all_reduce(values, "mean")
         loss_before, loss_plus, loss_minus, _ = values.tolist()

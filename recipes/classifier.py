@@ -76,6 +76,25 @@ class Classifier(L.LightningModule):
         self.val_loss_best = MinMetric()
         self.val_acc_best = MaxMetric()
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (``trainer=fsdp``): shard ``net`` with FSDP2, each layer that owns
+        parameters as one unit, then the rest; under any other strategy, or when already sharded (Lightning
+        calls this hook again for ``trainer.test``), nothing."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.net, FSDPModule):
+            return
+
+        dims = mesh.mesh_dim_names or ()
+        mesh = mesh["data_parallel"] if "data_parallel" in dims else mesh
+        for module in self.net.modules():
+            if module is not self.net and any(True for _ in module.parameters(recurse=False)):
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 

@@ -48,6 +48,7 @@ NON_DEFAULT_ARGUMENTS = {
     "skip_nonfinite": False,
     "on_scheduler_conflict": "compose",
     "steps_per_epoch": 11,
+    "nonfinite_test": "gradients",
 }
 CONFIG_FIELDS = {field.name for field in fields(StableLRConfig)}
 

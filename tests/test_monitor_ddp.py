@@ -14,14 +14,13 @@ Each rank keeps a :class:`RecordingLogger` (not rank-zero-only) and dumps what t
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.helpers import metric_series, run_multiprocess_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,31 +112,11 @@ TAG_PREFIXES = ("lyapunov/", "connectivity/", "monitor/deferred_probes", "monito
 def _run_script(out: Path, timeout: float = 240) -> None:
     script = out / "monitor_ddp.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("LOCAL_RANK", None)
-    log = out / "log.txt"
-    with log.open("wb") as handle:
-        # A new session, so that a hang is ended together with the rank it started.
-        process = subprocess.Popen(
-            [sys.executable, str(script), str(out)], cwd=REPO, env=env, stdout=handle,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        try:
-            rc = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise AssertionError(f"DDP run hung for {timeout}s; log:\n{log.read_text()[-4000:]}") from None
-    assert rc == 0, f"DDP run failed with {rc}; log:\n{log.read_text()[-4000:]}"
+    run_multiprocess_script([sys.executable, str(script), str(out)], REPO, out / "log.txt", timeout)
 
 
 def _monitor_series(dump: dict) -> dict[str, dict[int, float]]:
-    result: dict[str, dict[int, float]] = {}
-    for step, metrics in dump["records"]:
-        for tag, value in metrics.items():
-            if tag.startswith(TAG_PREFIXES):
-                result.setdefault(tag, {})[step] = value
-    return result
+    return metric_series(dump["records"], TAG_PREFIXES)
 
 
 @pytest.mark.slow

@@ -55,6 +55,24 @@ def test_ddp_cpu_single_run_one_directory_same_lr_on_both_ranks(tmp_path):
 
 
 @pytest.mark.ddp
+def test_fsdp_recipe_shards_the_net_and_keeps_both_ranks_on_one_lr(tmp_path):
+    # trainer=fsdp is for GPUs; on 2 CPU processes (gloo) the same ModelParallelStrategy and FSDP2 sharding run.
+    run_dir = tmp_path / "run"
+    result = run_module(
+        ["trainer=fsdp", "trainer.accelerator=cpu", f"hydra.run.dir={run_dir}", "debug.lr_trace=true", *QUICK],
+        cwd=tmp_path, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, describe(result)
+    rank0, rank1 = _lr_traces(run_dir)
+    assert [record["step"] for record in rank0] == [0, 1, 2, 3]
+    assert rank0 == rank1
+    metrics = read_metrics(run_dir)
+    assert metrics["global_step"] == 4.0 and math.isfinite(metrics["val_loss"])
+    # The parameters were DTensor shards: the monitor's sharpness said so, once, from rank 0.
+    assert (result.stderr + result.stdout).count("sharpness is not supported on sharded (DTensor, FSDP2)") == 1
+
+
+@pytest.mark.ddp
 def test_multirun_with_ddp_sim_runs_in_the_sweep_process(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_module(

@@ -34,7 +34,7 @@ def test_the_documented_options_exist():
     assert _options("optimizer") == ["adamw", "sgd"]
     assert _options("lr_policy") == ["constant", "cosine", "exponential", "plateau", "stablelr"]
     assert _options("monitor") == ["default", "full", "off"]
-    assert _options("trainer") == ["cpu", "ddp", "ddp_cpu", "ddp_sim", "default", "gpu", "multinode"]
+    assert _options("trainer") == ["cpu", "ddp", "ddp_cpu", "ddp_sim", "default", "fsdp", "gpu", "multinode"]
     assert _options("logger") == ["csv", "tensorboard"]
     assert EXPERIMENTS == ["cifar10_ddp", "digits_overfit", "lr_robustness"]
     assert (CONF / "hydra" / "launcher" / "slurm.yaml").is_file()

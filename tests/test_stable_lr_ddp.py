@@ -12,13 +12,12 @@ subprocess timeout, which ends the whole process group.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_multiprocess_script
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_stablelr.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -49,21 +48,7 @@ def _run_ddp(out: Path, strategy: str, timeout: float = 240) -> None:
         sys.executable, str(SCRIPT), "--out", str(out), "--epochs", str(EPOCHS), "--stablelr", json.dumps(CONFIG),
         "--strategy", strategy, "--devices", "2", "--rank-scaled",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    env.pop("LOCAL_RANK", None)
-    log = out / "log.txt"
-    with log.open("wb") as handle:
-        # A new session, so that a hang can be ended together with the worker processes it started.
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            rc = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise AssertionError(f"DDP run hung for {timeout}s; log:\n{log.read_text()[-4000:]}") from None
-    assert rc == 0, f"DDP run failed with {rc}; log:\n{log.read_text()[-4000:]}"
+    run_multiprocess_script(command, REPO, out / "log.txt", timeout)
 
 
 @pytest.mark.slow

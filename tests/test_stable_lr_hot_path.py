@@ -130,10 +130,14 @@ def _instrument(callback: StableLR) -> tuple[dict[int, list[int]], set[int]]:
     return syncs, read_steps
 
 
-def _fit(tmp_path: Any, model: Probed, monkeypatch: pytest.MonkeyPatch) -> tuple[StableLR, dict, set[int], list]:
+def _fit(
+    tmp_path: Any, model: Probed, monkeypatch: pytest.MonkeyPatch, nonfinite_test: str = "gradients"
+) -> tuple[StableLR, dict, set[int], list]:
     collectives: list[int] = []
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: collectives.append(1))
-    callback = StableLR(check_every_n_steps=4, dense_check_steps=0, warmup_steps=0, decay_rate=0.1)
+    callback = StableLR(
+        check_every_n_steps=4, dense_check_steps=0, warmup_steps=0, decay_rate=0.1, nonfinite_test=nonfinite_test
+    )
     syncs, read_steps = _instrument(callback)
     trainer = make_trainer(tmp_path, max_steps=STEPS, limit_val_batches=0, log_every_n_steps=5, callbacks=[callback])
     trainer.fit(model, regression_loader(STEPS * 4, 4))
@@ -142,11 +146,18 @@ def _fit(tmp_path: Any, model: Probed, monkeypatch: pytest.MonkeyPatch) -> tuple
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-sgd", "sgd"])
-def test_quiet_steps_make_no_host_sync_and_no_collective_and_still_stop_a_nan(tmp_path, monkeypatch, fused):
+@pytest.mark.parametrize("nonfinite_test", ["loss", "gradients"])
+def test_quiet_steps_make_no_host_sync_and_no_collective_and_still_stop_a_nan(
+    tmp_path, monkeypatch, fused, nonfinite_test
+):
     # The accelerator path: the step's flag stays on the device (read_cpu_flags=False forces it on a CPU).
+    # nonfinite_test="loss" sees a NaN loss; "gradients" also a NaN gradient whose loss is finite.
     monkeypatch.setattr(NonfiniteTracker, "read_cpu_flags", False)
-    model = Probed(fused=fused, nan_grad_step=NAN_STEP)
-    callback, syncs, read_steps, collectives = _fit(tmp_path, model, monkeypatch)
+    if nonfinite_test == "loss":
+        model = Probed(fused=fused, nan_loss_step=NAN_STEP, nan_grad_step=NAN_STEP)  # a NaN loss: NaN gradients
+    else:
+        model = Probed(fused=fused, nan_grad_step=NAN_STEP)
+    callback, syncs, read_steps, collectives = _fit(tmp_path, model, monkeypatch, nonfinite_test)
 
     quiet = [step for step in range(STEPS) if step not in read_steps]
     assert {3, 4, 7, 9, 11, 14, 15} <= read_steps and NAN_STEP in quiet and len(quiet) >= 6, read_steps
@@ -184,9 +195,26 @@ def test_a_nan_loss_with_finite_gradients_counts_and_is_skipped(tmp_path, monkey
     # Issue 8: the loss, not only the gradients, decides (one process: every rank sees it).
     monkeypatch.setattr(NonfiniteTracker, "read_cpu_flags", False)
     model = Probed(fused=True, nan_loss_step=NAN_STEP)
-    callback, syncs, read_steps, _ = _fit(tmp_path, model, monkeypatch)
+    callback, syncs, read_steps, _ = _fit(tmp_path, model, monkeypatch, "loss")
     assert callback.controller.nonfinite_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(model.weights[NAN_STEP], model.weights[NAN_STEP + 1], strict=True))
     assert {step: syncs[step] for step in range(STEPS) if step not in read_steps} == {
         step: [0, 0] for step in range(STEPS) if step not in read_steps
     }
+
+
+def test_the_loss_test_reads_no_gradient_on_quiet_steps_and_the_gradients_on_check_steps(tmp_path, monkeypatch):
+    # nonfinite_test="loss" (the default): a NaN gradient under a finite loss passes on a quiet step (the
+    # documented price of an O(1) test) but is caught on a guard-check step, whose snapshot reads the gradients.
+    quiet = Probed(fused=False, nan_grad_step=NAN_STEP)
+    callback, _, read_steps, _ = _fit(tmp_path, quiet, monkeypatch, "loss")
+    assert NAN_STEP not in read_steps
+    assert not all(torch.isfinite(p).all() for p in quiet.weights[NAN_STEP + 1])  # the weights took the NaN
+
+    checked = Probed(fused=False, nan_grad_step=3)  # step 3 is a guard check
+    callback, _, _, _ = _fit(tmp_path, checked, monkeypatch, "loss")
+    assert callback.controller.nonfinite_steps == 1
+    assert all(torch.isfinite(p).all() for p in checked.parameters())
+    assert StableLR().nonfinite_test == "loss"
+    with pytest.raises(ValueError, match=r"`nonfinite_test` must be one of 'loss', 'gradients', got 'grads'"):
+        StableLR(nonfinite_test="grads")

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_stablelr.callbacks._lightning_access import reducer
+from lightning_stablelr.callbacks._nonfinite_steps import NONFINITE_TESTS
 from lightning_stablelr.collectives import RankMeanAccumulator, reduce_with_flag
 from lightning_stablelr.validation import check_choice, check_int_at_least
 
@@ -40,8 +41,9 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_callback_arguments(
-    monitor: Any, strict: Any, skip_nonfinite: Any, on_scheduler_conflict: Any, steps_per_epoch: Any
-) -> tuple[str, bool, bool, str, int | None]:
+    monitor: Any, strict: Any, skip_nonfinite: Any, on_scheduler_conflict: Any, steps_per_epoch: Any,
+    nonfinite_test: Any = "loss",
+) -> tuple[str, bool, bool, str, int | None, str]:
     """StableLR's own (non-controller) arguments, checked, in this order.
 
     Raises:
@@ -55,7 +57,12 @@ def check_callback_arguments(
     )  # fmt: skip
     if steps_per_epoch is not None:
         check_int_at_least("steps_per_epoch", steps_per_epoch, 1, "Or leave it None to infer it.")
-    return monitor, check_bool("strict", strict), check_bool("skip_nonfinite", skip_nonfinite), conflict, steps_per_epoch
+    test = check_choice(
+        "nonfinite_test", nonfinite_test, NONFINITE_TESTS,
+        "'loss' tests the step's loss (free); 'gradients' also every gradient element (one read of them per step).",
+    )  # fmt: skip
+    skip = check_bool("skip_nonfinite", skip_nonfinite)
+    return monitor, check_bool("strict", strict), skip, conflict, steps_per_epoch, test
 
 
 def decay_needs_epochs(controller: StableLRController) -> bool:
@@ -88,6 +95,7 @@ class TrainerInputs:
         self.monitor = monitor
         self.strict = strict
         self.train_loss = RankMeanAccumulator()
+        self._loss_scale = 1
         self._warned_missing = False
         self._warned_endless = False
         self._warned_unresolved = False
@@ -137,13 +145,15 @@ class TrainerInputs:
                 " overshoots. (shown once)"
             )
 
-    def record_train_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
+    def configure_loss_scale(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Once per fit: Lightning divides the loss by ``accumulate_grad_batches`` (automatic optimization)."""
+        self._loss_scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+
+    def record_train_loss(self, outputs: Any) -> None:
         """Add the step's loss (``outputs`` or ``outputs["loss"]``) to the running mean; no host sync on GPU."""
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        loss = outputs.get("loss") if type(outputs) is dict or isinstance(outputs, Mapping) else outputs
         if isinstance(loss, Tensor) and loss.numel() == 1:
-            # Lightning divided the loss by accumulate_grad_batches (automatic optimization only).
-            scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-            self.train_loss.add(loss, scale)
+            self.train_loss.add(loss, self._loss_scale)
 
     def flush_train_loss(self, trainer: pl.Trainer) -> tuple[float, float] | None:
         """``(mean, count)`` over all ranks since the last flush, or None; a collective."""

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_stablelr._sharded_probe import is_sharded
 from lightning_stablelr.callbacks._monitor_support import detached_copy, measure_sharpness
 from lightning_stablelr.certificates import CertificateWindow, LossEMA, ValidationTrend, certificate
 from lightning_stablelr.collectives import Reduce, reduce_with_flag
@@ -141,7 +142,9 @@ class SharpnessInstrument:
     relative change ``tol``, on a fixed training batch; the value is averaged over ranks. Each measurement
     continues the iteration from the previous vector, so a few products per measurement converge over
     successive measurements while the Hessian changes slowly. The cost unit is one Hessian-vector product.
-    The warm-start vector is runtime state (not checkpointed).
+    The warm-start vector is runtime state (not checkpointed). Sharded (DTensor, FSDP2) parameters are not
+    supported (Hessian-vector products cannot run through FSDP2's all-gathers): the instrument then says so
+    once and produces nothing, on every rank alike.
     """
 
     #: Hessian-vector products of a measurement whose cost is not known yet, and the fewest worth running.
@@ -153,6 +156,7 @@ class SharpnessInstrument:
         self.runs = 0
         self.last_value: float | None = None
         self.vector: tuple[bool, dict[str, Tensor]] | None = None
+        self.unsupported = False  # sharded parameters: said once, then nothing is measured
 
     def run(
         self, probe: ObjectiveProbe | None, optimizer: torch.optim.Optimizer, batch: Any, context: ProbeContext,
@@ -160,6 +164,16 @@ class SharpnessInstrument:
     ) -> InstrumentRun:
         """Measure at the module's current parameters on ``batch`` (a cached copy, moved to the device here),
         with at most ``min(iters, max_iters)`` Hessian-vector products."""
+        if probe is not None and is_sharded(probe.module):  # the same on every rank: no collective needed
+            if not self.unsupported and context.rank == 0:
+                warnings.warn(
+                    "StabilityMonitor: sharpness is not supported on sharded (DTensor, FSDP2) parameters: its"
+                    " Hessian-vector products cannot run through FSDP2's all-gathers. It logs nothing in this run;"
+                    " certificates and connectivity still run. Pass sharpness_every_n_steps=0 to silence this.",
+                    RuntimeWarning, stacklevel=3,
+                )  # fmt: skip
+            self.unsupported = True
+            return InstrumentRun(ran=False)
         iters = self.iters if max_iters is None else max(1, min(self.iters, max_iters))
         start = time.perf_counter()
         values: list[float] | None = None

@@ -8,11 +8,15 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from lightning_stablelr._sharded_probe import is_sharded
 from lightning_stablelr.callbacks._lightning_access import reducer
 from lightning_stablelr.controller import StableLRController
-from lightning_stablelr.nonfinite import NonfiniteTracker
+from lightning_stablelr.nonfinite import NonfiniteTracker, ReduceMax
 
-__all__ = ["NonfiniteSteps"]
+__all__ = ["NONFINITE_TESTS", "NonfiniteSteps"]
+
+#: ``StableLR(nonfinite_test=...)``: what decides that a step is non-finite (see :mod:`lightning_stablelr.nonfinite`).
+NONFINITE_TESTS = ("loss", "gradients")
 
 
 class NonfiniteSteps:
@@ -21,25 +25,48 @@ class NonfiniteSteps:
     Args:
         controller: whose ``C`` each non-finite step halves (:meth:`StableLRController.observe_nonfinite`).
         skip: neutralise such steps (``StableLR(skip_nonfinite=...)``).
+        test: ``"loss"`` (the step's loss decides, O(1) per step; the gradients are tested too on guard-check
+            steps, whose snapshot reads them anyway) or ``"gradients"`` (every gradient, every step: one fused
+            norm). Under several processes the gradients always decide: they are identical on every rank
+            after DDP's all-reduce, while each rank has its own loss.
     """
 
-    def __init__(self, controller: StableLRController, skip: bool) -> None:
+    def __init__(self, controller: StableLRController, skip: bool, test: str = "loss") -> None:
         self.controller = controller
         self.skip = skip
+        self.test = test
         self.tracker = NonfiniteTracker()
+        self._scaled = False  # fp16 AMP's GradScaler handles non-finite steps itself
+        self._one_process = True
+        self._reduce_flag: ReduceMax | None = None
+
+    def configure(self, trainer: pl.Trainer) -> None:
+        """Read what the per-step :meth:`protect` needs from the trainer once per fit (``on_train_start``)."""
+        self._scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        self._one_process = trainer.world_size == 1
+        # Sharded parameters (FSDP2): each rank tests only its own gradient shard, so the flag is maximised
+        # over the ranks (one small all-reduce per step) for every rank to skip the same steps.
+        self._reduce_flag = None
+        if not self._one_process and is_sharded(trainer.lightning_module):
+            reduce = reducer(trainer)
+            self._reduce_flag = lambda flag: reduce(flag, "max")
 
     def record_loss(self, loss: Tensor) -> None:
         self.tracker.record_loss(loss)
 
-    def protect(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, step: int) -> None:
+    def protect(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, step: int, *, checked: bool) -> None:
         """Flag and (``skip``) neutralise this optimizer step on the device; nothing with fp16 AMP's GradScaler,
-        which already skips overflowing steps."""
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        which already skips overflowing steps. ``checked``: a guard-check step (its gradients are tested)."""
+        if self._scaled:
             self.tracker.forget_loss()
             return
         # Under DDP the gradients are already all-reduced (identical on every rank); the losses are not,
         # so a rank's non-finite loss is counted on every rank (at resolve) but decides nothing alone.
-        self.tracker.protect(optimizer, step, skip=self.skip, loss_decides=trainer.world_size == 1)
+        one_process = self._one_process
+        self.tracker.protect(
+            optimizer, step, skip=self.skip, loss_decides=one_process, reduce_flag=self._reduce_flag,
+            test_gradients=checked or self.test == "gradients" or not one_process,
+        )  # fmt: skip
 
     def resolve(self, trainer: pl.Trainer) -> int | None:
         """Count the steps flagged since the last call into the controller and warn; returns the last such

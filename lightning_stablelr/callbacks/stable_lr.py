@@ -70,8 +70,7 @@ class StableLR(StableLRState):
     Args:
         decay_rate, half_life, interval, warmup_steps, min_lr_ratio, gap_tolerance, gap_strength, min_delta,
             gap_patience, safety, recovery, recover_above, min_stability_factor, guard_window, anneal_to,
-            anneal_fraction: the controller's settings,
-            documented (with their defaults and ranges) in :class:`~lightning_stablelr.config.StableLRConfig`.
+            anneal_fraction: the controller's settings, in :class:`~lightning_stablelr.config.StableLRConfig`.
         monitor: validation metric ``L_va`` (read from ``trainer.callback_metrics`` at validation end).
         strict: a missing ``monitor`` raises (True) or warns once and leaves ``G`` unchanged (False).
         check_every_n_steps, dense_check_steps: which optimizer steps run the three-point guard (three extra
@@ -79,18 +78,19 @@ class StableLR(StableLRState):
             ``(step + 1) % check_every_n_steps == 0``; 0 disables either. ``step`` is ``global_step``, or
             under manual optimization the batches that stepped (a batch may step several optimizers)
             (:class:`~lightning_stablelr.config.CheckCadence`, also ``StableLRScheduler.should_check``).
-        skip_nonfinite: neutralise a step whose loss or gradients are NaN/Inf, on the device and without a
-            host sync (:mod:`lightning_stablelr.nonfinite`): a fused optimizer (``fused=True``) skips it,
-            any other optimizer applies zero gradients; the weights are never poisoned. Every such step
-            halves ``C`` and is counted, read lazily: at the next logging step, guard check or validation.
+        skip_nonfinite: neutralise a non-finite step on the device, without a host sync: a fused optimizer
+            skips it, others apply zero gradients (:mod:`lightning_stablelr.nonfinite`). Each such step
+            halves ``C`` and is counted lazily (next logging step, guard check or validation).
+        nonfinite_test: ``"loss"`` (the step's loss decides, O(1); guard-check steps also test every gradient)
+            or ``"gradients"`` (every gradient element on every step, one fused norm: also catches a
+            backward-only NaN such as ``sqrt``'s gradient at 0). Several processes: the gradients decide.
         on_scheduler_conflict: ``"error"`` raises when ``configure_optimizers`` returns a scheduler;
             ``"compose"`` uses ``min(η_s, max(min_lr_ratio · η0, η_s · f)) · C`` with ``η_s`` the
             scheduler's lr, so the scheduler keeps its own trajectory and StableLR only scales it down.
         steps_per_epoch: optimizer steps that count as one epoch of decay; default
             ``ceil(num_training_batches / accumulate_grad_batches)``. Needed for loaders without length.
 
-    The line probe is shared with :class:`~lightning_stablelr.StabilityMonitor` through
-    :attr:`line_probe` (:mod:`lightning_stablelr.callbacks.line_probe_session`): computed once per step.
+    The line probe is shared with the monitor (:mod:`~lightning_stablelr.callbacks.line_probe_session`).
 
     Raises:
         ValueError: an argument is out of range (the message names it, the value and what to pass).
@@ -125,13 +125,15 @@ class StableLR(StableLRState):
         skip_nonfinite: bool = True,
         on_scheduler_conflict: str = "error",
         steps_per_epoch: int | None = None,
+        nonfinite_test: str = "loss",
     ) -> None:
         super().__init__()
         arguments = locals()
         self.config = StableLRConfig(**{name: arguments[name] for name in config_field_names()})
-        (self.monitor, self.strict, self.skip_nonfinite, self.on_scheduler_conflict, self.steps_per_epoch) = (
-            check_callback_arguments(monitor, strict, skip_nonfinite, on_scheduler_conflict, steps_per_epoch)
-        )
+        (self.monitor, self.strict, self.skip_nonfinite, self.on_scheduler_conflict, self.steps_per_epoch,
+         self.nonfinite_test) = check_callback_arguments(
+            monitor, strict, skip_nonfinite, on_scheduler_conflict, steps_per_epoch, nonfinite_test
+        )  # fmt: skip
         self.cadence = CheckCadence(check_every_n_steps, dense_check_steps)
         self.controller = StableLRController(self.config)
         self.base_lrs: dict[str, float] = {}
@@ -150,7 +152,7 @@ class StableLR(StableLRState):
         self._applied_lrs: dict[str, float] = {}
         self._applied_epochs = 0.0
         self._next_step: int | None = None
-        self._nonfinite = NonfiniteSteps(self.controller, self.skip_nonfinite)
+        self._nonfinite = NonfiniteSteps(self.controller, self.skip_nonfinite, self.nonfinite_test)
         self._step_hooks: list[Any] = []
         self._inputs = TrainerInputs(self.monitor, self.strict)
         self._pending_state: dict[str, Any] | None = None
@@ -205,6 +207,8 @@ class StableLR(StableLRState):
             ) or run_length_steps_per_epoch(trainer, self.controller)
         self._inputs.apply_run_length(trainer, self.controller, self._resolved_steps_per_epoch)
         self._inputs.warn_about_setup(trainer, pl_module)
+        self._nonfinite.configure(trainer)
+        self._inputs.configure_loss_scale(trainer, pl_module)
         self._detach_hooks()
         self._composition.attach(trainer.optimizers, self._scheduled, self._composed_lr, self.base_lrs)
         if getattr(trainer.precision_plugin, "scaler", None) is None:
@@ -251,21 +255,23 @@ class StableLR(StableLRState):
     ) -> None:
         session = self._shared_probe(trainer)
         step = self._seen_step if self._seen_step is not None else trainer.global_step
-        self._nonfinite.protect(trainer, optimizer, step)
+        probed = session.requested(global_step := trainer.global_step)
+        self._nonfinite.protect(trainer, optimizer, step, checked=probed)
         # A probed step reads the flag now (a sync, on every rank alike): a non-finite step has no probe.
-        if session.requested(trainer.global_step) and self._resolve_nonfinite(trainer) == step:
-            session.discard(trainer.global_step)
-            self._check_step = None
-        session.snapshot(trainer, pl_module)
+        if probed:
+            if self._resolve_nonfinite(trainer) == step:
+                session.discard(global_step)
+                self._check_step = None
+            session.snapshot(trainer, pl_module)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._inputs.record_train_loss(trainer, pl_module, outputs)
-        if trainer.global_step == self._batch_global_step:
+        self._inputs.record_train_loss(outputs)
+        if (global_step := trainer.global_step) == self._batch_global_step:
             return  # no optimizer stepped in this batch (gradient accumulation)
-        step = self._seen_step if self._seen_step is not None else trainer.global_step - 1
+        step = self._seen_step if self._seen_step is not None else global_step - 1
         if self._check_step == step and self._probe_step is not None:
             self._check_step = None
             result = self._shared_probe(trainer).result(trainer, pl_module, batch, batch_idx, step=self._probe_step)
@@ -332,10 +338,10 @@ class StableLR(StableLRState):
         """Set ``η_g`` on every group (scheduled optimizers: at the step itself, see :meth:`_compose`)."""
         self._applied = (step, trainer.current_epoch)
         self._applied_epochs = epochs = self._epochs(trainer, step)
-        self._applied_lrs = lrs = {}
-        self._rest = self.controller.schedule_factor(step, epochs)
-        lrs.update(set_learning_rates(trainer.optimizers, self.base_lrs, self._scheduled, self._lr_names,
-                                      lambda base: self.controller.lr(base, step, epochs), self._composed_lr))
+        self._rest = rest = self.controller.schedule_factor(step, epochs)
+        factor = rest * self.controller.stability_factor  # controller.factor(step, epochs), computed once
+        self._applied_lrs = set_learning_rates(trainer.optimizers, self.base_lrs, self._scheduled, self._lr_names,
+                                               lambda base: base * factor, self._composed_lr)
 
     def _composed_lr(self, base_lr: float, scheduler_lr: float) -> float:
         guard = self.controller.stability_factor

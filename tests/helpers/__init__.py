@@ -14,6 +14,7 @@ Other test files import these names; keep their signatures and behaviour stable.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -229,3 +230,35 @@ def make_trainer(root_dir: Any, **overrides: Any) -> L.Trainer:
     }
     options.update(overrides)
     return L.Trainer(**options)
+
+
+def run_multiprocess_script(command: Sequence[str], cwd: Any, log: Any, timeout: float, what: str = "DDP run") -> None:
+    """Run ``command`` (a script that Lightning relaunches as its other ranks) in a new session, writing its
+    output to ``log``; a hang past ``timeout`` s kills every process it started and fails with the log's tail."""
+    import os
+    import signal
+    import subprocess
+
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(cwd)}
+    env.pop("LOCAL_RANK", None)
+    with open(log, "wb") as handle:
+        process = subprocess.Popen(
+            list(command), cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            rc = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise AssertionError(f"{what} hung for {timeout}s; log:\n{Path(log).read_text()[-4000:]}") from None
+    assert rc == 0, f"{what} failed with {rc}; log:\n{Path(log).read_text()[-4000:]}"
+
+
+def metric_series(records: Sequence[tuple[int, dict[str, float]]], prefixes: tuple[str, ...]) -> dict[str, dict[int, float]]:
+    """``{tag: {step: value}}`` of the recorded ``(step, metrics)`` whose tag starts with one of ``prefixes``."""
+    result: dict[str, dict[int, float]] = {}
+    for step, metrics in records:
+        for tag, value in metrics.items():
+            if tag.startswith(prefixes):
+                result.setdefault(tag, {})[step] = value
+    return result

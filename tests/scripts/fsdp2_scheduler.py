@@ -57,7 +57,7 @@ def worker(rank: int, world: int, out: Path, nan_step: int, port: int, protect: 
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         if check:
-            scheduler.check_step(lambda x=x, y=y: nn.functional.mse_loss(model(x), y))
+            scheduler.check_step(lambda x=x, y=y: nn.functional.mse_loss(model(x), y), module=model)
         scheduler.step()
     scheduler.state_dict()  # reads the counts that are still on the device
     controller = scheduler.controller

@@ -1,0 +1,103 @@
+"""Probe points for sharded parameters (FSDP2 ``DTensor``): written into the shards in place, then restored
+(pure: no Lightning import).
+
+``torch.func.functional_call`` swaps the tensors registered on a module, but FSDP2 all-gathers its own
+sharded parameters in a forward pre-hook, so a swapped-in tensor would never reach the computation. For
+such a module :class:`~lightning_stablelr.probe.ObjectiveProbe` evaluates each point θ this way instead:
+
+    p.copy_(θ_p)  for every parameter p (DTensor: each rank writes its local shard)
+    L(θ) = the ordinary forward (FSDP2 gathers the written shards), under no_grad, re-seeded
+    then every parameter and buffer is copied back, bit-exactly, also when the forward raises
+
+FSDP2 keeps the root unit's parameters gathered after a forward (the backward would need them), so
+after each point, and after the restore, every FSDP2 unit is resharded (:func:`reshard`): the next
+forward, the probe's or training's, gathers the current shards instead of reusing a stale copy.
+
+Every rank must probe the same points (the same Δθ everywhere) because the forward's all-gathers are
+collectives; each rank's loss is its own batch's, to be averaged over the ranks by the caller.
+Differentiable probes (``create_graph=True``: sharpness) are refused with :class:`ShardedProbeError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ShardedProbeError", "in_place_point_losses", "is_sharded", "reshard"]
+
+
+class ShardedProbeError(RuntimeError):
+    """A probe that sharded (DTensor) parameters cannot serve: a differentiable one."""
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether some parameter of ``module`` is a ``DTensor`` (FSDP2 ``fully_shard``, tensor parallel)."""
+    return any(hasattr(parameter, "placements") and hasattr(parameter, "to_local") for parameter in module.parameters())
+
+
+def reshard(module: nn.Module) -> None:
+    """Free every FSDP2 unit's gathered parameters (``FSDPModule.reshard``) so the next forward gathers the
+    shards as they are now; a no-op for modules that are not FSDP2 units."""
+    for unit in module.modules():
+        method = getattr(unit, "reshard", None)
+        if callable(method) and hasattr(unit, "unshard"):
+            method()
+
+
+def _local(tensor: Tensor) -> Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _same_storage(first: Tensor, second: Tensor) -> bool:
+    a, b = _local(first), _local(second)
+    return a.numel() > 0 and a.data_ptr() == b.data_ptr()
+
+
+def in_place_point_losses(
+    module: nn.Module,
+    points: Sequence[Mapping[str, Tensor] | None],
+    evaluate: Callable[[], Tensor],
+    reseed: Callable[[int], None],
+    seed: int,
+    *,
+    buffers: Mapping[str, Tensor] | None = None,
+) -> list[Tensor]:
+    """``[evaluate() at θ for θ in points]`` with each θ written into ``module``'s parameters in place.
+
+    A point maps parameter names to values (a point that omits a name, or None, uses the module's own
+    value); a value may be the live parameter itself (``ObjectiveProbe.parameters()``): it is read from a
+    copy taken first. ``buffers``: named buffers whose values each point starts from, and into which the
+    forward's in-place updates are copied back (BatchNorm recalibration); the module's own buffers end
+    exactly as they were. ``reseed(seed)`` runs before each point.
+    """
+    parameters = dict(module.named_parameters())
+    own_buffers = dict(module.named_buffers())
+    values: list[Tensor] = []
+    with torch.no_grad():
+        saved = {name: parameter.detach().clone() for name, parameter in parameters.items()}
+        saved_buffers = {name: buffer.detach().clone() for name, buffer in own_buffers.items()}
+        try:
+            for point in points:
+                for name, parameter in parameters.items():
+                    value = point.get(name) if point else None
+                    if value is None or _same_storage(value, parameter):
+                        value = saved[name]
+                    parameter.copy_(value)
+                for name, buffer in own_buffers.items():
+                    buffer.copy_(buffers[name] if buffers and name in buffers else saved_buffers[name])
+                reseed(seed)
+                try:
+                    values.append(evaluate())
+                finally:
+                    reshard(module)
+                for name in buffers or {}:
+                    buffers[name].copy_(own_buffers[name])
+        finally:
+            for name, parameter in parameters.items():
+                parameter.copy_(saved[name])
+            for name, buffer in own_buffers.items():
+                buffer.copy_(saved_buffers[name])
+            reshard(module)
+    return values
