@@ -113,9 +113,12 @@ def run_config(panel: str, policy: str, steps: int, eval_every: int) -> str:
         from benchmarks.engines import stablelr_cadence
         from benchmarks.long_engine import stablelr_overrides
         from benchmarks.robustness import CHECK_RULE_ID
+        from lightning_stablelr.config import config_field_names
         from lightning_stablelr.controller import StableLRConfig
 
-        policy_cfg.update(config=StableLRConfig(**stablelr_overrides()).to_dict(), cadence=stablelr_cadence({}),
+        overrides = stablelr_overrides()  # controller fields and the check cadence
+        controller = {key: value for key, value in overrides.items() if key in config_field_names()}
+        policy_cfg.update(config=StableLRConfig(**controller).to_dict(), cadence=stablelr_cadence(overrides),
                           check_rule=CHECK_RULE_ID, source=_source_hash())
     elif policy in ("schedulefree", "prodigy"):
         policy_cfg["version"] = version("prodigyopt" if policy == "prodigy" else "schedulefree")

@@ -198,16 +198,21 @@ def make_config(config: StableLRConfig | None, overrides: Mapping[str, Any], own
 
 @dataclass(frozen=True)
 class CheckCadence:
-    """Which optimizer steps run the three-point guard: ``should_check(step)``.
+    """Which optimizer steps run the three-point guard: ``should_check(step, guarding)``.
 
     ``step`` is the optimizer step about to be taken (``global_step`` before it, 0-based):
 
-        should_check(step) = step < dense_check_steps  or  (n > 0 and (step + 1) % n == 0),  n = check_every_n_steps
+        should_check(step, guarding) = step < dense_check_steps
+                                       or  (n > 0 and (step + 1) % m == 0),   n = check_every_n_steps
+        m = n while the guard rests (C = 1),  m = max(1, n // 10) while it acts (``guarding``: C < 1)
 
-    so the periodic checks fall on steps ``n-1, 2n-1, ...`` (the n-th, 2n-th... step). 0 turns either off.
+    so the periodic checks fall on steps ``n-1, 2n-1, ...`` (the n-th, 2n-th... step) on a healthy run, and
+    ten times as often while C is below 1: a cut is confirmed or undone within tens of steps, not hundreds,
+    and a healthy run pays for one check per ``n`` steps. 0 turns either off.
 
     Args:
-        check_every_n_steps: check every n-th optimizer step (three extra forward passes each); 0: never.
+        check_every_n_steps: check every n-th optimizer step (three extra forward passes each) while C = 1,
+            every ``n // 10``-th while C < 1; 0: never.
         dense_check_steps: also check every one of the first ``dense_check_steps`` steps, where
             divergence usually happens; 0: none.
 
@@ -215,7 +220,7 @@ class CheckCadence:
         ValueError: either value is not an integer ``>= 0``.
     """
 
-    check_every_n_steps: int = 50
+    check_every_n_steps: int = 100
     dense_check_steps: int = 20
 
     def __post_init__(self) -> None:
@@ -224,8 +229,13 @@ class CheckCadence:
         )
         check_int_at_least("dense_check_steps", self.dense_check_steps, 0, "Use 0 to disable the dense early checks.")
 
-    def should_check(self, step: int) -> bool:
-        """Whether optimizer step ``step`` (0-based) runs the guard; see the class docstring."""
+    def should_check(self, step: int, guarding: bool = False) -> bool:
+        """Whether optimizer step ``step`` (0-based) runs the guard; ``guarding``: C < 1. See the class docstring."""
         if step < self.dense_check_steps:
             return True
-        return self.check_every_n_steps > 0 and (step + 1) % self.check_every_n_steps == 0
+        every = self.check_every_n_steps
+        if every == 0:
+            return False
+        if guarding:
+            every = max(1, every // 10)
+        return (step + 1) % every == 0

@@ -136,7 +136,7 @@ class StableLRScheduler(LRScheduler):
         same rule as the :class:`~lightning_stablelr.StableLR` callback (:class:`~lightning_stablelr.config.CheckCadence`),
         plus the confirmation check the guard asks for after a low margin."""
         step = self.last_epoch if step is None else step
-        scheduled = self.cadence.should_check(step)
+        scheduled = self.cadence.should_check(step, self.controller.stability_factor < 1.0)
         if scheduled:  # a check step reads the non-finite steps counted on the device so far
             self._resolve_nonfinite()
         # A low margin asks for a confirmation check at the next step (cleared by that check).

@@ -51,7 +51,7 @@ def test_fsdp2_sharded_model_matches_ddp_and_keeps_ranks_in_step(tmp_path: Path)
     assert all(dump["finite"] for dump in sharded)
 
     # Certificates and connectivity equal the unsharded run's within 1e-5, at the same steps.
-    for prefix, expected in (("lyapunov/", 16), ("connectivity/", 2)):
+    for prefix, expected in (("lyapunov/", 20), ("connectivity/", 2)):
         ours = _series(sharded[0], prefix)
         theirs = _series(reference[0], prefix)
         sharpness_family = ("sharpness", "eos_ratio", "stability_threshold", "max_stable_lr", "log10_lr")

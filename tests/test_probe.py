@@ -313,3 +313,38 @@ def test_session_result_is_none_for_unrequested_or_discarded_steps(tmp_path):
     requester = DiscardOdd()
     _classifier_run(tmp_path, [requester])
     assert [r is None for r in requester.results] == [False, False, True, False, False, True, False, False]
+
+
+def test_the_gradient_is_kept_only_for_a_consumer_of_the_exact_derivative(tmp_path):
+    # StableLR's guard reads the step margin only: alone, a check copies θ but not g. The monitor's
+    # certificates report the Taylor error against gᵀΔθ, so it asks for g (reset(exact_derivative=True)).
+    from lightning_stablelr import StabilityMonitor, StableLR
+
+    class Recording(_Requester):
+        def __init__(self, exact: bool) -> None:
+            super().__init__()
+            self.exact, self.kept = exact, []
+
+        def setup(self, trainer, pl_module, stage) -> None:
+            line_probe_session(trainer).reset(exact_derivative=self.exact)
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+            self.kept.append(line_probe_session(trainer)._gradient is not None)
+
+    x, y = TinyClassifier.batch(num_samples=24, seed=3)
+    lines = {}
+    for exact in (False, True):
+        requester = Recording(exact)
+        make_trainer(tmp_path / str(exact), max_epochs=1, callbacks=[requester]).fit(
+            TinyClassifier(dropout=0.0, seed=2), DataLoader(TensorDataset(x, y), batch_size=6)
+        )
+        assert requester.kept == [exact] * 4
+        lines[exact] = [r.line for r in requester.results]
+    # The guard's input is the same either way; only the Taylor error's reference changes.
+    assert [line.step_margin for line in lines[False]] == [line.step_margin for line in lines[True]]
+    assert [line.taylor_error for line in lines[False]] != [line.taylor_error for line in lines[True]]
+    for callbacks, expected in (([StableLR()], False), ([StableLR(), StabilityMonitor()], True)):
+        trainer = make_trainer(tmp_path / str(expected) / "fit", max_epochs=1, callbacks=callbacks)
+        trainer.fit(TinyClassifier(dropout=0.0, seed=2), DataLoader(TensorDataset(x, y), batch_size=6))
+        assert line_probe_session(trainer).exact_derivative is expected

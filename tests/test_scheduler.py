@@ -306,3 +306,23 @@ def test_protect_neutralises_a_nan_step_and_counts_it_at_the_next_check(fused: b
     assert scheduler.controller.nonfinite_steps == 1
     assert scheduler.controller.stability_factor == 0.5
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_the_cadence_checks_ten_times_as_often_while_the_guard_acts():
+    from lightning_stablelr.config import CheckCadence
+
+    cadence = CheckCadence(check_every_n_steps=100, dense_check_steps=20)
+    resting = [step for step in range(400) if cadence.should_check(step)]
+    assert resting == [*range(20), 99, 199, 299, 399]
+    acting = [step for step in range(20, 120) if cadence.should_check(step, guarding=True)]
+    assert acting == [29, 39, 49, 59, 69, 79, 89, 99, 109, 119]
+    assert [step for step in range(50) if CheckCadence(5, 0).should_check(step, guarding=True)] == list(range(50))
+    never = CheckCadence(check_every_n_steps=0, dense_check_steps=2)
+    assert [step for step in range(300) if never.should_check(step, guarding=True)] == [0, 1]
+
+    # The scheduler asks with guarding = (C < 1).
+    model = torch.nn.Linear(2, 1)
+    scheduler = StableLRScheduler(torch.optim.SGD(model.parameters(), lr=0.1), steps_per_epoch=10, warmup_steps=0)
+    assert not scheduler.should_check(29)
+    scheduler.controller.stability_factor = 0.5
+    assert scheduler.should_check(29)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,13 @@ NAN_STEP = 6
 pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 (fully_shard) needs torch >= 2.6")
 
 
+def _free_port() -> int:
+    """A port nobody listens on now (a fixed one can still be held by an earlier run's socket)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _run(out: Path, port: int, *extra: str) -> list[dict]:
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -35,7 +43,7 @@ def _run(out: Path, port: int, *extra: str) -> list[dict]:
 
 
 def test_fsdp2_ranks_keep_the_same_lr_and_finite_shards_after_a_nan(tmp_path: Path) -> None:
-    rank0, rank1 = _run(tmp_path / "protected", 29561)
+    rank0, rank1 = _run(tmp_path / "protected", _free_port())
     assert rank0["sharded"] and rank1["sharded"]  # the parameters really are DTensor shards
     assert rank0["lrs"] == rank1["lrs"]  # bit-identical on every step
     assert len(set(rank0["lrs"])) > 2  # and the guard moved them
@@ -45,5 +53,5 @@ def test_fsdp2_ranks_keep_the_same_lr_and_finite_shards_after_a_nan(tmp_path: Pa
     assert rank0["finite"] and rank1["finite"]
     assert rank0["local_sum"] != rank1["local_sum"]  # different shards (not a replicated model)
 
-    control = _run(tmp_path / "control", 29562, "--no-protect")
+    control = _run(tmp_path / "control", _free_port(), "--no-protect")
     assert not control[0]["finite"] and not control[1]["finite"]

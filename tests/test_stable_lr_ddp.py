@@ -76,9 +76,8 @@ def test_every_rank_sets_the_same_lr_at_every_step(tmp_path: Path) -> None:
     controller_values = [[_stablelr_only(r) for r in records] for records in factors]
     assert controller_values[0] == controller_values[1]
 
-    body_lrs = [record["lrs"][0] for record in lrs[0]]
-    assert body_lrs[-1] < body_lrs[0] * 0.6, "decay over 3 epochs at 0.3/epoch gives at most exp(-0.9*17/18)"
     last = epoch_ends[0][-1]
+    assert last["stablelr/decay"] < 0.6, "decay over 3 epochs at 0.3/epoch gives at most exp(-0.9*17/18)"
     assert last["stablelr/gap_factor"] < 1.0, f"G never moved, the reduced gap decision went untested: {last}"
     assert min(r["stablelr/stability_factor"] for r in factors[0]) < 1.0, "the guard never shrank C"
 

@@ -151,7 +151,7 @@ class TrainerInputs:
 
     def record_train_loss(self, outputs: Any) -> None:
         """Add the step's loss (``outputs`` or ``outputs["loss"]``) to the running mean; no host sync on GPU."""
-        loss = outputs.get("loss") if type(outputs) is dict or isinstance(outputs, Mapping) else outputs
+        loss = outputs if isinstance(outputs, Tensor) else outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, Tensor) and loss.numel() == 1:
             self.train_loss.add(loss, self._loss_scale)
 

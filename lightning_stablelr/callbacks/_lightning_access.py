@@ -24,7 +24,10 @@ from torch import Tensor
 
 from lightning_stablelr.collectives import Reduce
 
-__all__ = ["is_last_training_batch", "log_step", "log_to_loggers", "logs_this_step", "put_callback_metrics", "reducer"]
+__all__ = [
+    "is_last_training_batch", "log_step", "log_to_loggers", "logs_this_step", "put_callback_metrics", "reducer",
+    "schedule_step",
+]  # fmt: skip
 
 
 def reducer(trainer: pl.Trainer) -> Reduce:
@@ -39,6 +42,12 @@ def reducer(trainer: pl.Trainer) -> Reduce:
 def log_step(trainer: pl.Trainer) -> int:
     """The step Lightning's own logging and ``LearningRateMonitor`` write at (batches that stepped)."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def schedule_step(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+    """StableLR's warmup/decay/cadence step: optimizer steps, or under manual optimization the batches that
+    stepped (a batch may step several optimizers)."""
+    return trainer.global_step if pl_module.automatic_optimization else log_step(trainer)
 
 
 def logs_this_step(trainer: pl.Trainer) -> bool:

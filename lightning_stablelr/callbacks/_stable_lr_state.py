@@ -1,4 +1,5 @@
-"""StableLR's checkpoint state and pickling, as a base class of :class:`~lightning_stablelr.StableLR`."""
+"""StableLR's checkpoint state, pickling and read-only views of its settings, as a base class of
+:class:`~lightning_stablelr.StableLR`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing_extensions import override
 if TYPE_CHECKING:
     from lightning_stablelr.callbacks._inputs import TrainerInputs
     from lightning_stablelr.callbacks._nonfinite_steps import NonfiniteSteps
+    from lightning_stablelr.callbacks._optimizers import SchedulerComposition
+    from lightning_stablelr.config import CheckCadence
     from lightning_stablelr.controller import StableLRController
 
 __all__ = ["StableLRState"]
@@ -21,12 +24,26 @@ class StableLRState(Callback):
     the legacy state key, and pickling without the fit's transient objects."""
 
     controller: StableLRController
+    cadence: CheckCadence
+    _composition: SchedulerComposition
     base_lrs: dict[str, float]
     _resolved_steps_per_epoch: int | None
     _pending_state: dict[str, Any] | None
     _nonfinite: NonfiniteSteps
     _inputs: TrainerInputs
     _applied: tuple[int, int] | None
+
+    @property
+    def check_every_n_steps(self) -> int:
+        return self.cadence.check_every_n_steps
+
+    @property
+    def dense_check_steps(self) -> int:
+        return self.cadence.dense_check_steps
+
+    @property
+    def _hook_handles(self) -> list[Any]:
+        return self._composition.handles
 
     @property
     @override

@@ -70,17 +70,24 @@ class LineProbeSession:
     caches the :class:`~lightning_stablelr.line_probe.LineProbeResult`. ``discard(step)`` cancels a step
     whose update was dropped (non-finite gradients): its result is None for every caller.
 
-    On a requested step ``snapshot`` also keeps the step's gradient g (when ``accumulate_grad_batches ==
-    1`` and no dropout is active), and the result's line model compares its first-order term with the
-    exact ``gᵀΔθ`` (the Taylor error). The probe seed is :func:`~lightning_stablelr.rng.probe_seed`.
+    With :attr:`exact_derivative` (set by :class:`~lightning_stablelr.StabilityMonitor`, whose certificates
+    report it), ``snapshot`` also keeps the step's gradient g (when ``accumulate_grad_batches == 1`` and no
+    dropout is active), and the result's line model compares its first-order term with the exact ``gᵀΔθ``
+    (the Taylor error). StableLR's guard reads only the step margin, so alone it skips that copy and the
+    two passes of ``gᵀΔθ``. The probe seed is :func:`~lightning_stablelr.rng.probe_seed`.
     """
 
     def __init__(self) -> None:
+        #: Keep g and compute ``gᵀΔθ`` for the Taylor error (a consumer that reports it sets this; kept across fits).
+        self.exact_derivative = False
         self.reset()
         self._warned = False
 
-    def reset(self) -> None:
-        """Forget every request, snapshot and cached result (each callback calls it when a fit starts)."""
+    def reset(self, exact_derivative: bool | None = None) -> None:
+        """Forget every request, snapshot and cached result (each callback calls it when a fit starts);
+        ``exact_derivative=True``: from now on keep g for the Taylor error (:attr:`exact_derivative`)."""
+        if exact_derivative is not None:
+            self.exact_derivative = exact_derivative
         self._requested: set[int] = set()
         self._snapshot_step: int | None = None
         self._snapshot: dict[str, Tensor] | None = None
@@ -121,7 +128,7 @@ class LineProbeSession:
         # one, and active dropout draws another mask than the probe's seeded one: the comparison would
         # measure noise, not the model, so g is kept only without either.
         self._gradient = None
-        if trainer.accumulate_grad_batches == 1 and not has_active_dropout(pl_module):
+        if self.exact_derivative and trainer.accumulate_grad_batches == 1 and not has_active_dropout(pl_module):
             self._gradient = {name: p.grad.detach().clone() for name, p in trainable if p.grad is not None}
         self._snapshot_step = step
 

@@ -219,7 +219,7 @@ class StabilityMonitor(Callback):
             return
         self._reset_runtime()
         self.sharpness.reset()
-        line_probe_session(trainer).reset()
+        line_probe_session(trainer).reset(exact_derivative=True)  # certificates report the Taylor error vs gᵀΔθ
         self._probe = ObjectiveProbe(pl_module, forward_context=trainer.precision_plugin.forward_context)
         if self.config.connectivity_every_n_epochs:
             message = self.connectivity.setup(self._probe.parameters())

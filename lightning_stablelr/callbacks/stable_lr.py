@@ -36,10 +36,10 @@ from lightning_stablelr.callbacks._inputs import (
     run_length_steps_per_epoch,
 )
 from lightning_stablelr.callbacks._lightning_access import (
-    log_step,
     log_to_loggers,
     logs_this_step,
     put_callback_metrics,
+    schedule_step,
 )
 from lightning_stablelr.callbacks._nonfinite_steps import NonfiniteSteps
 from lightning_stablelr.callbacks._optimizers import (
@@ -150,6 +150,7 @@ class StableLR(StableLRState):
         self._batch_global_step = 0  # trainer.global_step at the start of this batch
         self._applied: tuple[int, int] | None = None  # (step, epoch) whose lrs are set
         self._applied_lrs: dict[str, float] = {}
+        self._applied_factor: float | None = None  # the factor the optimizers' lrs hold
         self._applied_epochs = 0.0
         self._next_step: int | None = None
         self._nonfinite = NonfiniteSteps(self.controller, self.skip_nonfinite, self.nonfinite_test)
@@ -160,18 +161,6 @@ class StableLR(StableLRState):
         #: The line-probe session; the one of the first callback carrying one is shared by all.
         self.line_probe = LineProbeSession()
         self._session: LineProbeSession | None = None
-
-    @property
-    def _hook_handles(self) -> list[Any]:
-        return self._composition.handles
-
-    @property
-    def check_every_n_steps(self) -> int:
-        return self.cadence.check_every_n_steps
-
-    @property
-    def dense_check_steps(self) -> int:
-        return self.cadence.dense_check_steps
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -193,6 +182,7 @@ class StableLR(StableLRState):
         # a checkpoint in on_train_start).
         self._resolved_steps_per_epoch = None
         self._check_step = self._probe_step = self._seen_step = self._next_step = self._applied = None
+        self._applied_factor = None
         self.base_lrs = base_learning_rates(trainer.optimizers, self._scheduled)
         self._lr_names = param_group_lr_names(trainer.optimizers)
 
@@ -214,23 +204,24 @@ class StableLR(StableLRState):
         if getattr(trainer.precision_plugin, "scaler", None) is None:
             self._step_hooks = [opt.register_step_post_hook(clear_found_inf) for opt in trainer.optimizers]
         # The first step's lrs are set before any callback's on_train_batch_start (LearningRateMonitor).
-        self._apply_lrs(trainer, self._schedule_step(trainer, pl_module))
+        self._apply_lrs(trainer, schedule_step(trainer, pl_module))
         self.last_lrs, self._epochs_elapsed = self._applied_lrs, self._applied_epochs
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._apply_lrs(trainer, self._schedule_step(trainer, pl_module))  # interval="epoch": a new epoch
+        self._apply_lrs(trainer, schedule_step(trainer, pl_module))  # interval="epoch": a new epoch
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._batch_global_step = trainer.global_step
-        step = self._schedule_step(trainer, pl_module)
+        self._batch_global_step = global_step = trainer.global_step
+        step = global_step if pl_module.automatic_optimization else schedule_step(trainer, pl_module)
         if step == self._seen_step:  # a further micro-batch of the same optimizer step (accumulation)
             return
         self._seen_step = step
-        check = self.cadence.should_check(step) or self.controller.take_confirmation_request()
+        guarding = self.controller.stability_factor < 1.0
+        check = self.cadence.should_check(step, guarding) or self.controller.take_confirmation_request()
         logs = logs_this_step(trainer)
         if check or logs:  # the only steps that read the device counters (a host sync)
             self._resolve_nonfinite(trainer)
@@ -238,8 +229,8 @@ class StableLR(StableLRState):
             self._apply_lrs(trainer, step)
         self.last_lrs, self._epochs_elapsed = self._applied_lrs, self._applied_epochs  # this step's, for metrics
         if check:
-            self._check_step, self._probe_step = step, trainer.global_step
-            self._shared_probe(trainer).request(trainer.global_step)
+            self._check_step, self._probe_step = step, global_step
+            self._shared_probe(trainer).request(global_step)
         if logs:
             metrics = self._metrics()
             put_callback_metrics(trainer, metrics, self._metric_cache)
@@ -324,11 +315,6 @@ class StableLR(StableLRState):
             self.controller.record_train_loss(*mean)
         self._resolve_nonfinite(trainer)
 
-    @staticmethod
-    def _schedule_step(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
-        """Warmup/decay/cadence step: optimizer steps, or batches under manual optimization (several optimizers)."""
-        return trainer.global_step if pl_module.automatic_optimization else log_step(trainer)
-
     def _epochs(self, trainer: pl.Trainer, step: int) -> float:
         if self._resolved_steps_per_epoch is None and self.config.interval == "step":
             return 0.0  # no epoch known and none needed (decay_needs_epochs): t has no effect
@@ -340,6 +326,9 @@ class StableLR(StableLRState):
         self._applied_epochs = epochs = self._epochs(trainer, step)
         self._rest = rest = self.controller.schedule_factor(step, epochs)
         factor = rest * self.controller.stability_factor  # controller.factor(step, epochs), computed once
+        if factor == self._applied_factor and not self._scheduled:
+            return  # the lrs already set (the hold phase: most steps); nothing else sets them
+        self._applied_factor = factor
         self._applied_lrs = set_learning_rates(trainer.optimizers, self.base_lrs, self._scheduled, self._lr_names,
                                                lambda base: base * factor, self._composed_lr)
 
