@@ -33,8 +33,11 @@ class ShardedProbeError(RuntimeError):
 
 
 def is_sharded(module: nn.Module) -> bool:
-    """Whether some parameter of ``module`` is a ``DTensor`` (FSDP2 ``fully_shard``, tensor parallel)."""
-    return any(hasattr(parameter, "placements") and hasattr(parameter, "to_local") for parameter in module.parameters())
+    """Whether some parameter of ``module`` is a ``DTensor`` (FSDP2 ``fully_shard``, tensor parallel) or some
+    submodule is an FSDP2 unit (whose parameters a forward may have left gathered as plain tensors)."""
+    if any(hasattr(parameter, "placements") and hasattr(parameter, "to_local") for parameter in module.parameters()):
+        return True
+    return any(callable(getattr(unit, "reshard", None)) and hasattr(unit, "unshard") for unit in module.modules())
 
 
 def reshard(module: nn.Module) -> None:
@@ -72,6 +75,7 @@ def in_place_point_losses(
     forward's in-place updates are copied back (BatchNorm recalibration); the module's own buffers end
     exactly as they were. ``reseed(seed)`` runs before each point.
     """
+    reshard(module)  # a forward (validation) may have left the root's parameters gathered: register the shards
     parameters = dict(module.named_parameters())
     own_buffers = dict(module.named_buffers())
     values: list[Tensor] = []

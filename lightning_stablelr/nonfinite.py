@@ -161,6 +161,9 @@ class NonfiniteTracker:
         else:
             decided, loss_bad = tensors_nonfinite(grads), tensors_nonfinite(losses)
             counted = decided if loss_bad is None else loss_bad if decided is None else decided | loss_bad.to(decided.device)
+        if counted is None and reduce_flag is not None:  # nothing to test here, but every rank enters the reduce
+            device = next((p.device for group in optimizer.param_groups for p in group["params"]), torch.device("cpu"))
+            counted = torch.zeros((), dtype=torch.bool, device=device)
         if counted is None:
             return None
         if reduce_flag is not None:

@@ -24,7 +24,7 @@ from torch.func import functional_call
 
 from lightning_stablelr._loss_source import LossSource, ProbeError, training_loss
 from lightning_stablelr._probe_isolation import restored_training_flags
-from lightning_stablelr._sharded_probe import ShardedProbeError, in_place_point_losses, is_sharded
+from lightning_stablelr._sharded_probe import ShardedProbeError, in_place_point_losses, is_sharded, reshard
 from lightning_stablelr._state_guard import ProbeSideEffectError, ProbeSideEffectWarning, state_guard
 from lightning_stablelr.rng import isolated_rng
 
@@ -95,8 +95,18 @@ class ObjectiveProbe:
         self._sharded: bool | None = None  # DTensor parameters (FSDP2): points written in place
 
     def parameters(self) -> dict[str, Tensor]:
-        """Detached references (no copy) to the module's trainable parameters, keyed by name."""
+        """Detached references (no copy) to the module's trainable parameters, keyed by name (sharded ones:
+        the registered shards, the FSDP2 units resharded first)."""
+        if self._is_sharded():
+            reshard(self.module)
         return {name: p.detach() for name, p in self.module.named_parameters() if p.requires_grad}
+
+    def _is_sharded(self) -> bool:
+        # Only True is kept: a probe made before Lightning's configure_model (a callback's setup) sees the
+        # module unsharded, and sharding never goes away.
+        if not self._sharded:
+            self._sharded = is_sharded(self.module)
+        return bool(self._sharded)
 
     def _layout(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, list[str]]]:
         """``(parameters, buffers, aliases)`` of the module, read once per probe call: ``aliases[name]`` lists
@@ -173,9 +183,7 @@ class ObjectiveProbe:
         Same contract as :meth:`loss` (every point re-seeded with ``seed``), with one RNG save/restore
         and one mode save/restore for all points.
         """
-        if self._sharded is None:
-            self._sharded = is_sharded(self.module)
-        if self._sharded:
+        if self._is_sharded():
             return self._sharded_point_losses(batch, points, batch_idx, seed, create_graph, buffers, training)
         grad_mode = contextlib.nullcontext() if create_graph else torch.no_grad()
         values: list[Tensor] = []

@@ -90,7 +90,7 @@ class Classifier(L.LightningModule):
 
         dims = mesh.mesh_dim_names or ()
         mesh = mesh["data_parallel"] if "data_parallel" in dims else mesh
-        for module in self.net.modules():
+        for module in reversed(list(self.net.modules())):  # children before the modules that contain them
             if module is not self.net and any(True for _ in module.parameters(recurse=False)):
                 fully_shard(module, mesh=mesh)
         fully_shard(self.net, mesh=mesh)

@@ -88,3 +88,32 @@ def test_a_nan_first_step_of_fused_sgd_leaves_no_uninitialised_momentum():
     tracker.protect(optimizer, 1)
     optimizer.step()
     assert torch.allclose(weight.detach(), torch.full((3,), 0.9), rtol=0, atol=1e-7)
+
+
+def test_every_rank_enters_the_flag_reduce_even_with_nothing_to_test():
+    # Sharded parameters: a rank whose gradient shards are empty (and no loss) still joins the max-reduce,
+    # or the other ranks would wait in it forever.
+    parameter = torch.nn.Parameter(torch.zeros(0))
+    parameter.grad = torch.zeros(0)
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    calls = []
+    flag = NonfiniteTracker().protect(optimizer, 3, reduce_flag=lambda f: calls.append(f) or f, loss_decides=False)
+    assert len(calls) == 1 and calls[0].item() == 0.0 and not bool(flag)
+
+
+def test_the_callback_side_counts_locally_only_on_one_process_and_pickles_without_the_trainer():
+    import pickle
+
+    from lightning_stablelr.callbacks._nonfinite_steps import NonfiniteSteps
+    from lightning_stablelr.controller import StableLRController
+
+    steps = NonfiniteSteps(StableLRController(), skip=True)
+    steps.tracker.record_loss(torch.tensor(math.nan))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    steps.tracker.protect(optimizer, 0)
+    steps._one_process = False  # DDP: a rank's own count would give the ranks different C
+    assert steps.resolve_local() == 0 and steps.tracker.pending
+    steps._one_process = True
+    assert steps.resolve_local() == 1 and steps.controller.stability_factor == 0.5
+    steps._reduce_flag = lambda flag: flag  # a closure over the trainer in a sharded fit
+    assert pickle.loads(pickle.dumps(steps))._reduce_flag is None

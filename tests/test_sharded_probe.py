@@ -61,6 +61,8 @@ def test_sharded_points_match_the_unsharded_probe_and_leave_the_module_untouched
 
     expected = ObjectiveProbe(plain).losses(batch, [dict(plain.named_parameters()), moved], seed=3)
     probe = ObjectiveProbe(sharded)
+    with torch.no_grad():
+        sharded.body(batch[0])  # FSDP2 keeps the root unit's parameters gathered after a forward
     before = _state(sharded)
     live = probe.parameters()  # references to the live shards: read from a copy, not overwritten mid-probe
     got = probe.losses(batch, [live, moved_sharded, live], seed=3)

@@ -92,9 +92,18 @@ class NonfiniteSteps:
             )
         return last
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_reduce_flag"] = None  # holds the trainer; set again by configure() in the next fit
+        return state
+
     def resolve_local(self) -> int:
         """Count this rank's flagged steps without a collective (for ``state_dict``, which has no trainer);
-        returns how many."""
+        returns how many. Under several processes nothing: a rank's own count (a non-finite loss seen by
+        that rank only) would give the ranks different ``C``; it stays pending for the next collective
+        :meth:`resolve`."""
+        if not self._one_process:
+            return 0
         count, _ = self.tracker.take()
         for _ in range(count):
             self.controller.observe_nonfinite()

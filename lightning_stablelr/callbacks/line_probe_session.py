@@ -70,18 +70,24 @@ class LineProbeSession:
     caches the :class:`~lightning_stablelr.line_probe.LineProbeResult`. ``discard(step)`` cancels a step
     whose update was dropped (non-finite gradients): its result is None for every caller.
 
-    With :attr:`exact_derivative` (set by :class:`~lightning_stablelr.StabilityMonitor`, whose certificates
-    report it), ``snapshot`` also keeps the step's gradient g (when ``accumulate_grad_batches == 1`` and no
+    With :attr:`exact_derivative` (set at each fit's start from :meth:`exact_derivative_wanted`: a
+    :class:`~lightning_stablelr.StabilityMonitor`, whose certificates report it), ``snapshot`` also keeps the step's gradient g (when ``accumulate_grad_batches == 1`` and no
     dropout is active), and the result's line model compares its first-order term with the exact ``gᵀΔθ``
     (the Taylor error). StableLR's guard reads only the step margin, so alone it skips that copy and the
     two passes of ``gᵀΔθ``. The probe seed is :func:`~lightning_stablelr.rng.probe_seed`.
     """
 
     def __init__(self) -> None:
-        #: Keep g and compute ``gᵀΔθ`` for the Taylor error (a consumer that reports it sets this; kept across fits).
+        #: Keep g and compute ``gᵀΔθ`` for the Taylor error (set per fit by ``reset(exact_derivative=...)``).
         self.exact_derivative = False
         self.reset()
         self._warned = False
+
+    @staticmethod
+    def exact_derivative_wanted(trainer: pl.Trainer) -> bool:
+        """Whether a callback of ``trainer`` reports the Taylor error against ``gᵀΔθ`` (class attribute
+        ``reports_taylor_error``, True on StabilityMonitor): the session then keeps each probed step's g."""
+        return any(getattr(callback, "reports_taylor_error", False) for callback in trainer.callbacks)
 
     def reset(self, exact_derivative: bool | None = None) -> None:
         """Forget every request, snapshot and cached result (each callback calls it when a fit starts);

@@ -115,6 +115,8 @@ class StabilityMonitor(Callback):
         trainer = L.Trainer(callbacks=[StableLR(), StabilityMonitor(sharpness_every_n_steps=200)])
     """
 
+    reports_taylor_error = True  # the shared line probe keeps g for gᵀΔθ (LineProbeSession.exact_derivative_wanted)
+
     def __init__(
         self,
         certificate_every_n_steps: int = 32,
@@ -191,10 +193,8 @@ class StabilityMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; missing keys keep their defaults (snapshots are not checkpointed).
-
-        The first release's layout (``window``, ``ema``, ``val_trend`` at the top) loads too.
-        """
+        """Restore :meth:`state_dict`; missing keys keep their defaults (snapshots are not checkpointed); the
+        first release's layout (``window``, ``ema``, ``val_trend`` at the top) loads too."""
         self.certificates.load_state_dict(state_dict.get("certificates", state_dict))
         self.sharpness.load_state_dict(state_dict.get("sharpness", {}))
         self.connectivity.load_state_dict(state_dict.get("connectivity", {}))
@@ -219,7 +219,7 @@ class StabilityMonitor(Callback):
             return
         self._reset_runtime()
         self.sharpness.reset()
-        line_probe_session(trainer).reset(exact_derivative=True)  # certificates report the Taylor error vs gᵀΔθ
+        line_probe_session(trainer).reset(exact_derivative=LineProbeSession.exact_derivative_wanted(trainer))
         self._probe = ObjectiveProbe(pl_module, forward_context=trainer.precision_plugin.forward_context)
         if self.config.connectivity_every_n_epochs:
             message = self.connectivity.setup(self._probe.parameters())

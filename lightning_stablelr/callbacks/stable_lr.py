@@ -166,7 +166,7 @@ class StableLR(StableLRState):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._session = line_probe_session(trainer)
         if stage == "fit":
-            self._session.reset()
+            self._session.reset(exact_derivative=LineProbeSession.exact_derivative_wanted(trainer))
 
     def _shared_probe(self, trainer: pl.Trainer) -> LineProbeSession:
         return self._session or line_probe_session(trainer)  # hooks driven without setup: look it up
