@@ -115,6 +115,16 @@ class NonfiniteTracker:
         """Keep one backward's loss for the next :meth:`protect` (a reference, no computation)."""
         self._losses.append(loss.detach())
 
+    def loss_is_finite_now(self) -> bool:
+        """True when exactly one loss was recorded, it lives on the CPU (read at once, see
+        :attr:`read_cpu_flags`) and it is finite; it is then consumed. False changes nothing: call
+        :meth:`protect`. The fast path of a quiet step under the loss test."""
+        losses = self._losses
+        if len(losses) != 1 or not self.read_cpu_flags or not losses[0].is_cpu or not math.isfinite(losses[0].item()):
+            return False
+        self._losses = []
+        return True
+
     def forget_loss(self) -> None:
         """Drop the kept losses (a step handled elsewhere, e.g. by a GradScaler)."""
         self._losses = []

@@ -315,15 +315,16 @@ class StableLR(StableLRState):
             self.controller.record_train_loss(*mean)
         self._resolve_nonfinite(trainer)
 
-    def _epochs(self, trainer: pl.Trainer, step: int) -> float:
+    def _epochs(self, trainer: pl.Trainer, step: int, epoch: int | None = None) -> float:
         if self._resolved_steps_per_epoch is None and self.config.interval == "step":
             return 0.0  # no epoch known and none needed (decay_needs_epochs): t has no effect
-        return self.controller.epochs_elapsed(step, self._resolved_steps_per_epoch or 1, trainer.current_epoch)
+        epoch = trainer.current_epoch if epoch is None else epoch
+        return self.controller.epochs_elapsed(step, self._resolved_steps_per_epoch or 1, epoch)
 
     def _apply_lrs(self, trainer: pl.Trainer, step: int) -> None:
         """Set ``η_g`` on every group (scheduled optimizers: at the step itself, see :meth:`_compose`)."""
-        self._applied = (step, trainer.current_epoch)
-        self._applied_epochs = epochs = self._epochs(trainer, step)
+        self._applied = (step, epoch := trainer.current_epoch)
+        self._applied_epochs = epochs = self._epochs(trainer, step, epoch)
         self._rest = rest = self.controller.schedule_factor(step, epochs)
         factor = rest * self.controller.stability_factor  # controller.factor(step, epochs), computed once
         if factor == self._applied_factor and not self._scheduled:
