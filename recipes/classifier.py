@@ -87,8 +87,14 @@ class Classifier(L.LightningModule):
 
         if isinstance(self.net, FSDPModule):
             return
-
         dims = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in dims and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"trainer=fsdp shards the net over data-parallel ranks only, but the device mesh has"
+                f" tensor_parallel_size={mesh['tensor_parallel'].size()}: those ranks would train unsynchronised"
+                " copies. Set trainer.strategy.tensor_parallel_size=1 and trainer.strategy.data_parallel_size to"
+                " devices x num_nodes."
+            )
         mesh = mesh["data_parallel"] if "data_parallel" in dims else mesh
         for module in reversed(list(self.net.modules())):  # children before the modules that contain them
             if module is not self.net and any(True for _ in module.parameters(recurse=False)):

@@ -290,3 +290,27 @@ def test_constructor_errors_name_the_nested_override(tmp_path):
     assert "`monitor` (lightning_stablelr.StabilityMonitor) rejected its configuration: `max_overhead`" in message(
         ["monitor.max_overhead=0"], "monitor"
     )
+
+
+def test_the_fsdp_recipe_refuses_a_tensor_parallel_mesh_and_follows_the_devices():
+    # trainer=fsdp shards over data-parallel ranks only: a tensor-parallel dimension would leave its ranks
+    # training unsynchronised copies, so Classifier.configure_model names the two settings to change.
+    from torch import nn
+
+    from recipes.classifier import Classifier
+
+    class Mesh:
+        mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+        def __getitem__(self, name):
+            return self if name == "tensor_parallel" else None
+
+        def size(self):
+            return 2
+
+    model = Classifier(nn.Linear(4, 3), num_classes=3)
+    model._device_mesh = Mesh()
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2: .*tensor_parallel_size=1 and .*data_parallel_size"):
+        model.configure_model()
+    strategy = compose_train(["trainer=fsdp", "trainer.devices=4"]).trainer.strategy
+    assert (strategy.data_parallel_size, strategy.tensor_parallel_size) == (4, 1)
