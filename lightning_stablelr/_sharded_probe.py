@@ -20,12 +20,13 @@ Differentiable probes (``create_graph=True``: sharpness) are refused with :class
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ShardedProbeError", "in_place_point_losses", "is_sharded", "reshard"]
+__all__ = ["ShardedProbeError", "in_place_point_losses", "is_sharded", "reshard", "restored_in_place"]
 
 
 class ShardedProbeError(RuntimeError):
@@ -47,6 +48,27 @@ def reshard(module: nn.Module) -> None:
         method = getattr(unit, "reshard", None)
         if callable(method) and hasattr(unit, "unshard"):
             method()
+
+
+@contextlib.contextmanager
+def restored_in_place(
+    parameters: Sequence[Tensor], buffers: Sequence[Tensor], module: nn.Module | None = None
+) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+    """Under ``no_grad``: yield copies of ``parameters`` and ``buffers``, then copy them back bit-exactly on exit
+    (also when the block raises) and reshard ``module``'s FSDP2 units. The block writes probe points into the
+    tensors in place; shared by :func:`in_place_point_losses` and ``StableLRScheduler.check_step``."""
+    with torch.no_grad():
+        saved = [parameter.detach().clone() for parameter in parameters]
+        saved_buffers = [buffer.detach().clone() for buffer in buffers]
+        try:
+            yield saved, saved_buffers
+        finally:
+            for parameter, value in zip(parameters, saved):
+                parameter.copy_(value)
+            for buffer, value in zip(buffers, saved_buffers):
+                buffer.copy_(value)
+            if module is not None:
+                reshard(module)
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -79,29 +101,19 @@ def in_place_point_losses(
     parameters = dict(module.named_parameters())
     own_buffers = dict(module.named_buffers())
     values: list[Tensor] = []
-    with torch.no_grad():
-        saved = {name: parameter.detach().clone() for name, parameter in parameters.items()}
-        saved_buffers = {name: buffer.detach().clone() for name, buffer in own_buffers.items()}
-        try:
-            for point in points:
-                for name, parameter in parameters.items():
-                    value = point.get(name) if point else None
-                    if value is None or _same_storage(value, parameter):
-                        value = saved[name]
-                    parameter.copy_(value)
-                for name, buffer in own_buffers.items():
-                    buffer.copy_(buffers[name] if buffers and name in buffers else saved_buffers[name])
-                reseed(seed)
-                try:
-                    values.append(evaluate())
-                finally:
-                    reshard(module)
-                for name in buffers or {}:
-                    buffers[name].copy_(own_buffers[name])
-        finally:
+    with restored_in_place(list(parameters.values()), list(own_buffers.values()), module) as (kept, kept_buffers):
+        saved, saved_buffers = dict(zip(parameters, kept)), dict(zip(own_buffers, kept_buffers))
+        for point in points:
             for name, parameter in parameters.items():
-                parameter.copy_(saved[name])
+                value = point.get(name) if point else None
+                parameter.copy_(saved[name] if value is None or _same_storage(value, parameter) else value)
             for name, buffer in own_buffers.items():
-                buffer.copy_(saved_buffers[name])
-            reshard(module)
+                buffer.copy_(buffers[name] if buffers and name in buffers else saved_buffers[name])
+            reseed(seed)
+            try:
+                values.append(evaluate())
+            finally:
+                reshard(module)
+            for name in buffers or {}:
+                buffers[name].copy_(own_buffers[name])
     return values

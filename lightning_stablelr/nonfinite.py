@@ -155,8 +155,6 @@ class NonfiniteTracker:
         if skip:
             optimizer.__dict__.pop("found_inf", None)  # a previous step's flag (if no post-hook removed it)
         if not test_gradients and loss_decides and losses and reduce_flag is None:
-            if len(losses) == 1 and self.read_cpu_flags and losses[0].is_cpu and math.isfinite(losses[0].item()):
-                return None  # the common case, without the generators below
             on_cpu = self.read_cpu_flags and all(loss.is_cpu for loss in losses)
             if on_cpu and all(math.isfinite(loss.item()) for loss in losses):
                 return None  # the common case: one read of a CPU scalar, nothing else

@@ -21,7 +21,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_stablelr._sharded_probe import reshard
+from lightning_stablelr._sharded_probe import reshard, restored_in_place
 from lightning_stablelr.config import CheckCadence, StableLRConfig, make_config
 from lightning_stablelr.controller import GapDecision, StableLRController
 from lightning_stablelr.curvature import LineModel, line_model
@@ -287,18 +287,8 @@ class StableLRScheduler(LRScheduler):
                     losses[index] = loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss), dtype=torch.float64)
             return [losses[0], losses[1], losses[2]]
 
-        with torch.no_grad():
-            after = [param.detach().clone() for param in params]
-            saved_buffers = [buffer.detach().clone() for buffer in buffers]
-            try:
-                values = line_losses(evaluate, dict(zip(keys, before)), dict(zip(keys, after)))
-            finally:
-                for param, end in zip(params, after):
-                    param.copy_(end)
-                for buffer, saved in zip(buffers, saved_buffers):
-                    buffer.copy_(saved)
-                if module is not None:
-                    reshard(module)
+        with restored_in_place(params, buffers, module) as (after, _):
+            values = line_losses(evaluate, dict(zip(keys, before)), dict(zip(keys, after)))
         if _world_size() > 1:  # every rank probes its own batch: the decision uses the mean over ranks
             values = _all_reduce(values, "mean")
         loss_before, loss_plus, loss_minus, _ = values.tolist()

@@ -38,14 +38,12 @@ class NonfiniteSteps:
         self.tracker = NonfiniteTracker()
         self._scaled = False  # fp16 AMP's GradScaler handles non-finite steps itself
         self._one_process = True
-        self._quiet_loss_test = test == "loss"  # a quiet step's loss alone decides (one process)
         self._reduce_flag: ReduceMax | None = None
 
     def configure(self, trainer: pl.Trainer) -> None:
         """Read what the per-step :meth:`protect` needs from the trainer once per fit (``on_train_start``)."""
         self._scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
         self._one_process = trainer.world_size == 1
-        self._quiet_loss_test = self._one_process and self.test == "loss"
         # Sharded parameters (FSDP2): each rank tests only its own gradient shard, so the flag is maximised
         # over the ranks (one small all-reduce per step) for every rank to skip the same steps.
         self._reduce_flag = None
@@ -62,7 +60,7 @@ class NonfiniteSteps:
         if self._scaled:
             self.tracker.forget_loss()
             return
-        if not checked and self._quiet_loss_test and self.tracker.loss_is_finite_now():
+        if not checked and self._one_process and self.test == "loss" and self.tracker.loss_is_finite_now():
             return  # the common step: its one loss read on the CPU, finite (nothing to neutralise or count)
         # Under DDP the gradients are already all-reduced (identical on every rank); the losses are not,
         # so a rank's non-finite loss is counted on every rank (at resolve) but decides nothing alone.
