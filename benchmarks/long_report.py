@@ -198,7 +198,7 @@ def write_report(records: Sequence[Mapping[str, Any]], specs: Sequence[Any], *, 
         "of its config and source, so stale ones rerun by themselves): `python -m benchmarks.long --policies stablelr`.",
         machine_line(machine_info()),
         f"Grid: {grid.steps} optimizer steps, validation every {grid.eval_every}; lrs {dict(grid.lrs)}; seeds "
-        f"{list(grid.seeds)}. Panels and policies: `benchmarks/long_panels.py`, `benchmarks/long_engine.py` "
+        f"{list(grid.seeds)}{''.join(f' ({name}: {list(seeds)})' for name, seeds in grid.panel_seeds.items())}. Panels and policies: `benchmarks/long_panels.py`, `benchmarks/long_engine.py` "
         "(warmup 5% of the steps for cosine, WSD and schedule-free; cosine decays to 10% of the peak, WSD "
         "linearly to 0 over the last 20%; constant has no warmup; Prodigy lr=1 at its defaults; StableLR "
         "`StableLRScheduler` at its defaults, its own warmup). Loss: LM nats/char, CNN cross-entropy, "

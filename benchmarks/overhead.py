@@ -205,6 +205,8 @@ def measure_hooks(
     from lightning_stablelr import StableLR
 
     result: dict[str, tuple[list[float], float]] = {}
+    if runs <= 0:
+        return result  # --hook-runs 0: whole-fit ratios only
     for model in models:
         per_step: list[float] = []
         total = 0.0
@@ -239,7 +241,8 @@ def format_tables(times: dict[str, dict[str, dict[str, list[float]]]], hooks: di
                 f"| {model} | {ms:.2f} | {condition} | {median:.3f} ({min(cpu):.3f} to {max(cpu):.3f}) | "
                 f"{statistics.median(wall):.3f} | ≤ {target:.2f} | {'✅' if median <= target else '❌'} |"
             )
-    lines += ["", HOOK_HEADER, "|---|---|---|---|---|---|"]
+    if hooks:
+        lines += ["", HOOK_HEADER, "|---|---|---|---|---|---|"]
     for model, (per_step, mean) in hooks.items():
         median = 1e6 * statistics.median(per_step)
         lines.append(
@@ -254,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="1 round of 8-step fits (smoke test)")
     parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds (the median is over these)")
     parser.add_argument("--steps", type=int, default=640, help="optimizer steps of every fit")
-    parser.add_argument("--hook-runs", type=int, default=2, help="fits per model for the hook timing")
+    parser.add_argument("--hook-runs", type=int, default=2, help="fits per model for the hook timing (0: none)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: less noise on shared cores)")

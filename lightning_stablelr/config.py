@@ -51,8 +51,9 @@ class StableLRConfig:
         gap_patience: consecutive overfitting validations needed before ``G`` shrinks (``>= 1``); one
             noisy validation then cannot cut the lr.
         safety: ``C`` is cut when the robust predicted margin ``s`` has ``safety · s < 1`` (in ``(0, 1]``).
-            The default 1 cuts only steps predicted to increase the loss (``s < 1``); edge-of-stability
-            steps (``1 <= s <= 2``) are healthy. See :func:`~lightning_stablelr.schedule.update_stability_factor`.
+            The default 1/4 with ``recover_above=8`` holds ``C`` while ``4 <= s <= 8``; ``safety=1,
+            recover_above=2`` is the edge-of-stability band ``[1, 2]``. See
+            :func:`~lightning_stablelr.schedule.update_stability_factor` and ``docs/DESIGN_NOTES.md``.
         recovery: the largest factor by which one check may cut or grow ``C`` (``> 1``, default 10).
         recover_above: ``C`` grows back when the robust predicted margin exceeds this (``>= 1/safety``).
         min_stability_factor: lower bound of ``C`` (in ``(0, 1]``).
@@ -106,8 +107,8 @@ class StableLRConfig:
             0.0,
             1.0,
             low_inclusive=False,
-            hint="1 (the default) cuts the lr only when a step is predicted to increase the loss; 0.5 also"
-            " cuts steps past the line minimum.",
+            hint="0.25 (the default) cuts the lr when a step is at more than a quarter of the margin s_max; 1"
+            " cuts only steps predicted to increase the loss.",
         )
         check_in_range(
             "recovery",

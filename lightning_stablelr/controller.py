@@ -217,22 +217,25 @@ class StableLRController:
     def observe_line(self, line: LineModel, step: int | None = None, epochs_elapsed: float = 0.0) -> float:
         """One guard check of the step ``step`` (its lr factor is recomputed in closed form); returns ``C``.
 
-        The rule is :func:`~lightning_stablelr.schedule.update_stability_factor`: the step's margin is
-        normalized to the full lr, pushed into the window, and ``C`` moves only when the window's robust
-        margin leaves the hold band. A non-finite line model counts as a non-finite step
+        The rule is :func:`~lightning_stablelr.schedule.update_stability_factor`: the step's curvature margin
+        (:attr:`~lightning_stablelr.curvature.LineModel.curvature_margin`) is normalized to the full lr, pushed
+        into the window, and ``C`` moves only when the window's robust margin, at the next step's warmup and
+        ``G`` (not the decay), leaves the hold band. A non-finite line model counts as a non-finite step
         (:meth:`observe_nonfinite`); an unresolved one (losses within their rounding) changes nothing.
         Without ``step`` the probed lr factor is taken as ``C`` alone (no warmup, decay or ``G``).
         """
         self.checks += 1
-        self.last_step_margin = line.step_margin
+        self.last_step_margin = line.curvature_margin  # what the guard reads (s_max for a descent step)
         if not line.finite:
             return self._cut_nonfinite()
         if not line.resolved:
             return self._decided(self.stability_factor, "unresolved", confirm=False)
         rest = 1.0 if step is None else self.schedule_factor(step, epochs_elapsed)
-        margin = full_lr_margin(line.step_margin, rest * self.stability_factor)
+        margin = full_lr_margin(line.curvature_margin, rest * self.stability_factor)
         self.margins.push(margin)
-        following = 1.0 if step is None else self.schedule_factor(step + 1, epochs_elapsed)
+        # C and G are two ceilings on the lr (stability, overfitting) and the cool-down anneals below both: C's
+        # decisions see warmup and G, not the decay (judged against the decay, C would grow back as it falls).
+        following = 1.0 if step is None else warmup_factor(step + 1, self.config.warmup_steps) * self.gap_factor
         factor, reason = update_stability_factor(
             self.stability_factor,
             self.robust_margin,
@@ -244,7 +247,7 @@ class StableLRController:
         )
         # A margin below the band asks for a confirmation check at the next step, so that a real
         # instability is acted on two steps later instead of one check period later.
-        low = self.config.safety * line.step_margin < 1.0
+        low = self.config.safety * line.curvature_margin < 1.0
         return self._decided(factor, reason, confirm=low and reason != "overshoot")
 
     def observe_nonfinite(self) -> float:

@@ -115,6 +115,17 @@ class LineModel:
         )
 
     @property
+    def curvature_margin(self) -> float:
+        """``2|a|/c`` for ``c > 0`` (``+inf`` for ``c <= 0``, NaN when not finite): ``s_max`` of a descent step,
+        and for a step that went uphill on the probed batch (``a >= 0``, noise or momentum) the same ratio of
+        slope to curvature, so the step's *size* against the curvature is judged, not its direction."""
+        if math.isnan(self.step_margin) or not math.isfinite(self.curvature):
+            return math.nan
+        if self.curvature <= 0:
+            return math.inf
+        return 2.0 * abs(self.first_order) / self.curvature
+
+    @property
     def predicts_decrease(self) -> bool:
         """True when the model predicts ``L(θ + Δθ) < L0``, i.e. the full step ``s = 1`` is inside ``(0, s_max)``."""
         return self.finite and self.first_order < 0 and self.step_margin > 1.0

@@ -12,10 +12,12 @@ The floor bounds the schedule (decay and gap factor), not the guard: ``C`` may t
 - ``C``: the stability factor in ``[min_factor, 1]`` (:func:`update_stability_factor`), the guard that
   reacts to instability, not to noise:
 
-  * every check stores the lr-normalized step margin ``m = s_max · f`` of the probed step;
+  * every check stores the lr-normalized curvature margin ``m = (2|a|/c) · f`` of the probed step (``s_max``
+    for a descent step; a step that went uphill on its batch, noise or momentum, is judged by its size);
   * ``M`` = the upper median of the last 3 ``m`` (one noisy margin never decides);
-  * predicted margin of the next step ``s = M / (f' · C)``; the band ``1/safety <= s <= recover_above``
-    (default ``[1, 2]``, edge of stability included) holds ``C``;
+  * predicted margin ``s = M / (w · C)``, ``w`` = the next step's warmup times ``G``: ``C`` and ``G`` are two
+    ceilings on the lr (stability, overfitting), the lower one binds, and the decay anneals below both (``C``
+    never grows back to undo it); the band ``1/safety <= s <= recover_above`` (default ``[4, 8]``) holds ``C``;
   * below the band ``C`` is cut in proportion to the overshoot, to put ``s`` at the band's centre
     ``sqrt(recover_above/safety)`` (at most ``recovery``-fold per check); above it ``C`` grows back the
     same way, never above 1;
@@ -218,21 +220,23 @@ def update_stability_factor(
 
     The rule (a proportional controller on a robust, lr-normalized margin):
 
-    1. Each check measures ``s_max`` of the step it probed (:mod:`lightning_stablelr.curvature`) and
-       stores the full-lr margin ``m = s_max · f`` (:func:`full_lr_margin`; ``f`` = that step's lr over
+    1. Each check measures the curvature margin ``2|a|/c`` of the step it probed
+       (:attr:`~lightning_stablelr.curvature.LineModel.curvature_margin`: ``s_max`` for a descent step) and
+       stores the full-lr margin ``m = (2|a|/c) · f`` (:func:`full_lr_margin`; ``f`` = that step's lr over
        the base lr). ``M`` = upper median of the last 3 (:class:`MarginWindow`): one noisy margin is noise.
        With fewer than two margins nothing moves (``warming``).
-    2. The next step's margin at the current ``C`` is predicted as ``s = M / (f'·C)``, where
-       ``f' = max(min_lr_ratio, warmup · decay · G)`` is the rest of the lr factor (``lr_factor``).
-    3. **Overshoot** when ``safety · s < 1`` (default ``safety = 1``: the step is predicted to increase the
-       loss). ``C`` is set so that the predicted margin lands at the band's centre ``s* = sqrt(recover_above /
-       safety)``: ``C ← max(C / recovery, M / (s* · f'))``, a cut in proportion to the measured overshoot,
+    2. The margin at the current ``C`` is predicted as ``s = M / (w·C)`` with ``w`` = ``lr_factor``; the
+       controller passes the next step's ``warmup · G``, not the decay: ``C`` and ``G`` are two ceilings on the
+       lr (the lower one binds), and a cool-down is never undone by ``C`` growing back.
+    3. **Overshoot** when ``safety · s < 1`` (default ``safety = 1/4``: the step is at more than a quarter of
+       ``s_max``). ``C`` is set so that the predicted margin lands at the band's centre ``s* = sqrt(recover_above /
+       safety)``: ``C ← max(C / recovery, M / (s* · w))``, a cut in proportion to the measured overshoot,
        at most ``recovery``-fold (default 10) per check.
-    4. **Recovery** when ``s > recover_above`` and ``C < 1``: ``C ← min(1, C · recovery, M / (s* · f'))``,
+    4. **Recovery** when ``s > recover_above`` and ``C < 1``: ``C ← min(1, C · recovery, M / (s* · w))``,
        the mirror image of the cut: ``C`` comes back as readily as it goes down.
-    5. **Hold** inside the band ``1/safety <= s <= recover_above`` (default ``[1, 2]``): edge-of-stability
-       steps, between the line minimum (``s_max = 2``) and the point where the model predicts no decrease
-       (``s_max = 1``), are normal for a good lr.
+    5. **Hold** inside the band ``1/safety <= s <= recover_above`` (default ``[4, 8]``; ``safety=1,
+       recover_above=2`` gives the edge-of-stability band ``[1, 2]``, between the point where the model predicts
+       no decrease, ``s_max = 1``, and the line minimum, ``s_max = 2``).
 
     A non-finite loss or gradient is handled by the caller (``C ← C/2`` at once,
     :meth:`~lightning_stablelr.controller.StableLRController.observe_nonfinite`). The result is clipped

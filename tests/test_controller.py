@@ -189,6 +189,63 @@ def test_recovery_returns_the_factor_once_the_instability_passes() -> None:
     assert controller.guard_counts["recovery"] == 2
 
 
+def test_an_uphill_step_is_judged_by_its_size_not_its_direction() -> None:
+    # Momentum (or a noisy batch) makes some steps go uphill along their own direction (a >= 0): lowering the
+    # lr cannot turn them downhill, so a small uphill step leaves C alone ...
+    controller = StableLRController(warmup_steps=0)
+    for step in range(6):
+        controller.observe_line(line_model(1.0, 1.0 + 0.011, 1.0 - 0.009), step=step)  # a = 0.01, c = 0.002
+    assert controller.stability_factor == 1.0 and controller.robust_margin == pytest.approx(10.0)
+    # ... while a step that lands high on both sides of a valley (curvature dominates) is an overshoot.
+    for step in range(6, 9):
+        controller.observe_line(line_model(1.0, 1.6, 1.5), step=step)  # a = 0.05, c = 1.1: margin 0.09
+    assert controller.stability_factor < 0.1 and controller.guard_counts["overshoot"] >= 1
+
+
+def test_the_guard_caps_the_base_lr_and_the_cool_down_anneals_below_the_cap() -> None:
+    # A plant whose full-lr margin is 2: the base lr is 2.8x above the band's centre sqrt(32).
+    controller = StableLRController(warmup_steps=0, anneal_to=0.01, anneal_fraction=0.5)
+    assert controller.set_run_length(1000, 100)  # hold for 500 steps, then exp down to 0.01
+    factors = {}
+    for step in range(0, 1000, 10):
+        epochs = step / 100
+        probed = controller.factor(step, epochs)
+        controller.observe_line(_margin(2.0 / probed), step=step, epochs_elapsed=epochs)
+        factors[step] = (controller.stability_factor, controller.factor(step + 1, (step + 1) / 100))
+    cap = 2.0 / math.sqrt(32.0)
+    # C settles at the cap and keeps it through the cool-down (judged against the whole schedule it would grow
+    # back as the decay falls, and the effective lr would stay at the cap: no annealing) ...
+    assert all(c == pytest.approx(cap, rel=1e-12) for step, (c, _) in factors.items() if step >= 20)
+    # ... so the lr anneals 100x below the cap (the floor min_lr_ratio = 0.01 bounds the schedule, not C).
+    assert factors[990][1] == pytest.approx(cap * max(0.01, 0.01 ** (491 / 500)), rel=1e-9)
+    assert controller.guard_counts["recovery"] == 0
+
+
+def test_the_gap_factor_and_the_guard_are_two_ceilings_and_the_lower_one_binds() -> None:
+    # The plant of the test above, no decay: C settles at the stability cap 2/sqrt(32) = 0.354.
+    controller = StableLRController(warmup_steps=0, decay_rate=0.0, gap_strength=1.0, gap_tolerance=0.0)
+
+    def checks(first: int) -> None:
+        for step in range(first, first + 30, 10):
+            controller.observe_line(_margin(2.0 / controller.factor(step, 0.0)), step=step)
+
+    checks(0)
+    cap = 2.0 / math.sqrt(32.0)
+    assert controller.stability_factor == pytest.approx(cap, rel=1e-12)
+    # An overfitting validation with r = (L_va - L_tr)/L_va = ln 2 halves G: 0.5 is still above the cap, so
+    # the lr stays at the stability cap and C grows back to 0.707
+    controller.observe_validation(1.0, train_loss=0.0)
+    controller.observe_validation(1.0 + 1e-9, train_loss=1.0 - math.log(2.0) * (1.0 + 1e-9))
+    assert controller.gap_factor == pytest.approx(0.5, rel=1e-6)
+    checks(100)
+    assert controller.factor(200, 0.0) == pytest.approx(cap, rel=1e-6)
+    # G falls below the cap: now G binds, C returns to 1 and the lr follows G
+    controller.observe_validation(1.0 + 2e-9, train_loss=1.0 - math.log(4.0) * (1.0 + 2e-9))
+    assert controller.gap_factor == pytest.approx(0.125, rel=1e-6)
+    checks(300)
+    assert controller.stability_factor == 1.0 and controller.factor(400, 0.0) == pytest.approx(0.125, rel=1e-6)
+
+
 def test_nonfinite_checks_and_steps_halve_and_ask_for_confirmation() -> None:
     controller = StableLRController(warmup_steps=0, safety=1.0, recover_above=2.0)
     assert controller.observe_nonfinite() == 0.5

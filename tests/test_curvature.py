@@ -80,6 +80,21 @@ def test_step_margin_cases() -> None:
     assert not ascent.predicts_decrease
 
 
+def test_curvature_margin_judges_the_steps_size_whatever_its_direction() -> None:
+    # a descent step: the curvature margin is s_max
+    descent = line_model(1.0, 0.0, 4.0)
+    assert descent.curvature_margin == descent.step_margin == 2.0
+    # uphill on this batch with little curvature (noise, momentum): a small step, a large margin
+    uphill = line_model(1.0, 1.1, 0.9)  # a = 0.1, c = 0.0 up to rounding -> no curvature to overshoot
+    assert uphill.step_margin == 0.0 and uphill.curvature_margin == math.inf
+    uphill = line_model(1.0, 1.2, 0.9)  # a = 0.15, c = 0.1
+    assert uphill.curvature_margin == pytest.approx(2 * 0.15 / 0.1)
+    # across a valley (both neighbours far up): curvature dominates, a small margin, as for an overshoot
+    valley = line_model(1.0, 3.0, 2.8)  # a = 0.1, c = 3.8
+    assert valley.curvature_margin == pytest.approx(2 * 0.1 / 3.8)
+    assert math.isnan(line_model(1.0, math.nan, 2.0).curvature_margin)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("position", [0, 1, 2])
 def test_non_finite_loss_gives_non_finite_model(bad: float, position: int) -> None:

@@ -19,7 +19,26 @@ from lightning_stablelr.callbacks._lightning_access import log_step, put_callbac
 from lightning_stablelr.callbacks._monitor_config import MonitorConfig
 from lightning_stablelr.callbacks._validation_cache import cached_validation_batches
 
-__all__ = ["has_monitor_metric", "log_monitor_metrics", "validation_batches", "write_connectivity_figures"]
+__all__ = [
+    "has_monitor_metric", "log_monitor_metrics", "open_tensorboard", "validation_batches", "write_connectivity_figures",
+]  # fmt: skip
+
+
+def open_tensorboard(trainer: pl.Trainer, governor: ProbeGovernor, config: MonitorConfig) -> Any:
+    """The TensorBoard writer (its custom-scalars layout written once), or None: then the figures are skipped,
+    said once, and the budget is shared among the other kinds."""
+    from lightning_stablelr.tensorboard import find_tensorboard_writer, write_layout_once
+
+    writer = find_tensorboard_writer(trainer)
+    if writer is not None:
+        write_layout_once(writer)
+    elif "figures" in (kinds := config.probe_kinds):
+        governor.share_among([kind for kind in kinds if kind != "figures"])
+        rank_zero_info(
+            "StabilityMonitor: no TensorBoardLogger, so the figures connectivity/path and connectivity/pairwise"
+            " are skipped; the scalars still go to every logger."
+        )
+    return writer
 
 
 def validation_batches(trainer: pl.Trainer, config: MonitorConfig) -> list[Any]:
