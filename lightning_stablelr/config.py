@@ -119,7 +119,7 @@ class StableLRConfig:
             high_inclusive=False,
             hint="It is the largest factor one check may cut or grow C by, e.g. 10.",
         )
-        check_finite_positive("recover_above", self.recover_above, "It is a step margin s_max, e.g. 2.")
+        check_finite_positive("recover_above", self.recover_above, "It is a step margin, e.g. 8 (the default band is [4, 8]).")
         if self.recover_above * self.safety < 1.0:
             raise ValueError(
                 f"`recover_above` must be >= 1/safety = {1.0 / self.safety:g} so that the hold band"

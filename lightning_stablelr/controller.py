@@ -219,8 +219,8 @@ class StableLRController:
 
         The rule is :func:`~lightning_stablelr.schedule.update_stability_factor`: the step's curvature margin
         (:attr:`~lightning_stablelr.curvature.LineModel.curvature_margin`) is normalized to the full lr, pushed
-        into the window, and ``C`` moves only when the window's robust margin, at the next step's warmup and
-        ``G`` (not the decay), leaves the hold band. A non-finite line model counts as a non-finite step
+        into the window, and ``C`` moves only when the window's robust margin, at the next step's floored
+        ``warmup · G`` (not the decay), leaves the hold band. A non-finite line model counts as a non-finite step
         (:meth:`observe_nonfinite`); an unresolved one (losses within their rounding) changes nothing.
         Without ``step`` the probed lr factor is taken as ``C`` alone (no warmup, decay or ``G``).
         """
@@ -234,8 +234,11 @@ class StableLRController:
         margin = full_lr_margin(line.curvature_margin, rest * self.stability_factor)
         self.margins.push(margin)
         # C and G are two ceilings on the lr (stability, overfitting) and the cool-down anneals below both: C's
-        # decisions see warmup and G, not the decay (judged against the decay, C would grow back as it falls).
-        following = 1.0 if step is None else warmup_factor(step + 1, self.config.warmup_steps) * self.gap_factor
+        # decisions see the floored warmup · G, not the decay (judged against the decay, C would grow back as
+        # it falls). The floor stays: below it the real lr is min_lr_ratio · η0 · C, higher than warmup · G says.
+        following = 1.0 if step is None else floored_lr(
+            1.0, warmup_factor(step + 1, self.config.warmup_steps) * self.gap_factor, self.config.min_lr_ratio
+        )
         factor, reason = update_stability_factor(
             self.stability_factor,
             self.robust_margin,

@@ -15,8 +15,10 @@ It predicts a decrease of the loss for step scales ``s`` in ``(0, s_max)`` with
           = +inf       if a < 0 and c <= 0  (descent direction with no positive curvature)
           = 0.0        if a >= 0            (not a descent direction: no s > 0 decreases the model)
 
-The step actually taken is ``s = 1``; ``s_max`` is the *step margin* logged as
-``stablelr/step_margin`` and ``lyapunov/step_margin``.
+The step actually taken is ``s = 1``; ``s_max`` is the *step margin* logged as ``lyapunov/step_margin``.
+StableLR's guard reads the *curvature margin* ``2|a|/c`` (:attr:`LineModel.curvature_margin`, logged as
+``stablelr/step_margin``): ``s_max`` for a descent step, and for a step that went uphill on its batch the same
+ratio of slope to curvature, since a lower lr cannot turn such a step downhill.
 
 **Resolution.** Under ``bf16-true``/``16-true`` the losses are rounded to a few significant bits, and a
 healthy step moves them by only a few units in the last place (ulp): a and c are then rounding noise.

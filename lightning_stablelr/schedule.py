@@ -170,12 +170,13 @@ GUARD_REASONS = ("hold", "overshoot", "recovery", "nonfinite", "unresolved", "wa
 
 
 def full_lr_margin(step_margin: float, lr_factor: float) -> float:
-    """The margin the same step would have had at the full base lr: ``m = s_max · f``.
+    """The margin the same step would have had at the full base lr: ``m = margin · f``.
 
-    ``f`` is the lr of the probed step as a fraction of the base lr. The line model scales as
-    ``a ∝ f`` and ``c ∝ f²`` (the update ``Δθ`` is proportional to the lr for SGD, momentum and Adam), so
-    ``s_max = -2a/c ∝ 1/f`` and ``m`` does not depend on the lr the step happened to use. ``+inf`` (no
-    positive curvature) and ``0`` (not a descent direction) pass through; NaN stays NaN.
+    ``margin`` is the guard's curvature margin ``2|a|/c`` (``s_max`` for a descent step) and ``f`` the lr of
+    the probed step as a fraction of the base lr. The line model scales as ``a ∝ f`` and ``c ∝ f²`` (the
+    update ``Δθ`` is proportional to the lr for SGD, momentum and Adam), so ``2|a|/c ∝ 1/f`` and ``m`` does
+    not depend on the lr the step happened to use. ``+inf`` (no positive curvature) and ``0`` (``a = 0``
+    with positive curvature) pass through; NaN stays NaN.
     """
     if math.isnan(step_margin) or step_margin == 0.0 or math.isinf(step_margin):
         return step_margin

@@ -246,6 +246,17 @@ def test_the_gap_factor_and_the_guard_are_two_ceilings_and_the_lower_one_binds()
     assert controller.stability_factor == 1.0 and controller.factor(400, 0.0) == pytest.approx(0.125, rel=1e-6)
 
 
+def test_below_the_floor_the_guard_judges_the_floored_lr() -> None:
+    # G far below min_lr_ratio: the real lr is the floor 0.01 * C, not G * C. A plant whose full-lr margin is
+    # 0.01 puts the floored step at margin 1 (at the edge of no decrease): C must be cut into the band.
+    controller = StableLRController(warmup_steps=0, decay_rate=0.0)
+    controller.gap_factor = 1e-3
+    for step in range(3):
+        controller.observe_line(_margin(0.01 / controller.factor(step, 0.0)), step=step)
+    assert controller.guard_counts["overshoot"] >= 1
+    assert 0.01 / controller.factor(10, 0.0) == pytest.approx(math.sqrt(32.0), rel=1e-9)  # the band's centre
+
+
 def test_nonfinite_checks_and_steps_halve_and_ask_for_confirmation() -> None:
     controller = StableLRController(warmup_steps=0, safety=1.0, recover_above=2.0)
     assert controller.observe_nonfinite() == 0.5

@@ -89,10 +89,13 @@ class _Hooked:
 
 def test_governed_hooks_charge_their_own_time_beyond_probes_to_bookkeeping():
     hooked = _Hooked()
+    before = time.perf_counter()
     assert hooked.on_hook(1) == 2
+    elapsed = time.perf_counter() - before
     spent = hooked._governor.spent
     assert spent["certificate"] == pytest.approx(0.005)
-    assert 0.015 <= spent[BOOKKEEPING] < 0.015 + 0.02  # 20 ms in the hook, minus the 5 ms charged to the probe
+    # the hook's own time (at least the 20 ms it slept) minus the 5 ms charged to the probe, whatever the load
+    assert 0.015 <= spent[BOOKKEEPING] <= elapsed - 0.005
     with pytest.raises(RuntimeError, match="boom"):
         hooked.on_failing_hook()  # a hook that raises is still charged
     assert spent[BOOKKEEPING] >= 0.025

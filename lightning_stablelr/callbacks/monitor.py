@@ -234,10 +234,9 @@ class StabilityMonitor(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.perf_counter()
-        self._governor.start()
-        self._last_step_seen = trainer.global_step
+        self._governor.start(now=start - self._setup_seconds)  # the clock starts with setup, which counts too
         self._writer = open_tensorboard(trainer, self._governor, self.config)
-        # Setup and this hook count against the budget too.
+        self._last_step_seen = trainer.global_step
         self._governor.charge(BOOKKEEPING, time.perf_counter() - start + self._setup_seconds)
 
     @override
