@@ -10,8 +10,7 @@ cheap probe cannot starve a rare informative one:
 
 with ``cost_k`` the seconds per unit of the last probe of kind k (before the first: a prior given by
 the caller, else 0, so that the first probe always runs and may overshoot once). Time charged to a
-kind without a share (the monitor's own logging, and the rest of its hooks' time: :func:`governed`) comes
-off every share alike, so the budget holds everything the monitor spends, not only its probes. Summed over kinds, ``probe_time ≤ max_overhead · training_time``
+kind without a share (the monitor's own logging) comes off every share alike. Summed over kinds, ``probe_time ≤ max_overhead · training_time``
 up to those first probes and the prediction error of the last probe of each kind. A probe that is
 not allowed is *deferred* (skipped) and counted. :meth:`ProbeGovernor.affordable_units` tells how
 much of a divisible probe (the segments of a connectivity probe) fits. ``overhead = probe_time /
@@ -23,35 +22,12 @@ ranks (allowed only when every rank allows), so every rank runs the same probes 
 
 from __future__ import annotations
 
-import functools
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-__all__ = ["BOOKKEEPING", "ProbeGovernor", "governed"]
-
-#: The kind charged with a hook's own time (bookkeeping, decisions, logging calls) beyond its probes.
-BOOKKEEPING = "bookkeeping"
-
-_Hook = TypeVar("_Hook", bound=Callable[..., Any])
-
-
-def governed(hook: _Hook) -> _Hook:
-    """Decorate a hook of a callback that holds ``self._governor``: its wall time not already charged to a
-    probe is charged to :data:`BOOKKEEPING`, so the budget covers everything the callback spends per step,
-    not only its probes (about 2 µs per call for the two clock reads)."""
-
-    @functools.wraps(hook)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        governor = self._governor
-        start, charged = time.perf_counter(), governor.probe_time
-        try:
-            return hook(self, *args, **kwargs)
-        finally:
-            governor.charge(BOOKKEEPING, time.perf_counter() - start - (governor.probe_time - charged))
-
-    return wrapper  # type: ignore[return-value]
+__all__ = ["ProbeGovernor"]
 
 
 class ProbeGovernor:
@@ -124,10 +100,7 @@ class ProbeGovernor:
     def allows(
         self, kind: str, units: float = 1.0, now: float | None = None, *, pooled: bool = False, reserve: float = 0.0
     ) -> bool:
-        """True when the predicted cost of ``units`` fits in :meth:`available`; always for a kind never measured
-        (without a prior), whose first probe runs whatever was spent on bookkeeping: its cost is then known."""
-        if kind not in self.cost_per_unit:
-            return True
+        """True when the predicted cost of ``units`` fits in :meth:`available` (always for an unmeasured kind)."""
         return self.predicted(kind, units) <= self.available(kind, now, pooled=pooled, reserve=reserve)
 
     def affordable_units(

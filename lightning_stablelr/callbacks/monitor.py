@@ -18,7 +18,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stablelr.callbacks._connectivity_instrument import ConnectivityInstrument
-from lightning_stablelr.callbacks._governor import BOOKKEEPING, ProbeGovernor, governed
+from lightning_stablelr.callbacks._governor import ProbeGovernor
 from lightning_stablelr.callbacks._instruments import (
     CertificateInstrument,
     InstrumentRun,
@@ -69,9 +69,8 @@ class StabilityMonitor(Callback):
       cached validation batches, BatchNorm recalibrated on ``bn_recalibration_batches`` training batches:
       ``connectivity/barrier``, ``sublevel_excess``, ``superlevel_dip``, ``connected``,
       ``equiconnectedness``, and the figures ``connectivity/path`` and ``connectivity/pairwise``.
-    - **Budget**: a probe runs only while the monitor's time (its probes, and its hooks' own bookkeeping and
-      logging) stays within ``max_overhead`` of the training time
-      (:class:`~lightning_stablelr.callbacks._monitor_policy.MonitorPolicy`): each instrument runs at
+    - **Budget**: a probe runs only while the monitor's time stays within ``max_overhead`` of the training
+      time (:class:`~lightning_stablelr.callbacks._monitor_policy.MonitorPolicy`): each instrument runs at
       least once per epoch when the budget affords it (a certificate or sharpness probe not yet run is due
       at the epoch's last batch), skipped probes are counted in ``monitor/deferred_probes``, an instrument
       skipped for a whole epoch is named once in a warning, and ``monitor/overhead`` is the measured ratio.
@@ -214,13 +213,11 @@ class StabilityMonitor(Callback):
         self._writer: Any = None
         self._train_batches: list[Any] = []  # the sharpness batch and BatchNorm recalibration batches
         self._warned: set[str] = set()  # missing validation metrics already warned about
-        self._setup_seconds = 0.0
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        start = time.perf_counter()  # charged to the budget when its clock starts (on_train_start)
         self._reset_runtime()
         self.sharpness.reset()
         line_probe_session(trainer).reset(exact_derivative=LineProbeSession.exact_derivative_wanted(trainer))
@@ -229,23 +226,18 @@ class StabilityMonitor(Callback):
             message = self.connectivity.setup(self._probe.parameters())
             if message is not None:  # the window shrank to the budget (info), or connectivity is off (warning)
                 (rank_zero_warn if self.connectivity.tracker is None else rank_zero_info)(message)
-        self._setup_seconds = time.perf_counter() - start
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        start = time.perf_counter()
-        self._governor.start(now=start - self._setup_seconds)  # the clock starts with setup, which counts too
-        self._writer = open_tensorboard(trainer, self._governor, self.config)
+        self._governor.start()
         self._last_step_seen = trainer.global_step
-        self._governor.charge(BOOKKEEPING, time.perf_counter() - start + self._setup_seconds)
+        self._writer = open_tensorboard(trainer, self._governor, self.config)
 
     @override
-    @governed
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._policy.start_epoch()
 
     @override
-    @governed
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -273,7 +265,6 @@ class StabilityMonitor(Callback):
             self._certificate_step = step
 
     @override
-    @governed
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -300,7 +291,6 @@ class StabilityMonitor(Callback):
             self._account(trainer, "sharpness", run)
 
     @override
-    @governed
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         key = self.config.monitor
         if trainer.state.fn != "fit" or trainer.sanity_checking or not has_monitor_metric(trainer, key, self._warned):
@@ -312,7 +302,6 @@ class StabilityMonitor(Callback):
             self._log(trainer, metrics)
 
     @override
-    @governed
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         config = self.config
         every = config.connectivity_every_n_epochs
