@@ -138,7 +138,11 @@ class StableLRController:
 
     def schedule_factor(self, global_step: int, epochs_elapsed: float) -> float:
         """``max(min_lr_ratio, warmup(global_step) · exp(-λ · t) · G)``: the floored schedule, without ``C``."""
-        rest = warmup_factor(global_step, self.config.warmup_steps) * self.decay(epochs_elapsed) * self.gap_factor
+        return self._floored_schedule(global_step, self.decay(epochs_elapsed))
+
+    def _floored_schedule(self, global_step: int, decay: float) -> float:
+        """``max(min_lr_ratio, warmup(global_step) · decay · G)``; the guard passes ``decay = 1``."""
+        rest = warmup_factor(global_step, self.config.warmup_steps) * decay * self.gap_factor
         return floored_lr(1.0, rest, self.config.min_lr_ratio)
 
     def factor(self, global_step: int, epochs_elapsed: float) -> float:
@@ -236,9 +240,7 @@ class StableLRController:
         # C and G are two ceilings on the lr (stability, overfitting) and the cool-down anneals below both: C's
         # decisions see the floored warmup · G, not the decay (judged against the decay, C would grow back as
         # it falls). The floor stays: below it the real lr is min_lr_ratio · η0 · C, higher than warmup · G says.
-        following = 1.0 if step is None else floored_lr(
-            1.0, warmup_factor(step + 1, self.config.warmup_steps) * self.gap_factor, self.config.min_lr_ratio
-        )
+        following = 1.0 if step is None else self._floored_schedule(step + 1, 1.0)
         factor, reason = update_stability_factor(
             self.stability_factor,
             self.robust_margin,

@@ -116,14 +116,16 @@ class NonfiniteTracker:
         self._losses.append(loss.detach())
 
     def loss_is_finite_now(self) -> bool:
-        """True when exactly one loss was recorded, it lives on the CPU (read at once, see
-        :attr:`read_cpu_flags`) and it is finite; it is then consumed. False changes nothing: call
-        :meth:`protect`. The fast path of a quiet step under the loss test."""
-        losses = self._losses
-        if len(losses) != 1 or not self.read_cpu_flags or not losses[0].is_cpu or not math.isfinite(losses[0].item()):
+        """True when losses were recorded, all live on the CPU (read at once, see :attr:`read_cpu_flags`) and
+        all are finite; they are then consumed. False changes nothing: call :meth:`protect`. The fast path of
+        a quiet step under the loss test, and the first thing :meth:`protect` tries under it."""
+        if not self._losses or not self._losses_finite_on_cpu(self._losses):
             return False
         self._losses = []
         return True
+
+    def _losses_finite_on_cpu(self, losses: list[Tensor]) -> bool:
+        return self.read_cpu_flags and all(loss.is_cpu and math.isfinite(loss.item()) for loss in losses)
 
     def forget_loss(self) -> None:
         """Drop the kept losses (a step handled elsewhere, e.g. by a GradScaler)."""
@@ -151,13 +153,14 @@ class NonfiniteTracker:
         Returns the step's flag (0-d bool), or None when there is nothing to check or the step is known to
         be finite (the CPU path).
         """
-        losses, self._losses = self._losses, []
+        loss_only = not test_gradients and loss_decides and reduce_flag is None
         if skip:
             optimizer.__dict__.pop("found_inf", None)  # a previous step's flag (if no post-hook removed it)
-        if not test_gradients and loss_decides and losses and reduce_flag is None:
+        if loss_only and self.loss_is_finite_now():
+            return None  # the common case: one read of a CPU scalar, nothing else
+        losses, self._losses = self._losses, []
+        if loss_only and losses:
             on_cpu = self.read_cpu_flags and all(loss.is_cpu for loss in losses)
-            if on_cpu and all(math.isfinite(loss.item()) for loss in losses):
-                return None  # the common case: one read of a CPU scalar, nothing else
             bad = tensors_nonfinite(losses)
             return self._neutralise(optimizer, step, skip, step_gradients(optimizer), bad, bad, on_cpu=on_cpu)
         grads = step_gradients(optimizer)

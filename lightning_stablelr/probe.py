@@ -238,7 +238,7 @@ class ObjectiveProbe:
 
     def _layout_check(self, points: Sequence[Mapping[str, Tensor] | None], buffers: Mapping[str, Tensor] | None) -> None:
         """Raise on names that are not the module's parameters or buffers."""
-        known, own_buffers, _ = self._layout()
+        known, own_buffers = dict(self.module.named_parameters()), dict(self.module.named_buffers())
         for params in points:
             self._check_names(params, buffers, known, own_buffers)
 
