@@ -80,7 +80,7 @@ class RankMeanAccumulator:
 
     def add(self, value: Tensor, scale: float = 1.0) -> None:
         """Add ``scale · value`` (a one-element tensor) if it is finite; decided later, on its device."""
-        self._values.append(value.detach())  # one-element: reshaped when folded
+        self._values.append(value.detach() if value.requires_grad else value)  # one-element: reshaped when folded
         self._scales.append(float(scale))
         if len(self._values) >= self.fold_every:
             self._fold()
