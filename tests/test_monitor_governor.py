@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_stablelr.callbacks._governor import ProbeGovernor
+from lightning_stablelr.callbacks._governor import ProbeGovernor, StandingCost
 from lightning_stablelr.callbacks.monitor import StabilityMonitor
 from tests.helpers import make_trainer
 from tests.test_monitor_support import (
@@ -52,6 +52,29 @@ def test_each_kind_has_an_equal_share_so_a_frequent_probe_cannot_starve_a_rare_o
     assert governor.affordable_units("connectivity", now=10.95) == math.inf  # cost never measured
     governor.record("connectivity", 0.3, units=6)  # 0.05 s per point evaluation
     assert governor.affordable_units("connectivity", now=11.25) == pytest.approx((1.0 - 0.3) / 0.05)
+
+
+def test_standing_cost_books_hook_time_outside_probes_plus_the_calibrated_dispatch():
+    governor = ProbeGovernor(0.05, ("certificate", "sharpness"))
+    governor.start(now=0.0)
+    standing = StandingCost(governor)
+    standing.calibrate(lambda: time.sleep(0.002), hooks_per_batch=6, repeats=3)
+    assert 0.012 <= standing.dispatch_per_batch < 0.05  # 6 dispatches of >= 2 ms
+    standing.enter()
+    started = time.perf_counter()
+    time.sleep(0.05)  # a probe inside the hook: booked as certificate, not standing
+    governor.record("certificate", probe := time.perf_counter() - started)
+    time.sleep(0.01)
+    standing.leave()
+    standing.charge_batch()
+    booked = governor.spent[StandingCost.KIND]
+    assert standing.dispatch_per_batch + 0.01 <= booked < standing.dispatch_per_batch + 0.04
+    assert governor.probe_time == pytest.approx(probe + booked)
+    # It comes off every share alike: after 10 s of training the certificate's share is (0.5 - booked)/2 - probe.
+    now = 10.0 + governor.probe_time
+    assert governor.available("certificate", now=now) == pytest.approx((0.5 - booked) / 2 - probe)
+    standing.charge_batch()  # nothing pending: only the dispatch again
+    assert governor.spent[StandingCost.KIND] == pytest.approx(booked + standing.dispatch_per_batch)
 
 
 def test_governor_with_infinite_budget_allows_everything():
@@ -107,3 +130,6 @@ def test_tiny_budget_defers_probes_counts_them_and_keeps_probe_time_under_budget
     assert monitor._governor.deferred == {
         "certificate": steps - certificates, "sharpness": steps // 5 - sharpness,
     }
+    # Every batch booked its standing cost: at least Lightning's dispatch of the monitor's hooks.
+    assert monitor._standing.dispatch_per_batch > 0
+    assert monitor._governor.spent["standing"] >= steps * monitor._standing.dispatch_per_batch

@@ -11,7 +11,9 @@ names it, and this module is the only one to change. Everything else in the call
   public property rebuilds the logged metrics on every access (:func:`put_callback_metrics`);
 - ``trainer.fit_loop.epoch_loop.batch_idx`` next to ``trainer.is_last_batch``: the epoch's last training
   batch, also under ``limit_train_batches`` (:func:`is_last_training_batch`, pinned in
-  ``tests/test_monitor_instruments.py``).
+  ``tests/test_monitor_instruments.py``);
+- ``lightning.pytorch.trainer.call._call_callback_hooks``' body, mirrored by :func:`dispatch_noop_hook` to time
+  what Lightning's dispatch of one hook costs (the monitor's standing cost).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor
 from lightning_stablelr.collectives import Reduce
 
 __all__ = [
-    "is_last_training_batch", "log_step", "log_to_loggers", "logs_this_step", "put_callback_metrics", "reducer",
+    "dispatch_noop_hook", "is_last_training_batch", "log_step", "log_to_loggers", "logs_this_step", "put_callback_metrics", "reducer",
     "schedule_step",
 ]  # fmt: skip
 
@@ -100,3 +102,12 @@ def is_last_training_batch(trainer: pl.Trainer) -> bool:
         return True
     total = trainer.num_training_batches
     return math.isfinite(total) and trainer.fit_loop.epoch_loop.batch_idx + 1 >= total
+
+
+def dispatch_noop_hook(trainer: pl.Trainer, callback: pl.Callback) -> None:
+    """One callback-hook dispatch as ``lightning.pytorch.trainer.call._call_callback_hooks`` does it, of a hook
+    that does nothing (``on_after_backward`` of the base class): what any callback costs per hook call."""
+    fn = pl.Callback.on_after_backward.__get__(callback)  # bound like getattr: the base no-op, whatever a subclass overrides
+    if callable(fn):
+        with trainer.profiler.profile(f"[Callback]{callback.state_key}.on_after_backward"):
+            fn(trainer, trainer.lightning_module)

@@ -18,14 +18,14 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stablelr.callbacks._connectivity_instrument import ConnectivityInstrument
-from lightning_stablelr.callbacks._governor import ProbeGovernor
+from lightning_stablelr.callbacks._governor import ProbeGovernor, StandingCost, timed_as_standing
 from lightning_stablelr.callbacks._instruments import (
     CertificateInstrument,
     InstrumentRun,
     ProbeContext,
     SharpnessInstrument,
 )
-from lightning_stablelr.callbacks._lightning_access import reducer
+from lightning_stablelr.callbacks._lightning_access import dispatch_noop_hook, reducer
 from lightning_stablelr.callbacks._monitor_config import MonitorConfig, apply_deprecated
 from lightning_stablelr.callbacks._monitor_io import (
     has_monitor_metric,
@@ -43,6 +43,9 @@ __all__ = ["StabilityMonitor"]
 
 # Drawing both figures measured 0.2-0.8 s on a loaded CPU: a cost prior until the first is measured.
 _FIGURES_PRIOR_SECONDS = 0.5
+# Callback hooks Lightning calls per training batch: batch start and end, before and after backward, before
+# the optimizer step and before zero_grad. Each dispatch costs the same for every callback (standing cost).
+_HOOKS_PER_BATCH = 6
 _WARNED_DEPRECATIONS: set[str] = set()
 
 
@@ -69,8 +72,8 @@ class StabilityMonitor(Callback):
       cached validation batches, BatchNorm recalibrated on ``bn_recalibration_batches`` training batches:
       ``connectivity/barrier``, ``sublevel_excess``, ``superlevel_dip``, ``connected``,
       ``equiconnectedness``, and the figures ``connectivity/path`` and ``connectivity/pairwise``.
-    - **Budget**: a probe runs only while the monitor's time stays within ``max_overhead`` of the training
-      time (:class:`~lightning_stablelr.callbacks._monitor_policy.MonitorPolicy`): each instrument runs at
+    - **Budget**: a probe runs only while the monitor's time (probes, logging, and per batch its hooks and
+      Lightning's dispatch of them) stays within ``max_overhead`` of the training time (:class:`~lightning_stablelr.callbacks._monitor_policy.MonitorPolicy`): each instrument runs at
       least once per epoch when the budget affords it (a certificate or sharpness probe not yet run is due
       at the epoch's last batch), skipped probes are counted in ``monitor/deferred_probes``, an instrument
       skipped for a whole epoch is named once in a warning, and ``monitor/overhead`` is the measured ratio.
@@ -100,7 +103,8 @@ class StabilityMonitor(Callback):
             a tensor beyond float16's range stays in its own dtype; ``"float32"`` for exact.
         ema_decay: decay per training batch of the loss EMA behind ``ema_decrease``.
         monitor: the validation loss key in ``callback_metrics`` for ``val_decrease``.
-        max_overhead: allowed probe time as a fraction of training time; ``math.inf`` runs every probe.
+        max_overhead: the monitor's time (probes, logging, hooks) as a fraction of training time; ``math.inf``
+            runs every probe.
         snapshot_device: where snapshots and cached batches are kept.
         log_figures: write the connectivity figures (TensorBoard only).
         **deprecated: ``val_monitor`` (now ``monitor``), ``probe_every_n_epochs``, ``probe_points``,
@@ -157,6 +161,7 @@ class StabilityMonitor(Callback):
         self.connectivity = ConnectivityInstrument.from_config(config)
         self._governor = ProbeGovernor(config.max_overhead, config.probe_kinds, prior_costs={"figures": _FIGURES_PRIOR_SECONDS})
         self._policy = MonitorPolicy(self._governor, config.minimal_units(self.sharpness.FIRST_ITERS))
+        self._standing = StandingCost(self._governor)
         self._certificate_step: int | None = None
         self._last_step_seen = -1
         #: The line-probe session; the one of the first callback carrying one is shared by all.
@@ -230,6 +235,7 @@ class StabilityMonitor(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._governor.start()
+        self._standing.calibrate(lambda: dispatch_noop_hook(trainer, self), _HOOKS_PER_BATCH)
         self._last_step_seen = trainer.global_step
         self._writer = open_tensorboard(trainer, self._governor, self.config)
 
@@ -238,6 +244,7 @@ class StabilityMonitor(Callback):
         self._policy.start_epoch()
 
     @override
+    @timed_as_standing(charge_batch=False)
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -265,6 +272,7 @@ class StabilityMonitor(Callback):
             self._certificate_step = step
 
     @override
+    @timed_as_standing(charge_batch=True)
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
