@@ -133,3 +133,16 @@ def test_tiny_budget_defers_probes_counts_them_and_keeps_probe_time_under_budget
     # Every batch booked its standing cost: at least Lightning's dispatch of the monitor's hooks.
     assert monitor._standing.dispatch_per_batch > 0
     assert monitor._governor.spent["standing"] >= steps * monitor._standing.dispatch_per_batch
+
+
+def test_calibrating_the_dispatch_leaves_a_users_profiler_report_alone(tmp_path):
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    steps = 6
+    monitor = StabilityMonitor(certificate_every_n_steps=2, sharpness_every_n_steps=0, connectivity_every_n_epochs=0)
+    profiler = SimpleProfiler()
+    trainer = make_trainer(tmp_path, callbacks=[monitor], limit_val_batches=0, profiler=profiler)
+    trainer.fit(_TimedQuadratic(lr=0.05), train_dataloaders=constant_loader(steps))
+    # Lightning dispatched the monitor's inherited no-op once per batch; the calibration's calls are not recorded.
+    assert len(profiler.recorded_durations[f"[Callback]{monitor.state_key}.on_after_backward"]) == steps
+    assert monitor._standing.dispatch_per_batch > 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import lightning.pytorch as pl
+from lightning.pytorch.profilers import PassThroughProfiler
 import torch
 from torch import Tensor
 
@@ -106,8 +107,14 @@ def is_last_training_batch(trainer: pl.Trainer) -> bool:
 
 def dispatch_noop_hook(trainer: pl.Trainer, callback: pl.Callback) -> None:
     """One callback-hook dispatch as ``lightning.pytorch.trainer.call._call_callback_hooks`` does it, of a hook
-    that does nothing (``on_after_backward`` of the base class): what any callback costs per hook call."""
+    that does nothing (``on_after_backward`` of the base class): what any callback costs per hook call.
+
+    The profiler context is a pass-through one (the default profiler's): a user's ``SimpleProfiler`` report
+    must not list calls that never happened."""
     fn = pl.Callback.on_after_backward.__get__(callback)  # bound like getattr: the base no-op, whatever a subclass overrides
     if callable(fn):
-        with trainer.profiler.profile(f"[Callback]{callback.state_key}.on_after_backward"):
+        with _PASS_THROUGH.profile(f"[Callback]{callback.state_key}.on_after_backward"):
             fn(trainer, trainer.lightning_module)
+
+
+_PASS_THROUGH = PassThroughProfiler()
