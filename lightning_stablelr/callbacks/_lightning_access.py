@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 
 import lightning.pytorch as pl
-from lightning.pytorch.profilers import PassThroughProfiler
 import torch
+from lightning.pytorch.profilers import PassThroughProfiler
 from torch import Tensor
 
 from lightning_stablelr.collectives import Reduce
