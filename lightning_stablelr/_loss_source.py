@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from torch import Tensor, nn
 
 from lightning_stablelr._probe_isolation import restored_metric_states, silenced_logging
 
-__all__ = ["LossSource", "ProbeError", "training_loss"]
+__all__ = ["LossSource", "ProbeError", "replay_isolation", "training_loss"]
 
 
 class ProbeError(RuntimeError):
@@ -46,8 +47,11 @@ def _signature_accepts_batch_idx(training_step: Callable[..., Any], *, skip_firs
     return positional >= 2
 
 
-def training_loss(module: nn.Module, batch: Any, batch_idx: int) -> Tensor:
-    """The loss source: ``probe_loss(batch)`` if defined, else the silenced ``training_step``'s loss."""
+def training_loss(module: nn.Module, batch: Any, batch_idx: int, *, isolated: bool = False) -> Tensor:
+    """The loss source: ``probe_loss(batch)`` if defined, else the silenced ``training_step``'s loss.
+
+    ``isolated=True``: the caller already holds :func:`replay_isolation` around this call (one module walk
+    for all the points of a probe instead of one per point)."""
     probe_loss = getattr(module, "probe_loss", None)
     if callable(probe_loss):
         loss = probe_loss(batch)
@@ -65,7 +69,7 @@ def training_loss(module: nn.Module, batch: Any, batch_idx: int) -> Tensor:
                 f"{type(module).__name__} uses manual optimization, so its `training_step` cannot be replayed"
                 " as a probe. Implement `probe_loss(self, batch) -> Tensor` returning the scalar training loss."
             )
-        with silenced_logging(module), restored_metric_states(module):
+        with contextlib.nullcontext() if isolated else replay_isolation(module):
             output = (
                 training_step(batch, batch_idx) if _accepts_batch_idx(training_step) else training_step(batch)
             )
@@ -84,12 +88,22 @@ def training_loss(module: nn.Module, batch: Any, batch_idx: int) -> Tensor:
     return loss.reshape(())
 
 
+@contextlib.contextmanager
+def replay_isolation(module: nn.Module) -> Iterator[None]:
+    """What a replayed ``training_step`` needs around it: ``self.log`` silenced, torchmetrics states restored."""
+    with silenced_logging(module), restored_metric_states(module):
+        yield
+
+
 class LossSource(nn.Module):
-    """Holds the module so that ``functional_call`` can reparametrise it and still run ``training_step``."""
+    """Holds the module so that ``functional_call`` can reparametrise it and still run ``training_step``.
+
+    ``isolated``: set by a caller that holds :func:`replay_isolation` around its ``functional_call`` s."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
+        self.isolated = False
 
     def forward(self, batch: Any, batch_idx: int) -> Tensor:
-        return training_loss(self.module, batch, batch_idx)
+        return training_loss(self.module, batch, batch_idx, isolated=self.isolated)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_stablelr._loss_source import LossSource, ProbeError, training_loss
+from lightning_stablelr._loss_source import LossSource, ProbeError, replay_isolation, training_loss
 from lightning_stablelr._probe_isolation import restored_training_flags
 from lightning_stablelr._sharded_probe import ShardedProbeError, in_place_point_losses, is_sharded, reshard
 from lightning_stablelr._state_guard import ProbeSideEffectError, ProbeSideEffectWarning, state_guard
@@ -189,21 +189,26 @@ class ObjectiveProbe:
         values: list[Tensor] = []
         record = self._guard.begin()
         layout = self._layout()
-        with isolated_rng() as reseed, restored_training_flags(self.module), grad_mode:
-            for params in points:
-                arguments = self._call_arguments(params, buffers, layout)
-                reseed(seed)
-                context = (
-                    self.forward_context() if self.forward_context is not None else contextlib.nullcontext()
-                )
-                with context:
-                    if training is not None:
-                        self.module.train(bool(training))
-                    try:
-                        loss = functional_call(self._source, arguments, (batch, batch_idx), tie_weights=False)
-                    finally:
-                        self._guard.after_point()
-                values.append(loss.float())
+        # One replay isolation (silenced self.log, torchmetrics states) for all points: one module walk, not one per point.
+        with isolated_rng() as reseed, restored_training_flags(self.module), replay_isolation(self.module), grad_mode:
+            self._source.isolated = True
+            try:
+                for params in points:
+                    arguments = self._call_arguments(params, buffers, layout)
+                    reseed(seed)
+                    context = (
+                        self.forward_context() if self.forward_context is not None else contextlib.nullcontext()
+                    )
+                    with context:
+                        if training is not None:
+                            self.module.train(bool(training))
+                        try:
+                            loss = functional_call(self._source, arguments, (batch, batch_idx), tie_weights=False)
+                        finally:
+                            self._guard.after_point()
+                    values.append(loss.float())
+            finally:
+                self._source.isolated = False
         self._guard.end(record)
         return values
 
@@ -231,9 +236,9 @@ class ObjectiveProbe:
             with context:
                 if training is not None:
                     self.module.train(bool(training))
-                return training_loss(self.module, batch, batch_idx).float()
+                return training_loss(self.module, batch, batch_idx, isolated=True).float()
 
-        with isolated_rng() as reseed, restored_training_flags(self.module):
+        with isolated_rng() as reseed, restored_training_flags(self.module), replay_isolation(self.module):
             return in_place_point_losses(self.module, points, evaluate, reseed, seed, buffers=buffers)
 
     def _layout_check(self, points: Sequence[Mapping[str, Tensor] | None], buffers: Mapping[str, Tensor] | None) -> None:
