@@ -89,7 +89,10 @@ class RankMeanAccumulator:
         if not self._values:
             return
         device = self._values[0].device
-        values = torch.stack([value.reshape(()).to(device) for value in self._values]).float()
+        try:  # the common case, one stack: every value has the same shape on the same device
+            values = torch.stack(self._values).reshape(-1).float()
+        except RuntimeError:  # mixed shapes ((), (1,)) or devices
+            values = torch.stack([value.reshape(()).to(device) for value in self._values]).float()
         scales = set(self._scales)
         if len(scales) == 1:
             values = values * scales.pop()

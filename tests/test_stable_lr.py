@@ -459,3 +459,12 @@ def test_rank_mean_accumulator_ignores_non_finite_and_resets():
     one_process = lambda tensor, op: tensor  # noqa: E731
     assert accumulator.flush(one_process, "cpu", world_size=1) == (4.0, 2.0)
     assert accumulator.pending() == (0.0, 0.0) and accumulator.flush(one_process, "cpu", world_size=1) is None
+
+
+def test_rank_mean_accumulator_folds_mixed_shapes_and_graph_tensors():
+    accumulator = RankMeanAccumulator()
+    leaf = torch.tensor(2.0, requires_grad=True)
+    for value in (torch.tensor(1.0), torch.tensor([3.0]), leaf * 2.5, torch.tensor([math.nan])):
+        accumulator.add(value)
+    assert not any(value.requires_grad for value in accumulator._values)  # no graph kept alive until the fold
+    assert accumulator.pending() == (9.0, 3.0)
