@@ -58,7 +58,7 @@ def test_standing_cost_books_hook_time_outside_probes_plus_the_calibrated_dispat
     governor = ProbeGovernor(0.05, ("certificate", "sharpness"))
     governor.start(now=0.0)
     standing = StandingCost(governor)
-    standing.calibrate(lambda: time.sleep(0.002), hooks_per_batch=6, repeats=3)
+    standing.calibrate(lambda: time.sleep(0.002), hooks_per_batch=6, rounds=3, calls=1)
     assert 0.012 <= standing.dispatch_per_batch < 0.05  # 6 dispatches of >= 2 ms
     standing.enter()
     started = time.perf_counter()
@@ -146,3 +146,54 @@ def test_calibrating_the_dispatch_leaves_a_users_profiler_report_alone(tmp_path)
     # Lightning dispatched the monitor's inherited no-op once per batch; the calibration's calls are not recorded.
     assert len(profiler.recorded_durations[f"[Callback]{monitor.state_key}.on_after_backward"]) == steps
     assert monitor._standing.dispatch_per_batch > 0
+
+
+def test_a_standing_cost_above_the_budget_still_lets_each_first_probe_run_and_the_warning_says_why(tmp_path):
+    # QuadraticModule's steps take well under a millisecond: the monitor's per-batch cost alone is far above a
+    # 0.01% budget. Each instrument's first probe still runs (unmeasured), every later one is deferred, and the
+    # warning names the per-batch cost instead of a knob that cannot help.
+    steps = 32  # per epoch; two epochs: the second defers every due probe
+    logger = RecordingLogger()
+    monitor = StabilityMonitor(
+        certificate_every_n_steps=8, sharpness_every_n_steps=16, sharpness_iters=3, connectivity_every_n_epochs=0,
+        max_overhead=1e-4,
+    )
+    trainer = make_trainer(tmp_path, max_epochs=2, logger=logger, callbacks=[monitor], limit_val_batches=0)
+    with pytest.warns(UserWarning) as caught:
+        trainer.fit(QuadraticModule(lr=0.05), train_dataloaders=constant_loader(steps))
+    assert len(series(logger, "lyapunov/delta_v")) == 1
+    assert len(series(logger, "lyapunov/sharpness")) == 1
+    assert monitor._governor.deferred["certificate"] >= 2 * steps // 8 - 1
+    messages = sorted(str(w.message) for w in caught if "StabilityMonitor: no " in str(w.message))
+    assert [m.split(" in epoch")[0] for m in messages] == ["StabilityMonitor: no certificate", "StabilityMonitor: no sharpness"]
+    assert all("per-batch cost alone" in m and "raise `max_overhead`" in m for m in messages)
+
+
+def test_standing_cost_leaves_out_waits_in_collectives_and_starts_each_fit_clean():
+    governor = ProbeGovernor(0.05, ("certificate",))
+    governor.start(now=0.0)
+    standing = StandingCost(governor)
+    standing.enter()
+    started = time.perf_counter()
+    time.sleep(0.05)  # a decision's collective waiting for the device or the other ranks
+    governor.waited += time.perf_counter() - started
+    standing.leave()
+    standing.charge_batch()
+    assert governor.spent[StandingCost.KIND] < 0.01
+    # A hook that raised left time pending; the next fit's calibration drops it.
+    standing.enter()
+    time.sleep(0.02)
+    standing.leave()
+    standing.calibrate(lambda: None, hooks_per_batch=6)
+    before = governor.spent[StandingCost.KIND]
+    standing.charge_batch()
+    assert governor.spent[StandingCost.KIND] - before == pytest.approx(standing.dispatch_per_batch)
+    assert standing.dispatch_per_batch < 0.001
+
+
+def test_a_copied_monitor_keeps_one_governor_for_its_policy_and_standing_cost():
+    import copy
+    import pickle
+
+    for clone in (copy.deepcopy(StabilityMonitor()), pickle.loads(pickle.dumps(StabilityMonitor()))):
+        assert clone._standing.governor is clone._governor is clone._policy.governor

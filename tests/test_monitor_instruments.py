@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import time
 import warnings
 
 import lightning as L
@@ -117,19 +119,42 @@ def test_an_instrument_deferred_for_a_whole_epoch_is_named_once_with_its_knob(tm
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         logger = _classifier_fit(tmp_path, monitor, epochs=4)
-    said = [str(w.message) for w in caught if "deferred every due" in str(w.message)]
+    said = [re.sub(r"is [0-9.]+% of", "is X% of", str(w.message)) for w in caught if "deferred every due" in str(w.message)]
     # Epoch 0: the first probes run (their cost is unknown). Epoch 1: a budget of ~1e-9 s defers everything,
-    # and each instrument is named once, however many epochs follow.
+    # and each instrument is named once, however many epochs follow. At such a budget the monitor's per-batch
+    # cost alone exceeds it, so the warning says that no knob of the probe helps.
+    alone = ("The monitor's per-batch cost alone (its hooks and Lightning's dispatch of them) is X% of the training"
+             " time, so no knob of the {} probe helps: raise `max_overhead`, or train with larger batches. (Said once.)")
     assert said == [
         "StabilityMonitor: no certificate in epoch 1: the governor deferred every due certificate probe to keep the"
-        " monitor within max_overhead=1e-09 of the training time. Raise `max_overhead`, or make it cheaper with"
-        " `certificate_every_n_steps` (fewer due certificates). (Said once.)",
+        " monitor within max_overhead=1e-09 of the training time. " + alone.format("certificate"),
         "StabilityMonitor: no connectivity in epoch 1: the governor deferred every due connectivity probe to keep"
-        " the monitor within max_overhead=1e-09 of the training time. Raise `max_overhead`, or make it cheaper with"
-        " `connectivity_points`, `connectivity_batches` or `connectivity_window` (fewer forward passes). (Said once.)",
+        " the monitor within max_overhead=1e-09 of the training time. " + alone.format("connectivity"),
     ]
     assert len(series(logger, "lyapunov/delta_v")) == 1
     assert monitor._governor.deferred == {"certificate": 15, "connectivity": 3}
+
+
+def test_a_deferred_instrument_within_a_budget_its_standing_cost_fits_is_named_with_its_knob():
+    from types import SimpleNamespace
+
+    from lightning_stablelr.callbacks._governor import ProbeGovernor
+    from lightning_stablelr.callbacks._monitor_policy import MonitorPolicy
+
+    governor = ProbeGovernor(0.05, ("certificate", "connectivity"))
+    governor.start(now=time.perf_counter() - 10.0)  # 10 s of training
+    governor.charge("standing", 0.1)  # 1%: the probes had room, they were just too costly
+    policy = MonitorPolicy(governor)
+    policy.defer("connectivity")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        policy.warn_deferred_epoch(SimpleNamespace(current_epoch=3))
+        policy.warn_deferred_epoch(SimpleNamespace(current_epoch=4))  # said once
+    assert [str(w.message) for w in caught] == [
+        "StabilityMonitor: no connectivity in epoch 3: the governor deferred every due connectivity probe to keep"
+        " the monitor within max_overhead=0.05 of the training time. Raise `max_overhead`, or make it cheaper with"
+        " `connectivity_points`, `connectivity_batches` or `connectivity_window` (fewer forward passes). (Said once.)"
+    ]
 
 
 @pytest.mark.parametrize("limit", [None, 3])

@@ -8,13 +8,15 @@ cheap probe cannot starve a rare informative one:
     budget_k(now)      = share_k · max_overhead · training_time(now)    share_k = 1 / (number of kinds)
     a probe of kind k covering `units` is allowed  iff  spent_k + units · cost_k ≤ budget_k(now)
 
-with ``cost_k`` the seconds per unit of the last probe of kind k (before the first: a prior given by
-the caller, else 0, so that the first probe always runs and may overshoot once). Time charged to a
-kind without a share comes off every share alike: the monitor's logging, and its standing cost per
-step (:class:`StandingCost`: its per-step hooks outside the probes, plus Lightning's dispatch of them),
-so that ``max_overhead`` bounds what the monitor adds to the whole fit, not only its probes. Summed over kinds, ``probe_time ≤ max_overhead · training_time``
-up to those first probes and the prediction error of the last probe of each kind. A probe that is
-not allowed is *deferred* (skipped) and counted. :meth:`ProbeGovernor.affordable_units` tells how
+with ``cost_k`` the seconds per unit of the last probe of kind k. A kind never measured has no cost
+yet and its first probe always runs (and may overshoot once); a caller may give a prior instead
+(the figures). Time charged to a kind without a share comes off every share alike: the monitor's
+logging, and its standing cost per batch (:class:`StandingCost`: its per-step hooks outside the probes
+and outside the decisions' collectives, plus Lightning's dispatch of its hooks), so that the budget
+bounds what the monitor can time of itself, not only its probes. Summed over kinds, ``probe_time ≤
+max_overhead · training_time`` up to those first probes, the prediction error of the last probe of each
+kind, and a standing cost that alone exceeds the budget (then only first probes run, and the monitor's
+warning says so). A probe that is not allowed is *deferred* (skipped) and counted. :meth:`ProbeGovernor.affordable_units` tells how
 much of a divisible probe (the segments of a connectivity probe) fits. ``overhead = probe_time /
 training_time`` is logged as ``monitor/overhead``.
 
@@ -25,7 +27,9 @@ ranks (allowed only when every rank allows), so every rank runs the same probes 
 from __future__ import annotations
 
 import functools
+import gc
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -59,6 +63,9 @@ class ProbeGovernor:
         # A prior stands in for a kind's cost per unit until it is first measured (0 when none is given).
         self.cost_per_unit: dict[str, float] = dict(prior_costs or {})
         self.deferred: dict[str, int] = {}
+        #: Seconds spent in the decisions' collectives (waiting for the device or the other ranks): time the
+        #: monitor's hooks contain but do not add, left out of the standing cost.
+        self.waited = 0.0
 
     def start(self, now: float | None = None) -> None:
         """Start the training clock and a fresh budget (nothing spent); measured costs per unit are kept."""
@@ -105,7 +112,10 @@ class ProbeGovernor:
     def allows(
         self, kind: str, units: float = 1.0, now: float | None = None, *, pooled: bool = False, reserve: float = 0.0
     ) -> bool:
-        """True when the predicted cost of ``units`` fits in :meth:`available` (always for an unmeasured kind)."""
+        """True when the predicted cost of ``units`` fits in :meth:`available`; always for a kind never measured
+        (and without a prior), whose first probe runs whatever was spent before it."""
+        if kind not in self.cost_per_unit:
+            return True
         return self.predicted(kind, units) <= self.available(kind, now, pooled=pooled, reserve=reserve)
 
     def affordable_units(
@@ -157,10 +167,11 @@ class ProbeGovernor:
 class StandingCost:
     """What the monitor adds to every training batch outside its probes, charged to the governor as ``"standing"``.
 
-    Per batch: ``(wall time in the timed hooks - probe time booked inside them) + dispatch_per_batch``.
-    ``dispatch_per_batch`` is Lightning's cost of calling the monitor's hooks, which no hook can time from
-    inside: :meth:`calibrate` times a no-op dispatch (the caller passes it) once per fit. On a 2.5 ms step
-    the two come to about 2% of the fit; on a 20 ms step to about 0.2%.
+    Per batch: ``(wall time in the timed hooks - probe time booked inside them - time waited in the
+    decisions' collectives) + dispatch_per_batch``. ``dispatch_per_batch`` is Lightning's cost of calling the
+    monitor's hooks, which no hook can time from inside: :meth:`calibrate` times a no-op dispatch (the
+    caller passes it) once per fit. On a 2.5 ms CPU step the two come to about 1.5% of the fit; on a
+    20 ms step to about 0.2%.
     """
 
     KIND = "standing"
@@ -170,23 +181,41 @@ class StandingCost:
         self.dispatch_per_batch = 0.0
         self._entered = 0.0
         self._booked = 0.0
+        self._waited = 0.0
         self._pending = 0.0
 
-    def calibrate(self, dispatch_once: Callable[[], object], hooks_per_batch: int, repeats: int = 64) -> None:
-        """``dispatch_per_batch = hooks_per_batch ·`` the mean time of one of ``repeats`` calls of ``dispatch_once``."""
-        started = time.perf_counter()
-        for _ in range(repeats):
-            dispatch_once()
-        self.dispatch_per_batch = (time.perf_counter() - started) / repeats * hooks_per_batch
+    def calibrate(self, dispatch_once: Callable[[], object], hooks_per_batch: int, rounds: int = 8, calls: int = 8) -> None:
+        """``dispatch_per_batch = hooks_per_batch ·`` one call of ``dispatch_once``: the median over ``rounds``
+        rounds of ``calls`` calls each, garbage collection paused (one preemption or collection inside a single
+        timed loop would inflate every batch's charge for the whole fit). Starts a fit: nothing pending."""
+        self._pending = 0.0
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            per_call = []
+            for _ in range(rounds):
+                started = time.perf_counter()
+                for _ in range(calls):
+                    dispatch_once()
+                per_call.append((time.perf_counter() - started) / calls)
+        finally:
+            if collecting:
+                gc.enable()
+        self.dispatch_per_batch = statistics.median(per_call) * hooks_per_batch
 
     def enter(self) -> None:
         """A timed hook starts."""
         self._entered = time.perf_counter()
         self._booked = self.governor.probe_time
+        self._waited = self.governor.waited
 
     def leave(self) -> None:
-        """A timed hook ends: its time minus what it booked to the governor is standing cost."""
-        self._pending += time.perf_counter() - self._entered - (self.governor.probe_time - self._booked)
+        """A timed hook ends: its time minus what it booked to the governor and what it waited in the
+        decisions' collectives is standing cost."""
+        governor = self.governor
+        self._pending += (
+            time.perf_counter() - self._entered - (governor.probe_time - self._booked) - (governor.waited - self._waited)
+        )
 
     def charge_batch(self) -> None:
         """Charge this batch's standing cost (at the batch's last timed hook)."""

@@ -11,6 +11,7 @@ returned seconds.
 from __future__ import annotations
 
 import math
+import time
 
 import lightning.pytorch as pl
 import torch
@@ -66,7 +67,10 @@ class MonitorPolicy:
         if math.isinf(self.governor.max_overhead):
             return True  # the same on every rank without a collective
         local = self.governor.allows(kind, pooled=kind not in self.ran, reserve=self.reserve(kind))
-        if trainer.strategy.reduce_boolean_decision(local, all=True):
+        started = time.perf_counter()
+        decision = trainer.strategy.reduce_boolean_decision(local, all=True)
+        self.governor.waited += time.perf_counter() - started  # a collective waits for the device and the ranks
+        if decision:
             return True
         self.defer(kind)
         return False
@@ -94,7 +98,7 @@ class MonitorPolicy:
             return min(most, first) if self.allowed(trainer, "sharpness") else None
         units = self.governor.affordable_units("sharpness", pooled=pooled, reserve=self.reserve("sharpness"))
         local = min(most, int(units)) if math.isfinite(units) else most
-        local = int(trainer.strategy.reduce(torch.tensor(float(local), device=trainer.strategy.root_device), reduce_op="min").item())
+        local = self._reduced_min(trainer, float(local), trainer.strategy.root_device)
         if local < min(most, first):
             self.defer("sharpness")
             return None
@@ -111,12 +115,18 @@ class MonitorPolicy:
         if math.isinf(self.governor.max_overhead):
             return full
         units = self.governor.affordable_units("connectivity", pooled=True)
-        local = torch.tensor(float(instrument.local_segments(units)), device=pl_module.device)
-        segments = int(trainer.strategy.reduce(local, reduce_op="min").item())
+        segments = self._reduced_min(trainer, float(instrument.local_segments(units)), pl_module.device)
         if segments < 0 or (segments == 0 and full > 0):
             self.defer("connectivity")
             return None
         return segments
+
+    def _reduced_min(self, trainer: pl.Trainer, value: float, device: torch.device) -> int:
+        """The minimum of ``value`` over the ranks (a collective and a host sync; its time counts as waited)."""
+        started = time.perf_counter()
+        reduced = int(trainer.strategy.reduce(torch.tensor(value, device=device), reduce_op="min").item())
+        self.governor.waited += time.perf_counter() - started
+        return reduced
 
     def account(self, trainer: pl.Trainer, kind: str, run: InstrumentRun) -> None:
         """Charge the run's time to the governor, count a failure and remember a measurement."""
@@ -132,10 +142,19 @@ class MonitorPolicy:
 
     def warn_deferred_epoch(self, trainer: pl.Trainer) -> None:
         """Say once per instrument when the governor deferred it for a whole epoch, naming the knobs."""
+        governor = self.governor
+        training = governor.training_time()
+        standing = governor.spent.get("standing", 0.0) / training if training > 0 else 0.0
         for kind in sorted(self.deferred - self.ran - self.warned):
             self.warned.add(kind)
+            if standing >= governor.max_overhead:
+                advice = (f"The monitor's per-batch cost alone (its hooks and Lightning's dispatch of them) is"
+                          f" {standing:.1%} of the training time, so no knob of the {kind} probe helps: raise"
+                          " `max_overhead`, or train with larger batches.")  # fmt: skip
+            else:
+                advice = f"Raise `max_overhead`, or make it cheaper with {KNOBS[kind]}."
             rank_zero_warn(
                 f"StabilityMonitor: no {kind} in epoch {trainer.current_epoch}: the governor deferred every due"
-                f" {kind} probe to keep the monitor within max_overhead={self.governor.max_overhead:g} of the"
-                f" training time. Raise `max_overhead`, or make it cheaper with {KNOBS[kind]}. (Said once.)"
+                f" {kind} probe to keep the monitor within max_overhead={governor.max_overhead:g} of the"
+                f" training time. {advice} (Said once.)"
             )
