@@ -47,11 +47,11 @@ def _signature_accepts_batch_idx(training_step: Callable[..., Any], *, skip_firs
     return positional >= 2
 
 
-def training_loss(module: nn.Module, batch: Any, batch_idx: int, *, isolated: bool = False) -> Tensor:
-    """The loss source: ``probe_loss(batch)`` if defined, else the silenced ``training_step``'s loss.
+def training_loss(module: nn.Module, batch: Any, batch_idx: int) -> Tensor:
+    """The loss source: ``probe_loss(batch)`` if defined, else ``training_step``'s loss.
 
-    ``isolated=True``: the caller already holds :func:`replay_isolation` around this call (one module walk
-    for all the points of a probe instead of one per point)."""
+    The caller holds :func:`replay_isolation` around every call (once around all the points of a probe: one
+    module walk, not one per point)."""
     probe_loss = getattr(module, "probe_loss", None)
     if callable(probe_loss):
         loss = probe_loss(batch)
@@ -69,10 +69,7 @@ def training_loss(module: nn.Module, batch: Any, batch_idx: int, *, isolated: bo
                 f"{type(module).__name__} uses manual optimization, so its `training_step` cannot be replayed"
                 " as a probe. Implement `probe_loss(self, batch) -> Tensor` returning the scalar training loss."
             )
-        with contextlib.nullcontext() if isolated else replay_isolation(module):
-            output = (
-                training_step(batch, batch_idx) if _accepts_batch_idx(training_step) else training_step(batch)
-            )
+        output = training_step(batch, batch_idx) if _accepts_batch_idx(training_step) else training_step(batch)
         loss = output.get("loss") if isinstance(output, Mapping) else output
         source = "training_step"
     if not isinstance(loss, Tensor):
@@ -96,14 +93,12 @@ def replay_isolation(module: nn.Module) -> Iterator[None]:
 
 
 class LossSource(nn.Module):
-    """Holds the module so that ``functional_call`` can reparametrise it and still run ``training_step``.
-
-    ``isolated``: set by a caller that holds :func:`replay_isolation` around its ``functional_call`` s."""
+    """Holds the module so that ``functional_call`` can reparametrise it and still run ``training_step``
+    (inside the caller's :func:`replay_isolation`)."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
-        self.isolated = False
 
     def forward(self, batch: Any, batch_idx: int) -> Tensor:
-        return training_loss(self.module, batch, batch_idx, isolated=self.isolated)
+        return training_loss(self.module, batch, batch_idx)

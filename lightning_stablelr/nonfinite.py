@@ -125,9 +125,6 @@ class NonfiniteTracker:
         return True
 
     def _losses_finite_on_cpu(self, losses: list[Tensor]) -> bool:
-        if len(losses) == 1:  # the common step (no accumulation): no generator
-            loss = losses[0]
-            return self.read_cpu_flags and loss.is_cpu and math.isfinite(loss.item())
         return self.read_cpu_flags and all(loss.is_cpu and math.isfinite(loss.item()) for loss in losses)
 
     def forget_loss(self) -> None:

@@ -191,24 +191,20 @@ class ObjectiveProbe:
         layout = self._layout()
         # One replay isolation (silenced self.log, torchmetrics states) for all points: one module walk, not one per point.
         with isolated_rng() as reseed, restored_training_flags(self.module), replay_isolation(self.module), grad_mode:
-            self._source.isolated = True
-            try:
-                for params in points:
-                    arguments = self._call_arguments(params, buffers, layout)
-                    reseed(seed)
-                    context = (
-                        self.forward_context() if self.forward_context is not None else contextlib.nullcontext()
-                    )
-                    with context:
-                        if training is not None:
-                            self.module.train(bool(training))
-                        try:
-                            loss = functional_call(self._source, arguments, (batch, batch_idx), tie_weights=False)
-                        finally:
-                            self._guard.after_point()
-                    values.append(loss.float())
-            finally:
-                self._source.isolated = False
+            for params in points:
+                arguments = self._call_arguments(params, buffers, layout)
+                reseed(seed)
+                context = (
+                    self.forward_context() if self.forward_context is not None else contextlib.nullcontext()
+                )
+                with context:
+                    if training is not None:
+                        self.module.train(bool(training))
+                    try:
+                        loss = functional_call(self._source, arguments, (batch, batch_idx), tie_weights=False)
+                    finally:
+                        self._guard.after_point()
+                values.append(loss.float())
         self._guard.end(record)
         return values
 
@@ -236,7 +232,7 @@ class ObjectiveProbe:
             with context:
                 if training is not None:
                     self.module.train(bool(training))
-                return training_loss(self.module, batch, batch_idx, isolated=True).float()
+                return training_loss(self.module, batch, batch_idx).float()
 
         with isolated_rng() as reseed, restored_training_flags(self.module), replay_isolation(self.module):
             return in_place_point_losses(self.module, points, evaluate, reseed, seed, buffers=buffers)

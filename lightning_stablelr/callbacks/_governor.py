@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 __all__ = ["ProbeGovernor", "StandingCost", "timed_as_standing"]
 
 _Hook = TypeVar("_Hook", bound=Callable[..., Any])
+_T = TypeVar("_T")
 
 
 class ProbeGovernor:
@@ -127,6 +128,14 @@ class ProbeGovernor:
         if cost <= 0.0 or math.isinf(available):
             return math.inf
         return max(0.0, available / cost)
+
+    def waiting(self, collective: Callable[[], _T]) -> _T:
+        """``collective()``, its seconds added to :attr:`waited` (a decision's collective: not monitor cost)."""
+        started = time.perf_counter()
+        try:
+            return collective()
+        finally:
+            self.waited += time.perf_counter() - started
 
     def charge(self, kind: str, seconds: float) -> None:
         """Add ``seconds`` spent by ``kind`` without changing its measured cost per unit."""

@@ -11,14 +11,13 @@ returned seconds.
 from __future__ import annotations
 
 import math
-import time
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_stablelr.callbacks._connectivity_instrument import ConnectivityInstrument
-from lightning_stablelr.callbacks._governor import ProbeGovernor
+from lightning_stablelr.callbacks._governor import ProbeGovernor, StandingCost
 from lightning_stablelr.callbacks._instruments import InstrumentRun
 from lightning_stablelr.callbacks._lightning_access import is_last_training_batch
 
@@ -67,10 +66,8 @@ class MonitorPolicy:
         if math.isinf(self.governor.max_overhead):
             return True  # the same on every rank without a collective
         local = self.governor.allows(kind, pooled=kind not in self.ran, reserve=self.reserve(kind))
-        started = time.perf_counter()
-        decision = trainer.strategy.reduce_boolean_decision(local, all=True)
-        self.governor.waited += time.perf_counter() - started  # a collective waits for the device and the ranks
-        if decision:
+        # The collective waits for the device and the other ranks: governor.waited, not the monitor's cost.
+        if self.governor.waiting(lambda: trainer.strategy.reduce_boolean_decision(local, all=True)):
             return True
         self.defer(kind)
         return False
@@ -123,10 +120,9 @@ class MonitorPolicy:
 
     def _reduced_min(self, trainer: pl.Trainer, value: float, device: torch.device) -> int:
         """The minimum of ``value`` over the ranks (a collective and a host sync; its time counts as waited)."""
-        started = time.perf_counter()
-        reduced = int(trainer.strategy.reduce(torch.tensor(value, device=device), reduce_op="min").item())
-        self.governor.waited += time.perf_counter() - started
-        return reduced
+        return self.governor.waiting(
+            lambda: int(trainer.strategy.reduce(torch.tensor(value, device=device), reduce_op="min").item())
+        )
 
     def account(self, trainer: pl.Trainer, kind: str, run: InstrumentRun) -> None:
         """Charge the run's time to the governor, count a failure and remember a measurement."""
@@ -144,7 +140,7 @@ class MonitorPolicy:
         """Say once per instrument when the governor deferred it for a whole epoch, naming the knobs."""
         governor = self.governor
         training = governor.training_time()
-        standing = governor.spent.get("standing", 0.0) / training if training > 0 else 0.0
+        standing = governor.spent.get(StandingCost.KIND, 0.0) / training if training > 0 else 0.0
         for kind in sorted(self.deferred - self.ran - self.warned):
             self.warned.add(kind)
             if standing >= governor.max_overhead:

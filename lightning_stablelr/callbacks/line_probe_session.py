@@ -115,7 +115,7 @@ class LineProbeSession:
 
     def requested(self, step: int) -> bool:
         """Whether some callback asked for ``step``."""
-        return (step if type(step) is int else int(step)) in self._requested  # no int() call on the hot path
+        return int(step) in self._requested
 
     def discard(self, step: int) -> None:
         """The update of ``step`` was dropped: release the snapshot and give no result for it."""
