@@ -18,11 +18,12 @@ import contextlib
 import functools
 import random
 from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["CONNECTIVITY_SEED", "isolated_rng", "probe_seed", "reseed"]
+__all__ = ["CONNECTIVITY_SEED", "RngStates", "isolated_rng", "probe_seed", "reseed", "rng_states", "same_rng_states"]
 
 _SEED_OFFSET = 0x5EED
 
@@ -46,6 +47,46 @@ def reseed(seed: int, cuda: bool | None = None) -> None:
     np.random.seed(seed % 2**32)
 
 
+class RngStates(NamedTuple):
+    """The global random streams' states: torch CPU, every initialised CUDA device (None if CUDA is not
+    initialised), ``random`` and numpy (:func:`rng_states`)."""
+
+    cpu: torch.Tensor
+    cuda: list[torch.Tensor] | None
+    python: tuple[Any, ...]
+    numpy: tuple[Any, ...]
+
+
+def rng_states() -> RngStates:
+    """Copy every global random stream's state (about 40 µs, numpy's being most of it)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return RngStates(torch.get_rng_state(), cuda, random.getstate(), np.random.get_state())
+
+
+def restore_rng_states(states: RngStates) -> None:
+    """Put back the states :func:`rng_states` copied."""
+    torch.set_rng_state(states.cpu)
+    if states.cuda is not None:
+        torch.cuda.set_rng_state_all(states.cuda)
+    random.setstate(states.python)
+    np.random.set_state(states.numpy)
+
+
+def same_rng_states(first: RngStates, second: RngStates) -> bool:
+    """True when no random stream moved between the two copies: nothing drew a random number in between
+    (a forward pass with active dropout, ``torch.randn`` noise, ``random.random()``, ``np.random.beta`` do)."""
+    if not torch.equal(first.cpu, second.cpu) or first.python != second.python:
+        return False
+    if (first.cuda is None) != (second.cuda is None):
+        return False  # CUDA initialised in between: its streams cannot be compared
+    if first.cuda is not None and second.cuda is not None and (
+        len(first.cuda) != len(second.cuda) or not all(map(torch.equal, first.cuda, second.cuda))
+    ):
+        return False
+    a, b = first.numpy, second.numpy
+    return a[0] == b[0] and np.array_equal(a[1], b[1]) and tuple(a[2:]) == tuple(b[2:])
+
+
 @contextlib.contextmanager
 def isolated_rng() -> Iterator[Callable[[int], None]]:
     """Save torch (CPU + initialised CUDA), ``random`` and numpy RNG states; yield ``reseed``; restore all.
@@ -53,15 +94,8 @@ def isolated_rng() -> Iterator[Callable[[int], None]]:
     One save/restore serves all points of a probe (numpy's state is slow to copy); call the yielded
     ``reseed(seed)`` before each point.
     """
-    cpu_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()
+    states = rng_states()
     try:
-        yield functools.partial(reseed, cuda=cuda_states is not None)
+        yield functools.partial(reseed, cuda=states.cuda is not None)
     finally:
-        torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
+        restore_rng_states(states)

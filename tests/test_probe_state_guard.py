@@ -199,6 +199,7 @@ def test_an_update_that_cannot_be_undone_stops_every_probe_with_one_warning(tmp_
     stops = [w for w in record if "ProbeSideEffectError" in str(w.message)]
     assert len(stops) == 1 and "['teacher.bias', 'teacher.weight']" in str(stops[0].message)
     assert "probe_loss" in str(stops[0].message)
-    # 8 real steps; the probes of steps 0, 1, 2 replayed 3 points each (step 2's, run at global_step 3,
-    # made the update and was detected), then no probe replayed training_step again.
-    assert (trainer.global_step, model.calls) == (8, 8 + 3 * 3)
+    # 8 real steps; the probes of steps 0, 1, 2 replayed training_step (step 2's, run at global_step 3,
+    # made the update and was detected), then no probe replayed it again: step 0's probe 3 points (it verifies
+    # that a replay reproduces the training loss), steps 1 and 2 two each (the training loss stands in for L0).
+    assert (trainer.global_step, model.calls) == (8, 8 + 3 + 2 + 2)

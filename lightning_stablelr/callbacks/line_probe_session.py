@@ -13,7 +13,19 @@ Protocol (every rank, same order):
   which first asks ``session.requested(step)`` so it can certify StableLR's steps for free):
   ``session.request(trainer.global_step)`` on the steps a callback wants;
 - ``on_before_optimizer_step``: ``session.snapshot(trainer, pl_module)`` (clones θ only when requested);
-- ``on_train_batch_end``: ``session.result(trainer, pl_module, batch, batch_idx)`` → the result or None.
+- ``on_train_batch_end``: ``session.result(trainer, pl_module, batch, batch_idx, outputs=outputs)`` → the result
+  or None.
+
+**Two passes instead of three.** ``L0 = L(θ)`` on the step's batch is the loss the training step itself
+computed, when replaying ``training_step`` gives the same number. StableLR calls ``watch_forward(step)`` in
+``on_train_batch_start`` of its check steps (before the forward): it copies the random streams' states
+(:func:`~lightning_stablelr.rng.rng_states`). The training step's loss (``outputs``) then stands in for
+``L0`` when no random stream moved during the batch (no active dropout, no ``torch.randn`` noise: the probe's
+seeded replay would draw other numbers), ``accumulate_grad_batches == 1``, automatic optimization, and
+unsharded parameters; and only after the probe has *reproduced* that loss bit for bit, which it checks on the
+first such check of a fit and again every :attr:`LineProbeSession.REVERIFY_EVERY` of them (a ``probe_loss``
+or a ``training_step`` whose loss depends on ``global_step`` differs, and then the replay is used for the rest
+of the fit). The result is the same as with three passes, one forward pass cheaper.
 
 Losses and a per-rank failure flag travel in one all-reduce
 (:func:`~lightning_stablelr.collectives.reduce_with_flag`), so a probe that raises on one rank yields
@@ -39,7 +51,7 @@ from lightning_stablelr.line_probe import (
     three_point_losses,
 )
 from lightning_stablelr.probe import ObjectiveProbe
-from lightning_stablelr.rng import probe_seed
+from lightning_stablelr.rng import RngStates, probe_seed, rng_states, same_rng_states
 
 __all__ = ["LineProbeSession", "line_probe_session"]
 
@@ -77,6 +89,10 @@ class LineProbeSession:
     two passes of ``gᵀΔθ``. The probe seed is :func:`~lightning_stablelr.rng.probe_seed`.
     """
 
+    #: Every this-many-th check that could reuse the training loss as ``L0`` replays it instead and compares
+    #: (the first one of a fit included): one forward pass of insurance against a loss that changes with state.
+    REVERIFY_EVERY = 16
+
     def __init__(self) -> None:
         #: Keep g and compute ``gᵀΔθ`` for the Taylor error (set per fit by ``reset(exact_derivative=...)``).
         self.exact_derivative = False
@@ -101,17 +117,28 @@ class LineProbeSession:
         self._discarded: int | None = None
         self._cached: LineProbeResult | None = None
         self._probe: ObjectiveProbe | None = None
+        self._watched: tuple[int, RngStates] | None = None
+        self._reuse_checks = 0  # checks of this fit that could reuse the training loss as L0
+        self._reuse_refuted = False  # a replay did not reproduce the training loss: never reuse in this fit
         self.probes_run = 0
+        #: Probes of this fit that took ``L0`` from the training step (two forward passes, not three).
+        self.losses_reused = 0
 
     def __getstate__(self) -> dict[str, Any]:
         # Snapshots, gradients and the module reference belong to one running fit.
         state = self.__dict__.copy()
-        state.update(_snapshot=None, _gradient=None, _probe=None, _cached=None, _snapshot_step=None)
+        state.update(_snapshot=None, _gradient=None, _probe=None, _cached=None, _snapshot_step=None, _watched=None)
         return state
 
     def request(self, step: int) -> None:
         """Ask for the probe of optimizer step ``step`` (the ``global_step`` before that step)."""
         self._requested.add(int(step))
+
+    def watch_forward(self, step: int) -> None:
+        """Before the forward pass of requested step ``step`` (``on_train_batch_start``): copy the random
+        streams' states, so that :meth:`result` can tell whether the training step drew random numbers (and
+        its loss can stand in for ``L0``). About 40 µs; on check steps only."""
+        self._watched = (int(step), rng_states())
 
     def requested(self, step: int) -> bool:
         """Whether some callback asked for ``step``."""
@@ -139,11 +166,19 @@ class LineProbeSession:
         self._snapshot_step = step
 
     def result(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, step: int | None = None
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        step: int | None = None,
+        *,
+        outputs: Any = None,
     ) -> LineProbeResult | None:
         """The probe of ``step`` (default: the step just taken, ``global_step - 1``), or None when it was not
         requested, snapshotted or was discarded. Pass the ``global_step`` the batch started at when one batch
-        steps several optimizers (manual optimization): the probe then covers the whole batch's update."""
+        steps several optimizers (manual optimization): the probe then covers the whole batch's update.
+        ``outputs``: the ``on_train_batch_end`` outputs, whose loss may stand in for ``L0`` (module docstring)."""
         step = trainer.global_step - 1 if step is None else int(step)
         if self._cached is not None and self._cached.step == step:
             return self._cached
@@ -152,8 +187,26 @@ class LineProbeSession:
         theta_before, gradient = self._snapshot, self._gradient
         self._snapshot, self._gradient, self._snapshot_step = None, None, None
         self._requested = {requested for requested in self._requested if requested > step}
-        self._cached = self._compute(trainer, pl_module, batch, batch_idx, step, theta_before, gradient)
+        training_loss = self._training_loss(trainer, pl_module, step, outputs)
+        self._cached = self._compute(trainer, pl_module, batch, batch_idx, step, theta_before, gradient, training_loss)
         return self._cached
+
+    def _training_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, outputs: Any) -> Tensor | None:
+        """The training step's loss when a replay of it would compute the same ``L0`` (module docstring), else None."""
+        watched, self._watched = self._watched, None
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if (
+            self._reuse_refuted
+            or watched is None
+            or watched[0] != step
+            or not isinstance(loss, Tensor)
+            or loss.numel() != 1
+            or trainer.accumulate_grad_batches != 1
+            or not pl_module.automatic_optimization
+            or (self._probe is not None and self._probe._is_sharded())
+        ):
+            return None
+        return loss.detach() if same_rng_states(watched[1], rng_states()) else None
 
     def _compute(
         self,
@@ -164,6 +217,7 @@ class LineProbeSession:
         step: int,
         theta_before: dict[str, Tensor],
         gradient: dict[str, Tensor] | None,
+        training_loss: Tensor | None = None,
     ) -> LineProbeResult:
         self.probes_run += 1
         error: BaseException | None = None
@@ -171,10 +225,17 @@ class LineProbeSession:
         try:
             if self._probe is None or self._probe.module is not pl_module:
                 self._probe = ObjectiveProbe(pl_module, forward_context=trainer.precision_plugin.forward_context)
+            verify = training_loss is not None and self._reuse_checks % self.REVERIFY_EVERY == 0
+            self._reuse_checks += training_loss is not None
+            known = None if verify or self._probe._is_sharded() else training_loss
             theta_after = self._probe.parameters()
             losses = three_point_losses(
-                self._probe, batch, theta_before, theta_after, batch_idx=batch_idx, seed=probe_seed(step)
-            )
+                self._probe, batch, theta_before, theta_after, batch_idx=batch_idx, seed=probe_seed(step),
+                loss_before=known,
+            )  # fmt: skip
+            self.losses_reused += known is not None
+            if verify and training_loss is not None:  # the replay must reproduce the training loss bit for bit
+                self._reuse_refuted |= not bool(losses[0] == training_loss.to(losses))
             derivative = directional_derivative(gradient, theta_before, theta_after).to(losses)
             values = torch.cat([losses, derivative.reshape(1)])
         except Exception as exc:  # any rank may fail; all must still enter the collective below

@@ -288,8 +288,10 @@ class StabilityMonitor(Callback):
         stepped = trainer.global_step != first
         if stepped and self._certificate_step is not None and self._certificate_step >= first:
             step, self._certificate_step, session = self._certificate_step, None, line_probe_session(trainer)
-            run = self.certificates.run(lambda: session.result(trainer, pl_module, batch, batch_idx, step=step),
-                                        self._context(trainer, pl_module))  # fmt: skip
+            run = self.certificates.run(
+                lambda: session.result(trainer, pl_module, batch, batch_idx, step=step, outputs=outputs),
+                self._context(trainer, pl_module),
+            )
             self._account(trainer, "certificate", run)
         every = self.config.sharpness_every_n_steps
         due = stepped and every and (trainer.global_step % every == 0 or self._policy.catch_up(trainer, "sharpness"))

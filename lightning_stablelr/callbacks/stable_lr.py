@@ -230,7 +230,9 @@ class StableLR(StableLRState):
         self.last_lrs, self._epochs_elapsed = self._applied_lrs, self._applied_epochs  # this step's, for metrics
         if check:
             self._check_step, self._probe_step = step, global_step
-            self._shared_probe(trainer).request(global_step)
+            session = self._shared_probe(trainer)
+            session.request(global_step)
+            session.watch_forward(global_step)  # before the forward: its loss may stand in for L0
         if logs:
             metrics = self._metrics()
             put_callback_metrics(trainer, metrics, self._metric_cache)
@@ -265,7 +267,8 @@ class StableLR(StableLRState):
         step = self._seen_step if self._seen_step is not None else global_step - 1
         if self._check_step == step and self._probe_step is not None:
             self._check_step = None
-            result = self._shared_probe(trainer).result(trainer, pl_module, batch, batch_idx, step=self._probe_step)
+            session = self._shared_probe(trainer)
+            result = session.result(trainer, pl_module, batch, batch_idx, step=self._probe_step, outputs=outputs)
             if result is not None and not result.failed:
                 self.controller.observe_line(result.line, step, self._epochs(trainer, step))
                 self._inputs.warn_if_unresolved(result.line)
