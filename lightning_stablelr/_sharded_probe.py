@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -90,8 +91,8 @@ def in_place_point_losses(
     module: nn.Module,
     points: Sequence[Mapping[str, Tensor] | None],
     evaluate: Callable[[], Tensor],
-    reseed: Callable[[int], None],
-    seed: int,
+    reseed: Callable[[Any], None],
+    seed: Any,
     *,
     buffers: Mapping[str, Tensor] | None = None,
 ) -> list[Tensor]:

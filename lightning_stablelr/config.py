@@ -212,7 +212,7 @@ class CheckCadence:
     and a healthy run pays for one check per ``n`` steps. 0 turns either off.
 
     Args:
-        check_every_n_steps: check every n-th optimizer step (three extra forward passes each) while C = 1,
+        check_every_n_steps: check every n-th optimizer step (two or three extra forward passes each) while C = 1,
             every ``n // 10``-th while C < 1; 0: never.
         dense_check_steps: also check every one of the first ``dense_check_steps`` steps, where
             divergence usually happens; 0: none.

@@ -5,7 +5,7 @@ With ``θ`` the parameters before the step, ``θ + Δθ`` after it and one batch
     L0 = L(θ),   L+ = L(θ + Δθ),   L- = L(θ - Δθ)
 
 and :func:`lightning_stablelr.curvature.line_model` turns them into ``a ≈ gᵀΔθ``, ``c ≈ ΔθᵀHΔθ`` and
-the step margin ``s_max``. Three forward passes, any optimizer (the update is read off the weights).
+the step margin ``s_max``. Three forward passes (two when ``L0`` is known), any optimizer (the update is read off the weights).
 
 .. code-block:: python
 
@@ -27,6 +27,7 @@ from torch import Tensor
 
 from lightning_stablelr.curvature import LineModel, line_model
 from lightning_stablelr.probe import ObjectiveProbe
+from lightning_stablelr.rng import ProbeSeed
 
 __all__ = [
     "LineProbeResult",
@@ -177,7 +178,7 @@ def three_point_losses(
     theta_after: Mapping[str, Tensor],
     *,
     batch_idx: int = 0,
-    seed: int = 0,
+    seed: ProbeSeed = 0,
     loss_before: Tensor | None = None,
 ) -> Tensor:
     """:func:`line_losses` through ``probe`` on ``batch``: ``[L0, L+, L-, ‖Δθ‖²]`` (one seed, no sync).
@@ -233,7 +234,7 @@ def three_point_probe(
     *,
     step: int,
     batch_idx: int = 0,
-    seed: int = 0,
+    seed: ProbeSeed = 0,
 ) -> LineProbeResult:
     """Probe ``L0 = L(θ_before)``, ``L+ = L(θ_after)``, ``L- = L(θ_before - Δθ)`` and fit the line model.
 

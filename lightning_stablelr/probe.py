@@ -26,7 +26,7 @@ from lightning_stablelr._loss_source import LossSource, ProbeError, replay_isola
 from lightning_stablelr._probe_isolation import restored_training_flags
 from lightning_stablelr._sharded_probe import ShardedProbeError, in_place_point_losses, is_sharded, reshard
 from lightning_stablelr._state_guard import ProbeSideEffectError, ProbeSideEffectWarning, state_guard
-from lightning_stablelr.rng import isolated_rng
+from lightning_stablelr.rng import ProbeSeed, isolated_rng
 
 __all__ = [
     "ObjectiveProbe", "ProbeError", "ProbeSideEffectError", "ProbeSideEffectWarning", "ShardedProbeError",
@@ -145,7 +145,7 @@ class ObjectiveProbe:
         params: Mapping[str, Tensor] | None = None,
         *,
         batch_idx: int = 0,
-        seed: int = 0,
+        seed: ProbeSeed = 0,
         create_graph: bool = False,
         buffers: Mapping[str, Tensor] | None = None,
         training: bool | None = None,
@@ -173,7 +173,7 @@ class ObjectiveProbe:
         points: Sequence[Mapping[str, Tensor] | None],
         *,
         batch_idx: int = 0,
-        seed: int = 0,
+        seed: ProbeSeed = 0,
         create_graph: bool = False,
         buffers: Mapping[str, Tensor] | None = None,
         training: bool | None = None,
@@ -213,7 +213,7 @@ class ObjectiveProbe:
         batch: Any,
         points: Sequence[Mapping[str, Tensor] | None],
         batch_idx: int,
-        seed: int,
+        seed: ProbeSeed,
         create_graph: bool,
         buffers: Mapping[str, Tensor] | None,
         training: bool | None,
@@ -269,7 +269,7 @@ class ObjectiveProbe:
         points: Sequence[Mapping[str, Tensor]],
         *,
         batch_idx: int = 0,
-        seed: int = 0,
+        seed: ProbeSeed = 0,
         training: bool | None = None,
     ) -> list[float]:
         """``[L(θ) for θ in points]`` on one batch with one seed (same dropout masks at every point).

@@ -23,7 +23,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["CONNECTIVITY_SEED", "RngStates", "isolated_rng", "probe_seed", "reseed", "rng_states", "same_rng_states"]
+__all__ = [
+    "CONNECTIVITY_SEED", "ProbeSeed", "RngStates", "isolated_rng", "probe_seed", "reseed", "restore_rng_states",
+    "rng_states",
+]  # fmt: skip
 
 _SEED_OFFSET = 0x5EED
 
@@ -72,30 +75,28 @@ def restore_rng_states(states: RngStates) -> None:
     np.random.set_state(states.numpy)
 
 
-def same_rng_states(first: RngStates, second: RngStates) -> bool:
-    """True when no random stream moved between the two copies: nothing drew a random number in between
-    (a forward pass with active dropout, ``torch.randn`` noise, ``random.random()``, ``np.random.beta`` do)."""
-    if not torch.equal(first.cpu, second.cpu) or first.python != second.python:
-        return False
-    if (first.cuda is None) != (second.cuda is None):
-        return False  # CUDA initialised in between: its streams cannot be compared
-    if first.cuda is not None and second.cuda is not None and (
-        len(first.cuda) != len(second.cuda) or not all(map(torch.equal, first.cuda, second.cuda))
-    ):
-        return False
-    a, b = first.numpy, second.numpy
-    return a[0] == b[0] and np.array_equal(a[1], b[1]) and tuple(a[2:]) == tuple(b[2:])
+#: What each point of a probe starts from: an int seeds every stream (:func:`reseed`); :class:`RngStates`
+#: (copied by :func:`rng_states` before a training step's forward) replays that step's own random draws.
+ProbeSeed = int | RngStates
+
+
+def _start_point(seed: ProbeSeed, cuda: bool) -> None:
+    if isinstance(seed, RngStates):
+        restore_rng_states(seed)
+    else:
+        reseed(seed, cuda=cuda)
 
 
 @contextlib.contextmanager
-def isolated_rng() -> Iterator[Callable[[int], None]]:
+def isolated_rng() -> Iterator[Callable[[ProbeSeed], None]]:
     """Save torch (CPU + initialised CUDA), ``random`` and numpy RNG states; yield ``reseed``; restore all.
 
     One save/restore serves all points of a probe (numpy's state is slow to copy); call the yielded
-    ``reseed(seed)`` before each point.
+    ``reseed(seed)`` before each point. ``seed`` may also be :class:`RngStates`, which are then restored
+    before each point (every point draws what the training step drew: the same dropout masks).
     """
     states = rng_states()
     try:
-        yield functools.partial(reseed, cuda=states.cuda is not None)
+        yield functools.partial(_start_point, cuda=states.cuda is not None)
     finally:
         restore_rng_states(states)

@@ -1,5 +1,6 @@
-"""The guard's check reuses the training step's loss as L0 (two forward passes, not three) only when a replay
-would compute the same number, and the run is then bit-identical to one that replays L0 every time."""
+"""The guard's check replays the training step's own random draws and reuses its loss as L0 (two forward passes,
+not three) only once a replay has reproduced it bit for bit; the run is then bit-identical to one that replays
+L0 every time."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_stablelr import StableLR
 from lightning_stablelr.callbacks.line_probe_session import LineProbeSession
 from lightning_stablelr.line_probe import line_losses
-from lightning_stablelr.rng import rng_states, same_rng_states
+from lightning_stablelr.rng import isolated_rng, restore_rng_states, rng_states
 from tests.helpers import TinyClassifier, make_trainer
 
 STEPS = 40
@@ -42,8 +43,12 @@ class Classifier(TinyClassifier):
         return DataLoader(TensorDataset(x, y), batch_size=16)
 
 
-def _fit(tmp_path: Any, model: Classifier, monkeypatch: pytest.MonkeyPatch, reverify: int, **trainer: Any) -> dict:
+def _fit(
+    tmp_path: Any, model: Classifier, monkeypatch: pytest.MonkeyPatch, reverify: int, extra_callbacks: Any = (),
+    **trainer: Any,
+) -> dict:
     monkeypatch.setattr(LineProbeSession, "REVERIFY_EVERY", reverify)
+    L.seed_everything(0, verbose=False)  # the same dropout masks in both runs of a comparison
     callback = StableLR(dense_check_steps=CHECKS, check_every_n_steps=100, gap_strength=0.0)
     lrs: list[float] = []
 
@@ -51,7 +56,7 @@ def _fit(tmp_path: Any, model: Classifier, monkeypatch: pytest.MonkeyPatch, reve
         def on_train_batch_end(self, trainer_: L.Trainer, *args: Any) -> None:
             lrs.append(trainer_.optimizers[0].param_groups[0]["lr"])
 
-    make_trainer(tmp_path, max_steps=STEPS, callbacks=[callback, Record()], **trainer).fit(model)
+    make_trainer(tmp_path, max_steps=STEPS, callbacks=[callback, Record(), *extra_callbacks], **trainer).fit(model)
     session = callback.line_probe
     return {
         "lrs": lrs,
@@ -79,10 +84,25 @@ def test_a_deterministic_training_step_gives_l0_for_free_and_the_same_run(tmp_pa
     assert _same_run(reused, replayed)
 
 
-def test_dropout_draws_random_numbers_so_l0_is_replayed(tmp_path, monkeypatch):
-    result = _fit(tmp_path, Classifier(dropout=0.5), monkeypatch, reverify=4)
-    assert result["probes"] >= CHECKS  # more once C < 1 (checks every 10th step)
-    assert (result["reused"], result["refuted"], result["replays"]) == (0, False, 3 * result["probes"])
+def test_with_dropout_the_probe_replays_the_training_steps_own_masks_and_reuses_its_loss(tmp_path, monkeypatch):
+    reused = _fit(tmp_path, Classifier(dropout=0.5), monkeypatch, reverify=4)
+    replayed = _fit(tmp_path, Classifier(dropout=0.5), monkeypatch, reverify=1)
+    assert reused["probes"] >= CHECKS and not reused["refuted"] and not replayed["refuted"]  # bit-identical L0
+    verified = -(-reused["probes"] // 4)  # checks 0, 4, 8, ...
+    assert (reused["reused"], reused["replays"]) == (reused["probes"] - verified, 3 * verified + 2 * (reused["probes"] - verified))
+    assert _same_run(reused, replayed)
+
+
+class DrawAtBatchStart(L.Callback):
+    """Draws a random number after StableLR watched the streams and before the forward."""
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        torch.rand(1)
+
+
+def test_a_draw_between_the_watch_and_the_forward_refutes_the_reuse(tmp_path, monkeypatch):
+    result = _fit(tmp_path, Classifier(dropout=0.5), monkeypatch, reverify=16, extra_callbacks=[DrawAtBatchStart()])
+    assert (result["reused"], result["refuted"], result["replays"]) == (0, True, 3 * result["probes"])
 
 
 def test_a_loss_that_depends_on_the_step_is_refuted_at_the_first_check_and_the_run_is_unchanged(tmp_path, monkeypatch):
@@ -103,13 +123,21 @@ def test_gradient_accumulation_replays_l0(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "draw", [lambda: torch.rand(1), lambda: random.random(), lambda: np.random.rand()], ids=["torch", "random", "numpy"]
+    "draw", [lambda: torch.rand(3).tolist(), lambda: random.random(), lambda: np.random.rand(3).tolist()],
+    ids=["torch", "random", "numpy"],
 )
-def test_same_rng_states_sees_a_draw_from_each_stream(draw):
-    before = rng_states()
-    assert same_rng_states(before, rng_states())
-    draw()
-    assert not same_rng_states(before, rng_states())
+def test_a_probe_point_started_from_copied_states_draws_what_followed_the_copy(draw):
+    states = rng_states()
+    drawn = draw()
+    after = rng_states()
+    with isolated_rng() as start:
+        start(states)
+        assert draw() == drawn
+        start(1234)  # an int seeds every stream instead
+        assert draw() != drawn
+    continued = draw()  # the caller's streams continue where they were before the block
+    restore_rng_states(after)
+    assert draw() == continued
 
 
 def test_line_losses_with_a_known_l0_evaluates_two_points():

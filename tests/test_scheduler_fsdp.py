@@ -35,10 +35,11 @@ def _free_port() -> int:
 def _run(out: Path, port: int, *extra: str) -> list[dict]:
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run(
+    run = subprocess.run(
         [sys.executable, str(SCRIPT), str(out), "--nan-step", str(NAN_STEP), "--port", str(port), *extra],
-        env=env, check=True, timeout=300, capture_output=True,
+        env=env, timeout=300, capture_output=True, text=True,
     )  # fmt: skip
+    assert run.returncode == 0, f"the 2-process FSDP2 run failed (exit {run.returncode}):\n{run.stderr[-4000:]}"
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 

@@ -16,16 +16,17 @@ Protocol (every rank, same order):
 - ``on_train_batch_end``: ``session.result(trainer, pl_module, batch, batch_idx, outputs=outputs)`` → the result
   or None.
 
-**Two passes instead of three.** ``L0 = L(θ)`` on the step's batch is the loss the training step itself
-computed, when replaying ``training_step`` gives the same number. StableLR calls ``watch_forward(step)`` in
-``on_train_batch_start`` of its check steps (before the forward): it copies the random streams' states
-(:func:`~lightning_stablelr.rng.rng_states`). The training step's loss (``outputs``) then stands in for
-``L0`` when no random stream moved during the batch (no active dropout, no ``torch.randn`` noise: the probe's
-seeded replay would draw other numbers), ``accumulate_grad_batches == 1``, automatic optimization, and
-unsharded parameters; and only after the probe has *reproduced* that loss bit for bit, which it checks on the
-first such check of a fit and again every :attr:`LineProbeSession.REVERIFY_EVERY` of them (a ``probe_loss``
-or a ``training_step`` whose loss depends on ``global_step`` differs, and then the replay is used for the rest
-of the fit). The result is the same as with three passes, one forward pass cheaper.
+**The training step's own draws, and two passes instead of three.** StableLR calls ``watch_forward(step)`` in
+``on_train_batch_start`` of its check steps, before the forward: it copies the random streams' states
+(:func:`~lightning_stablelr.rng.rng_states`, ~40 µs). With ``accumulate_grad_batches == 1``, automatic
+optimization and unsharded parameters, every probe point then starts from those states instead of
+:func:`~lightning_stablelr.rng.probe_seed`: the replay draws exactly what the training step drew (its dropout
+masks), so it measures the loss whose gradient the optimizer followed, and ``L0`` is the loss the training step
+already computed. That loss (``outputs``) stands in for the replayed ``L0`` once the probe has *reproduced*
+it bit for bit, which it checks on the first such check of a fit and again every
+:attr:`LineProbeSession.REVERIFY_EVERY` of them; a mismatch (a ``probe_loss`` other than the training loss, a
+loss that depends on ``global_step``, random draws between the batch start and the forward) turns the reuse
+off for the rest of the fit. The line model is the same as with three passes, one forward pass cheaper.
 
 Losses and a per-rank failure flag travel in one all-reduce
 (:func:`~lightning_stablelr.collectives.reduce_with_flag`), so a probe that raises on one rank yields
@@ -51,7 +52,7 @@ from lightning_stablelr.line_probe import (
     three_point_losses,
 )
 from lightning_stablelr.probe import ObjectiveProbe
-from lightning_stablelr.rng import RngStates, probe_seed, rng_states, same_rng_states
+from lightning_stablelr.rng import ProbeSeed, RngStates, probe_seed, rng_states
 
 __all__ = ["LineProbeSession", "line_probe_session"]
 
@@ -86,7 +87,8 @@ class LineProbeSession:
     :class:`~lightning_stablelr.StabilityMonitor`, whose certificates report it), ``snapshot`` also keeps the step's gradient g (when ``accumulate_grad_batches == 1`` and no
     dropout is active), and the result's line model compares its first-order term with the exact ``gᵀΔθ``
     (the Taylor error). StableLR's guard reads only the step margin, so alone it skips that copy and the
-    two passes of ``gᵀΔθ``. The probe seed is :func:`~lightning_stablelr.rng.probe_seed`.
+    two passes of ``gᵀΔθ``. The probe seed is :func:`~lightning_stablelr.rng.probe_seed`, or on watched steps the
+    training step's own random states (module docstring).
     """
 
     #: Every this-many-th check that could reuse the training loss as ``L0`` replays it instead and compares
@@ -136,8 +138,8 @@ class LineProbeSession:
 
     def watch_forward(self, step: int) -> None:
         """Before the forward pass of requested step ``step`` (``on_train_batch_start``): copy the random
-        streams' states, so that :meth:`result` can tell whether the training step drew random numbers (and
-        its loss can stand in for ``L0``). About 40 µs; on check steps only."""
+        streams' states, so that the probe can replay the training step's own draws and its loss can stand in
+        for ``L0`` (module docstring). About 40 µs; on check steps only."""
         self._watched = (int(step), rng_states())
 
     def requested(self, step: int) -> bool:
@@ -187,26 +189,28 @@ class LineProbeSession:
         theta_before, gradient = self._snapshot, self._gradient
         self._snapshot, self._gradient, self._snapshot_step = None, None, None
         self._requested = {requested for requested in self._requested if requested > step}
-        training_loss = self._training_loss(trainer, pl_module, step, outputs)
-        self._cached = self._compute(trainer, pl_module, batch, batch_idx, step, theta_before, gradient, training_loss)
+        seed, training_loss = self._replay_plan(trainer, pl_module, step, outputs)
+        self._cached = self._compute(
+            trainer, pl_module, batch, batch_idx, step, theta_before, gradient, seed, training_loss
+        )
         return self._cached
 
-    def _training_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, outputs: Any) -> Tensor | None:
-        """The training step's loss when a replay of it would compute the same ``L0`` (module docstring), else None."""
+    def _replay_plan(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, outputs: Any
+    ) -> tuple[ProbeSeed, Tensor | None]:
+        """What every probe point starts from (the random states watched before the training forward, else
+        :func:`~lightning_stablelr.rng.probe_seed`), and the training loss that may stand in for ``L0``."""
         watched, self._watched = self._watched, None
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if (
-            self._reuse_refuted
-            or watched is None
+            watched is None
             or watched[0] != step
-            or not isinstance(loss, Tensor)
-            or loss.numel() != 1
-            or trainer.accumulate_grad_batches != 1
+            or trainer.accumulate_grad_batches != 1  # the probe replays the last micro-batch only
             or not pl_module.automatic_optimization
-            or (self._probe is not None and self._probe._is_sharded())
         ):
-            return None
-        return loss.detach() if same_rng_states(watched[1], rng_states()) else None
+            return probe_seed(step), None
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        usable = isinstance(loss, Tensor) and loss.numel() == 1 and not self._reuse_refuted
+        return watched[1], loss.detach() if usable else None
 
     def _compute(
         self,
@@ -217,6 +221,7 @@ class LineProbeSession:
         step: int,
         theta_before: dict[str, Tensor],
         gradient: dict[str, Tensor] | None,
+        seed: ProbeSeed,
         training_loss: Tensor | None = None,
     ) -> LineProbeResult:
         self.probes_run += 1
@@ -225,13 +230,14 @@ class LineProbeSession:
         try:
             if self._probe is None or self._probe.module is not pl_module:
                 self._probe = ObjectiveProbe(pl_module, forward_context=trainer.precision_plugin.forward_context)
+            if self._probe._is_sharded():  # FSDP2: all ranks must run the same forwards (their all-gathers are
+                seed, training_loss = probe_seed(step), None  # collectives), and a reuse is decided per rank
             verify = training_loss is not None and self._reuse_checks % self.REVERIFY_EVERY == 0
             self._reuse_checks += training_loss is not None
-            known = None if verify or self._probe._is_sharded() else training_loss
+            known = None if verify else training_loss
             theta_after = self._probe.parameters()
             losses = three_point_losses(
-                self._probe, batch, theta_before, theta_after, batch_idx=batch_idx, seed=probe_seed(step),
-                loss_before=known,
+                self._probe, batch, theta_before, theta_after, batch_idx=batch_idx, seed=seed, loss_before=known,
             )  # fmt: skip
             self.losses_reused += known is not None
             if verify and training_loss is not None:  # the replay must reproduce the training loss bit for bit
