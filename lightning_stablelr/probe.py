@@ -63,7 +63,9 @@ class ObjectiveProbe:
       counter, a print) do happen on every probe point: define ``probe_loss`` to avoid them;
     - the torch (CPU + initialised CUDA), ``random`` and numpy RNG states are unchanged, and the probe
       itself runs under a fixed ``seed``: the same seed at the same θ gives the same loss, and every
-      point of one probe sees the same dropout masks;
+      point of one probe sees the same dropout masks. ``seed`` is an int (every stream seeded with it) or
+      :class:`~lightning_stablelr.rng.RngStates` copied by :func:`~lightning_stablelr.rng.rng_states`
+      (every point starts from those states: it draws what followed the copy, e.g. a training step's masks);
     - it runs under ``torch.no_grad()`` unless ``create_graph=True``, in which case the result is
       differentiable w.r.t. the given ``params`` (use ``torch.autograd.grad``, never ``.backward()``,
       so that no ``.grad`` is written);

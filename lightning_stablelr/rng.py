@@ -83,6 +83,8 @@ ProbeSeed = int | RngStates
 def _start_point(seed: ProbeSeed, cuda: bool) -> None:
     if isinstance(seed, RngStates):
         restore_rng_states(seed)
+        if cuda and seed.cuda is None:  # CUDA initialised after the copy: every point still draws alike
+            torch.cuda.manual_seed_all(_SEED_OFFSET)
     else:
         reseed(seed, cuda=cuda)
 

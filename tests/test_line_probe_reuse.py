@@ -28,13 +28,19 @@ class Classifier(TinyClassifier):
     """TinyClassifier on 40 fixed batches of 16; ``ramp`` scales the loss by ``1 + ramp·global_step`` (a loss
     that depends on the training state, which a replay after the step computes differently)."""
 
-    def __init__(self, dropout: float = 0.0, ramp: float = 0.0, probe_scale: float | None = None) -> None:
+    def __init__(
+        self, dropout: float = 0.0, ramp: float = 0.0, probe_scale: float | None = None, failing_replays: int = 0
+    ) -> None:
         super().__init__(dropout=dropout, lr=0.5)
         self.ramp = ramp
+        self.failing_replays = failing_replays  # the first n replays (no_grad calls) raise
         if probe_scale is not None:  # a probe_loss that is not the training loss
             self.probe_loss = lambda batch: probe_scale * nn.functional.cross_entropy(self(batch[0]), batch[1])
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self.failing_replays and not torch.is_grad_enabled():
+            self.failing_replays -= 1
+            raise RuntimeError("this replay fails")
         loss = super().training_step(batch, batch_idx)
         return loss * (1.0 + self.ramp * self.global_step) if self.ramp else loss
 
@@ -51,15 +57,23 @@ def _fit(
     L.seed_everything(0, verbose=False)  # the same dropout masks in both runs of a comparison
     callback = StableLR(dense_check_steps=CHECKS, check_every_n_steps=100, gap_strength=0.0)
     lrs: list[float] = []
+    checks: list[tuple[int, float, float, float]] = []  # every check's [L0, L+, L-] as the guard saw them
+    factors: list[float] = []
 
-    class Record(L.Callback):  # after StableLR: the lr it set for the next step
+    class Record(L.Callback):  # after StableLR: the lr it set for the next step, the check it made
         def on_train_batch_end(self, trainer_: L.Trainer, *args: Any) -> None:
             lrs.append(trainer_.optimizers[0].param_groups[0]["lr"])
+            factors.append(callback.controller.stability_factor)
+            result = callback.line_probe._cached
+            if result is not None and (not checks or checks[-1][0] != result.step):
+                checks.append((result.step, result.loss_before, result.loss_after, result.loss_mirror))
 
     make_trainer(tmp_path, max_steps=STEPS, callbacks=[callback, Record(), *extra_callbacks], **trainer).fit(model)
     session = callback.line_probe
     return {
         "lrs": lrs,
+        "checks": checks,
+        "min_c": min(factors),
         "replays": model.training_step_calls - STEPS * trainer.get("accumulate_grad_batches", 1),
         "probes": session.probes_run,
         "reused": session.losses_reused,
@@ -69,7 +83,11 @@ def _fit(
 
 
 def _same_run(first: dict, second: dict) -> bool:
-    return first["lrs"] == second["lrs"] and all(map(torch.equal, first["weights"], second["weights"]))
+    return (
+        first["checks"] == second["checks"]  # every check's three losses, bit for bit
+        and first["lrs"] == second["lrs"]
+        and all(map(torch.equal, first["weights"], second["weights"]))
+    )
 
 
 def test_a_deterministic_training_step_gives_l0_for_free_and_the_same_run(tmp_path, monkeypatch):
@@ -80,7 +98,7 @@ def test_a_deterministic_training_step_gives_l0_for_free_and_the_same_run(tmp_pa
     assert reused["replays"] == 3 * 3 + 2 * 7
     assert (replayed["probes"], replayed["reused"], replayed["replays"]) == (CHECKS, 0, 3 * CHECKS)
     assert not replayed["refuted"]
-    assert min(reused["lrs"]) < max(reused["lrs"])  # the guard's lr moved: the checks decided something
+    assert len(reused["checks"]) == CHECKS and reused["min_c"] < 1.0  # the checks decided something
     assert _same_run(reused, replayed)
 
 
@@ -118,8 +136,17 @@ def test_a_probe_loss_other_than_the_training_loss_is_never_replaced(tmp_path, m
 
 
 def test_gradient_accumulation_replays_l0(tmp_path, monkeypatch):
-    result = _fit(tmp_path, Classifier(), monkeypatch, reverify=1, accumulate_grad_batches=2)
-    assert result["probes"] == CHECKS and result["reused"] == 0 and not result["refuted"]
+    result = _fit(tmp_path, Classifier(), monkeypatch, reverify=16, accumulate_grad_batches=2, max_epochs=2)
+    assert result["probes"] >= CHECKS and result["replays"] == 3 * result["probes"]
+    assert (result["reused"], result["refuted"]) == (0, False)  # not even tried
+
+
+def test_a_verification_that_failed_is_not_counted(tmp_path, monkeypatch):
+    # Check 0's replay raises (skipped, warned once): check 1 must verify, not reuse L0 unverified.
+    with pytest.warns(UserWarning, match="line probe failed at step 0"):
+        result = _fit(tmp_path, Classifier(failing_replays=1), monkeypatch, reverify=4)
+    assert result["probes"] == CHECKS and not result["refuted"]
+    assert result["reused"] == 6  # checks 1, 5, 9 verify; 2-4 and 6-8 reuse (counting check 0: 7)
 
 
 @pytest.mark.parametrize(

@@ -42,11 +42,11 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _run_ddp(out: Path, strategy: str, timeout: float = 240) -> None:
+def _run_ddp(out: Path, strategy: str, timeout: float = 240, *extra: str) -> None:
     out.mkdir()
     command = [
         sys.executable, str(SCRIPT), "--out", str(out), "--epochs", str(EPOCHS), "--stablelr", json.dumps(CONFIG),
-        "--strategy", strategy, "--devices", "2", "--rank-scaled",
+        "--strategy", strategy, "--devices", "2", "--rank-scaled", *extra,
     ]  # fmt: skip
     run_multiprocess_script(command, REPO, out / "log.txt", timeout)
 
@@ -80,7 +80,26 @@ def test_every_rank_sets_the_same_lr_at_every_step(tmp_path: Path) -> None:
     assert last["stablelr/decay"] < 0.6, "decay over 3 epochs at 0.3/epoch gives at most exp(-0.9*17/18)"
     assert last["stablelr/gap_factor"] < 1.0, f"G never moved, the reduced gap decision went untested: {last}"
     assert min(r["stablelr/stability_factor"] for r in factors[0]) < 1.0, "the guard never shrank C"
+    # Both ranks took L0 from their own training loss on the same checks (the ramp test below: the opposite).
+    done = [json.loads((out / f"probes_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert done[0]["losses_reused"] == done[1]["losses_reused"] > 0 and not done[0]["refuted"] and not done[1]["refuted"]
 
 
 def _stablelr_only(record: dict) -> dict:
     return {key: value for key, value in record.items() if key.startswith("stablelr/") or key == "step"}
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_a_training_loss_one_rank_cannot_replay_ends_the_reuse_of_l0_on_every_rank(tmp_path: Path) -> None:
+    # Rank 1's loss depends on global_step (its replay after the step differs), rank 0's does not: the
+    # verification's flag is reduced with the losses, so both ranks stop reusing L0 and keep running the same
+    # forward passes (forwards with collectives inside, e.g. SyncBatchNorm, would otherwise hang).
+    out = tmp_path / "ramp"
+    _run_ddp(out, "ddp", 240, "--rank-ramp", "0.001")
+    done = [json.loads((out / f"probes_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert done[0]["probes"] == done[1]["probes"] >= 5
+    assert [(d["losses_reused"], d["refuted"]) for d in done] == [(0, True), (0, True)]
+    lrs = [_records(out / f"lr_rank{rank}.jsonl") for rank in (0, 1)]
+    assert lrs[0] == lrs[1]

@@ -119,7 +119,7 @@ class LineProbeSession:
         self._discarded: int | None = None
         self._cached: LineProbeResult | None = None
         self._probe: ObjectiveProbe | None = None
-        self._watched: tuple[int, RngStates] | None = None
+        self._watched: tuple[tuple[int, int, int], RngStates] | None = None
         self._reuse_checks = 0  # checks of this fit that could reuse the training loss as L0
         self._reuse_refuted = False  # a replay did not reproduce the training loss: never reuse in this fit
         self.probes_run = 0
@@ -136,11 +136,11 @@ class LineProbeSession:
         """Ask for the probe of optimizer step ``step`` (the ``global_step`` before that step)."""
         self._requested.add(int(step))
 
-    def watch_forward(self, step: int) -> None:
+    def watch_forward(self, step: int, epoch: int = 0, batch_idx: int = 0) -> None:
         """Before the forward pass of requested step ``step`` (``on_train_batch_start``): copy the random
         streams' states, so that the probe can replay the training step's own draws and its loss can stand in
         for ``L0`` (module docstring). About 40 µs; on check steps only."""
-        self._watched = (int(step), rng_states())
+        self._watched = ((int(step), int(epoch), int(batch_idx)), rng_states())
 
     def requested(self, step: int) -> bool:
         """Whether some callback asked for ``step``."""
@@ -189,25 +189,37 @@ class LineProbeSession:
         theta_before, gradient = self._snapshot, self._gradient
         self._snapshot, self._gradient, self._snapshot_step = None, None, None
         self._requested = {requested for requested in self._requested if requested > step}
-        seed, training_loss = self._replay_plan(trainer, pl_module, step, outputs)
+        seed, training_loss = self._replay_plan(trainer, pl_module, (step, trainer.current_epoch, batch_idx), outputs)
         self._cached = self._compute(
             trainer, pl_module, batch, batch_idx, step, theta_before, gradient, seed, training_loss
         )
         return self._cached
 
+    @staticmethod
+    def _verification(replayed: Tensor, training_loss: Tensor | None, verify: bool) -> Tensor:
+        """``[mismatch, inconclusive]`` of this rank, reduced with the losses so that every rank decides alike:
+        mismatch = a verifying replay of ``L0`` differs from the training loss; inconclusive = that loss is
+        not finite (NaN ≠ NaN proves nothing)."""
+        flags = torch.zeros(2, dtype=replayed.dtype, device=replayed.device)
+        if verify and training_loss is not None:
+            expected = training_loss.to(replayed)
+            finite = expected.isfinite()
+            flags = torch.stack([(replayed != expected) & finite, ~finite]).to(replayed.dtype)
+        return flags
+
     def _replay_plan(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, outputs: Any
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, key: tuple[int, int, int], outputs: Any
     ) -> tuple[ProbeSeed, Tensor | None]:
         """What every probe point starts from (the random states watched before the training forward, else
         :func:`~lightning_stablelr.rng.probe_seed`), and the training loss that may stand in for ``L0``."""
         watched, self._watched = self._watched, None
         if (
             watched is None
-            or watched[0] != step
+            or watched[0] != key  # (step, epoch, batch_idx): not a watch left by a batch that never stepped
             or trainer.accumulate_grad_batches != 1  # the probe replays the last micro-batch only
             or not pl_module.automatic_optimization
         ):
-            return probe_seed(step), None
+            return probe_seed(key[0]), None
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         usable = isinstance(loss, Tensor) and loss.numel() == 1 and not self._reuse_refuted
         return watched[1], loss.detach() if usable else None
@@ -233,23 +245,25 @@ class LineProbeSession:
             if self._probe._is_sharded():  # FSDP2: all ranks must run the same forwards (their all-gathers are
                 seed, training_loss = probe_seed(step), None  # collectives), and a reuse is decided per rank
             verify = training_loss is not None and self._reuse_checks % self.REVERIFY_EVERY == 0
-            self._reuse_checks += training_loss is not None
             known = None if verify else training_loss
             theta_after = self._probe.parameters()
             losses = three_point_losses(
                 self._probe, batch, theta_before, theta_after, batch_idx=batch_idx, seed=seed, loss_before=known,
             )  # fmt: skip
             self.losses_reused += known is not None
-            if verify and training_loss is not None:  # the replay must reproduce the training loss bit for bit
-                self._reuse_refuted |= not bool(losses[0] == training_loss.to(losses))
             derivative = directional_derivative(gradient, theta_before, theta_after).to(losses)
-            values = torch.cat([losses, derivative.reshape(1)])
+            values = torch.cat([losses, derivative.reshape(1), self._verification(losses[0], training_loss, verify)])
         except Exception as exc:  # any rank may fail; all must still enter the collective below
             error = exc
         # fp32 on every rank, also on one that failed: the collective needs the same dtype everywhere.
         reduced, failed = reduce_with_flag(
-            reducer(trainer), values, size=5, device=pl_module.device, dtype=torch.float32
+            reducer(trainer), values, size=7, device=pl_module.device, dtype=torch.float32
         )
+        if training_loss is not None and not failed:  # every rank alike (the flags were reduced): the same passes
+            if reduced[5] > 0:  # some rank's replay did not reproduce its training loss
+                self._reuse_refuted = True
+            if reduced[6] == 0:  # a non-finite training loss verifies nothing: the next check tries again
+                self._reuse_checks += 1
         if failed and not self._warned:
             self._warned = True
             reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"

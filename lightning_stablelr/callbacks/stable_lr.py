@@ -230,13 +230,13 @@ class StableLR(StableLRState):
         self.last_lrs, self._epochs_elapsed = self._applied_lrs, self._applied_epochs  # this step's, for metrics
         if check:
             self._check_step, self._probe_step = step, global_step
-            session = self._shared_probe(trainer)
-            session.request(global_step)
-            session.watch_forward(global_step)  # before the forward: its loss may stand in for L0
+            self._shared_probe(trainer).request(global_step)
         if logs:
             metrics = self._metrics()
             put_callback_metrics(trainer, metrics, self._metric_cache)
             log_to_loggers(trainer, metrics, every_n_steps=False)
+        if check:  # last, just before the forward: the probe replays its random draws, its loss may be L0
+            self._shared_probe(trainer).watch_forward(global_step, trainer.current_epoch, batch_idx)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:

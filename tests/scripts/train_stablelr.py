@@ -15,6 +15,7 @@ Files written into ``--out`` (``{r}`` is the global rank):
   batch and epoch;
 - ``sampler_epochs_rank{r}.jsonl``: every epoch that Lightning passed to ``EpochSeededSampler.set_epoch``;
 - ``final_rank{r}.pt``: the final ``state_dict``; ``done_rank{r}.json``: global step and epoch at the end;
+- ``probes_rank{r}.json``: StableLR's guard probes, how many took L0 from training, whether a replay refuted it;
 - ``checkpoints/last.ckpt``: written by ``ModelCheckpoint(save_last=True, every_n_epochs=1)``.
 
 Everything that decides the trajectory (weights, data, data order) depends only on ``--seed`` and the
@@ -101,6 +102,8 @@ class TinyRegressor(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         self.log("train_loss", loss)
+        if self.args.rank_ramp:  # rank r's loss depends on global_step: a replay after the step differs
+            loss = loss * (1.0 + self.args.rank_ramp * self.global_rank * self.global_step)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -207,6 +210,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rank-scaled", action="store_true", help="per-rank data shards with scale 1 + 2 rank"
     )
+    parser.add_argument(
+        "--rank-ramp", type=float, default=0.0, help="multiply rank r's loss by 1 + RAMP * r * global_step"
+    )
     return parser.parse_args(argv)
 
 
@@ -249,6 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     rank = trainer.global_rank
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / f"final_rank{rank}.pt")
     done = {"global_step": trainer.global_step, "current_epoch": trainer.current_epoch}
+    if callbacks and hasattr(callbacks[0], "line_probe"):  # StableLR's guard probes: how many took L0 from training
+        session = callbacks[0].line_probe
+        probes = {"probes": session.probes_run, "losses_reused": session.losses_reused, "refuted": session._reuse_refuted}
+        (out / f"probes_rank{rank}.json").write_text(json.dumps(probes))
     (out / f"done_rank{rank}.json").write_text(json.dumps(done))
 
 
