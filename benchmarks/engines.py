@@ -172,7 +172,7 @@ def run_plain(task: Task, policy: Policy, *, optimizer: str, lr: float, seed: in
                 outcome.nonfinite_losses += 1
             if stable is not None:
                 stable_step(stable, opt, lambda batch=batch: module.probe_loss(batch), stable.should_check(step),
-                            probe_seed(step))
+                            probe_seed(step), loss=loss.detach())
             else:
                 opt.step()
             step += 1
@@ -200,11 +200,12 @@ def run_plain(task: Task, policy: Policy, *, optimizer: str, lr: float, seed: in
 
 
 def stable_step(stable: Any, opt: torch.optim.Optimizer, probe: Callable[[], torch.Tensor], check: bool,
-                seed: int, module: torch.nn.Module | None = None) -> None:
+                seed: int, module: torch.nn.Module | None = None, loss: torch.Tensor | None = None) -> None:
     """One optimizer step under StableLR, in the callback's order: finite check, snapshot, step, probe.
 
     ``probe()`` is the loss of the current batch at the current parameters; pass ``module`` when it runs
-    BatchNorm in train mode, so that the probe restores its running statistics.
+    BatchNorm in train mode, so that the probe restores its running statistics. ``loss``: the step's
+    training loss, which stands in for the probe's L0 once a replay has reproduced it (as in the callback).
     """
     grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
     if not all(bool(torch.isfinite(grad).all()) for grad in grads):
@@ -214,5 +215,5 @@ def stable_step(stable: Any, opt: torch.optim.Optimizer, probe: Callable[[], tor
             stable.snapshot()
         opt.step()
         if check:
-            stable.check_step(probe, seed=seed, module=module)
+            stable.check_step(probe, seed=seed, module=module, loss=loss)
     stable.step()

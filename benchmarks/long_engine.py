@@ -191,7 +191,7 @@ def train_run(panel: Panel, policy: str, lr: float, seed: int, *, steps: int, ev
             checks = stable.controller.checks
             check = stable.should_check(step)  # the callback's cadence and the guard's confirmation checks
             stable_step(stable, opt, lambda batch=batch: panel.loss(model, batch), check,
-                        probe_seed(step), module=model if panel.batchnorm else None)
+                        probe_seed(step), module=model if panel.batchnorm else None, loss=loss.detach())
             if stable.controller.checks > checks:  # the guard ran: keep its step margin s_max
                 out["margins"].append(stable.controller.last_step_margin)
             factor = stable.controller.stability_factor

@@ -31,6 +31,7 @@ from lightning_stablelr.rng import ProbeSeed
 
 __all__ = [
     "LineProbeResult",
+    "TrainingLossReuse",
     "directional_derivative",
     "has_active_dropout",
     "line_losses",
@@ -97,6 +98,53 @@ class LineProbeResult:
     def unavailable(cls, step: int) -> LineProbeResult:
         """A result that carries no information (every loss NaN, ``finite=False``)."""
         return cls.from_losses(step, (math.nan, math.nan, math.nan), math.nan, failed=True)
+
+
+class TrainingLossReuse:
+    """When the training step's own loss may stand in for the probe's ``L0`` (two forward passes, not three).
+
+    ``L0 = L(θ)`` on the step's batch is the loss the training step computed before the update, when a replay
+    reproduces it. That is checked, not assumed: the first eligible check, and every ``reverify_every``-th
+    after it, replays ``L0`` anyway (:meth:`plan`), :meth:`flags` compares the replay with the training loss bit
+    for bit, and :meth:`record` takes the flags (reduced over ranks, so that every rank runs the same passes):
+    one mismatch ends the reuse for good (:attr:`refuted`). A non-finite training loss proves nothing and is
+    not counted. Shared by the callbacks' :class:`~lightning_stablelr.callbacks.line_probe_session.LineProbeSession`
+    and :meth:`~lightning_stablelr.StableLRScheduler.check_step`.
+    """
+
+    def __init__(self, reverify_every: int = 16) -> None:
+        self.reverify_every = int(reverify_every)
+        self.checks = 0  #: eligible checks that ran to the end (their flags recorded)
+        self.refuted = False  #: a replay did not reproduce the training loss: never reuse again
+        self.reused = 0  #: checks that took L0 from the training step
+
+    def plan(self, training_loss: Tensor | None) -> tuple[bool, Tensor | None]:
+        """``(verify, known L0)`` for a check given the step's training loss (None: not eligible)."""
+        if training_loss is None or self.refuted:
+            return False, None
+        verify = self.checks % self.reverify_every == 0
+        return verify, None if verify else training_loss
+
+    @staticmethod
+    def flags(replayed: Tensor, training_loss: Tensor | None, verify: bool) -> Tensor:
+        """``[mismatch, inconclusive]`` of this rank, on the device of ``replayed`` (no host sync): mismatch = a
+        verifying replay of ``L0`` differs from the training loss; inconclusive = that loss is not finite."""
+        flags = torch.zeros(2, dtype=replayed.dtype, device=replayed.device)
+        if verify and training_loss is not None:
+            expected = training_loss.detach().to(replayed)
+            finite = expected.isfinite()
+            flags = torch.stack([(replayed != expected) & finite, ~finite]).to(replayed.dtype)
+        return flags
+
+    def record(self, eligible: bool, mismatch: float, inconclusive: float, reused: bool) -> None:
+        """After a check that ran: ``mismatch``/``inconclusive`` as reduced over ranks (any rank > 0)."""
+        self.reused += bool(reused)
+        if not eligible:
+            return
+        if mismatch > 0:
+            self.refuted = True
+        if inconclusive == 0:  # NaN flags (a failed check) count neither way
+            self.checks += 1
 
 
 def line_points(

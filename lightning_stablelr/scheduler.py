@@ -25,14 +25,14 @@ from lightning_stablelr._sharded_probe import reshard, restored_in_place
 from lightning_stablelr.config import CheckCadence, StableLRConfig, make_config
 from lightning_stablelr.controller import GapDecision, StableLRController
 from lightning_stablelr.curvature import LineModel, line_model
-from lightning_stablelr.line_probe import line_losses
+from lightning_stablelr.line_probe import TrainingLossReuse, line_losses
 from lightning_stablelr.nonfinite import NonfiniteTracker
 from lightning_stablelr.rng import isolated_rng
 from lightning_stablelr.validation import check_int_at_least
 
 __all__ = ["StableLRScheduler"]
 
-_NOT_STATE = ("optimizer", "controller", "_snapshot", "cadence", "_nonfinite")
+_NOT_STATE = ("optimizer", "controller", "_snapshot", "cadence", "_nonfinite", "loss_reuse")
 
 
 def _world_size() -> int:
@@ -129,6 +129,8 @@ class StableLRScheduler(LRScheduler):
             )
         self._snapshot: list[torch.Tensor] | None = None
         self._nonfinite = NonfiniteTracker()
+        #: When ``check_step(..., loss=)`` lets the step's training loss stand in for L0 (verified, see there).
+        self.loss_reuse = TrainingLossReuse()
         super().__init__(optimizer, last_epoch)
 
     def should_check(self, step: int | None = None) -> bool:
@@ -238,6 +240,7 @@ class StableLRScheduler(LRScheduler):
         *,
         seed: int | None = None,
         module: torch.nn.Module | None = None,
+        loss: torch.Tensor | None = None,
     ) -> LineModel:
         """Measure the line model of the step just taken and update ``C``; call it just after ``optimizer.step()``.
 
@@ -252,6 +255,13 @@ class StableLRScheduler(LRScheduler):
         runs the model in train mode with BatchNorm: its buffers (running statistics) are then restored
         bit-exactly too; with FSDP2 pass it always: its units are resharded after each point, so that no
         forward reuses parameters gathered at another point. Returns the :class:`LineModel`.
+
+        ``loss``: the loss this step's ``backward`` used (the closure's loss at ``θ_before``, without gradient
+        accumulation). It then stands in for ``L0``, two closure calls instead of three, once a replay has
+        reproduced it bit for bit: the first such check, and every 16th after it, replays ``L0`` anyway and
+        compares; one mismatch (dropout or other random draws in the closure, which the seeded replay draws
+        differently; a closure that is not the trained loss) ends the reuse (:attr:`loss_reuse`,
+        :class:`~lightning_stablelr.line_probe.TrainingLossReuse`).
 
         Raises:
             RuntimeError: :meth:`snapshot` was not called before the step, or the param groups changed since.
@@ -271,27 +281,34 @@ class StableLRScheduler(LRScheduler):
         seed = self.last_epoch if seed is None else seed
         buffers = list(module.buffers()) if module is not None else []
         keys = [str(index) for index in range(len(params))]
+        training = None if loss is None else torch.as_tensor(loss).detach().reshape(())
+        verify, known = self.loss_reuse.plan(training)
 
         def evaluate(points: Sequence[Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:
             losses: dict[int, torch.Tensor] = {}
+            # θ_after first, at the parameters as the step left them: points are [L0, L+, L-] or [L+, L-]
+            order = (1, 0, 2) if len(points) == 3 else (0, 1)
             with isolated_rng() as reseed:
-                for index in (1, 0, 2):  # L+ first, at the parameters as the step left them; then L0, L-
+                for index in order:
                     for param, key in zip(params, keys):
                         param.copy_(points[index][key])
                     reseed(seed)
                     try:
-                        loss = closure()  # a Python float is a double: keep it one
+                        value = closure()  # a Python float is a double: keep it one
                     finally:
                         if module is not None:  # FSDP2: the next point must gather the shards just written
                             reshard(module)
-                    losses[index] = loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss), dtype=torch.float64)
-            return [losses[0], losses[1], losses[2]]
+                    losses[index] = value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64)
+            return [losses[index] for index in range(len(points))]
 
         with restored_in_place(params, buffers, module) as (after, _):
-            values = line_losses(evaluate, dict(zip(keys, before)), dict(zip(keys, after)))
+            values = line_losses(evaluate, dict(zip(keys, before)), dict(zip(keys, after)), loss_before=known)
+        flags = TrainingLossReuse.flags(values[0], training, verify)
+        values = torch.cat([values, flags])
         if _world_size() > 1:  # every rank probes its own batch: the decision uses the mean over ranks
             values = _all_reduce(values, "mean")
-        loss_before, loss_plus, loss_minus, _ = values.tolist()
+        loss_before, loss_plus, loss_minus, _, mismatch, inconclusive = values.tolist()
+        self.loss_reuse.record(training is not None, mismatch, inconclusive, reused=known is not None)
         return self.observe_line(loss_before, loss_plus, loss_minus)
 
     # ------------------------------------------------------------------ state
@@ -309,4 +326,5 @@ class StableLRScheduler(LRScheduler):
         self.controller.load_state_dict(state_dict.get("controller", {}))
         self._snapshot = None
         self._nonfinite = NonfiniteTracker()
+        self.loss_reuse = TrainingLossReuse()  # verified again after a resume
         self._apply_lrs()

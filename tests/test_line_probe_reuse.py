@@ -76,8 +76,8 @@ def _fit(
         "min_c": min(factors),
         "replays": model.training_step_calls - STEPS * trainer.get("accumulate_grad_batches", 1),
         "probes": session.probes_run,
-        "reused": session.losses_reused,
-        "refuted": session._reuse_refuted,
+        "reused": session.reuse.reused,
+        "refuted": session.reuse.refuted,
         "weights": [p.detach().clone() for p in model.parameters()],
     }
 

@@ -47,6 +47,7 @@ from lightning_stablelr.callbacks._lightning_access import reducer
 from lightning_stablelr.collectives import reduce_with_flag
 from lightning_stablelr.line_probe import (
     LineProbeResult,
+    TrainingLossReuse,
     directional_derivative,
     has_active_dropout,
     three_point_losses,
@@ -120,11 +121,9 @@ class LineProbeSession:
         self._cached: LineProbeResult | None = None
         self._probe: ObjectiveProbe | None = None
         self._watched: tuple[tuple[int, int, int], RngStates] | None = None
-        self._reuse_checks = 0  # checks of this fit that could reuse the training loss as L0
-        self._reuse_refuted = False  # a replay did not reproduce the training loss: never reuse in this fit
+        #: When the training loss stands in for L0 (:class:`~lightning_stablelr.line_probe.TrainingLossReuse`).
+        self.reuse = TrainingLossReuse(self.REVERIFY_EVERY)
         self.probes_run = 0
-        #: Probes of this fit that took ``L0`` from the training step (two forward passes, not three).
-        self.losses_reused = 0
 
     def __getstate__(self) -> dict[str, Any]:
         # Snapshots, gradients and the module reference belong to one running fit.
@@ -195,18 +194,6 @@ class LineProbeSession:
         )
         return self._cached
 
-    @staticmethod
-    def _verification(replayed: Tensor, training_loss: Tensor | None, verify: bool) -> Tensor:
-        """``[mismatch, inconclusive]`` of this rank, reduced with the losses so that every rank decides alike:
-        mismatch = a verifying replay of ``L0`` differs from the training loss; inconclusive = that loss is
-        not finite (NaN ≠ NaN proves nothing)."""
-        flags = torch.zeros(2, dtype=replayed.dtype, device=replayed.device)
-        if verify and training_loss is not None:
-            expected = training_loss.to(replayed)
-            finite = expected.isfinite()
-            flags = torch.stack([(replayed != expected) & finite, ~finite]).to(replayed.dtype)
-        return flags
-
     def _replay_plan(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, key: tuple[int, int, int], outputs: Any
     ) -> tuple[ProbeSeed, Tensor | None]:
@@ -221,7 +208,7 @@ class LineProbeSession:
         ):
             return probe_seed(key[0]), None
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        usable = isinstance(loss, Tensor) and loss.numel() == 1 and not self._reuse_refuted
+        usable = isinstance(loss, Tensor) and loss.numel() == 1
         return watched[1], loss.detach() if usable else None
 
     def _compute(
@@ -239,31 +226,28 @@ class LineProbeSession:
         self.probes_run += 1
         error: BaseException | None = None
         values: Tensor | None = None
+        known: Tensor | None = None
         try:
             if self._probe is None or self._probe.module is not pl_module:
                 self._probe = ObjectiveProbe(pl_module, forward_context=trainer.precision_plugin.forward_context)
             if self._probe._is_sharded():  # FSDP2: all ranks must run the same forwards (their all-gathers are
                 seed, training_loss = probe_seed(step), None  # collectives), and a reuse is decided per rank
-            verify = training_loss is not None and self._reuse_checks % self.REVERIFY_EVERY == 0
-            known = None if verify else training_loss
+            verify, known = self.reuse.plan(training_loss)
             theta_after = self._probe.parameters()
             losses = three_point_losses(
                 self._probe, batch, theta_before, theta_after, batch_idx=batch_idx, seed=seed, loss_before=known,
             )  # fmt: skip
-            self.losses_reused += known is not None
             derivative = directional_derivative(gradient, theta_before, theta_after).to(losses)
-            values = torch.cat([losses, derivative.reshape(1), self._verification(losses[0], training_loss, verify)])
+            flags = self.reuse.flags(losses[0], training_loss, verify)
+            values = torch.cat([losses, derivative.reshape(1), flags])
         except Exception as exc:  # any rank may fail; all must still enter the collective below
             error = exc
         # fp32 on every rank, also on one that failed: the collective needs the same dtype everywhere.
         reduced, failed = reduce_with_flag(
             reducer(trainer), values, size=7, device=pl_module.device, dtype=torch.float32
         )
-        if training_loss is not None and not failed:  # every rank alike (the flags were reduced): the same passes
-            if reduced[5] > 0:  # some rank's replay did not reproduce its training loss
-                self._reuse_refuted = True
-            if reduced[6] == 0:  # a non-finite training loss verifies nothing: the next check tries again
-                self._reuse_checks += 1
+        if not failed:  # the flags were reduced: every rank decides alike, so all run the same passes
+            self.reuse.record(training_loss is not None, reduced[5], reduced[6], reused=known is not None)
         if failed and not self._warned:
             self._warned = True
             reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"

@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     done = {"global_step": trainer.global_step, "current_epoch": trainer.current_epoch}
     if callbacks and hasattr(callbacks[0], "line_probe"):  # StableLR's guard probes: how many took L0 from training
         session = callbacks[0].line_probe
-        probes = {"probes": session.probes_run, "losses_reused": session.losses_reused, "refuted": session._reuse_refuted}
+        probes = {"probes": session.probes_run, "losses_reused": session.reuse.reused, "refuted": session.reuse.refuted}
         (out / f"probes_rank{rank}.json").write_text(json.dumps(probes))
     (out / f"done_rank{rank}.json").write_text(json.dumps(done))
 
