@@ -20,9 +20,10 @@ medians on a shared machine), so StableLR's own hooks are also timed from inside
 guard checks off (``check_every_n_steps=0, dense_check_steps=0``), every ``on_*`` hook wrapped with
 ``time.perf_counter``, summed per optimizer step. The table shows the median over all steps of
 ``--hook-runs`` fits per model, and the mean with the epoch-end and validation-end hooks spread over
-the steps. The same clock around ``StableLR()`` at its defaults gives all the time spent inside its hooks in
-a whole fit, guard checks included, as a share of a no-callback fit: the callback's own cost, free of the
-whole fits' scatter (Lightning's dispatch of the hooks and any cache effects on training are not in it).
+the steps. The same clock around ``StableLR()`` and ``StabilityMonitor()`` at their defaults gives all the
+time spent inside their hooks in a whole fit (guard checks, probes, logging) as a share of a no-callback fit:
+each callback's own cost, free of the whole fits' scatter (Lightning's dispatch of the hooks and any cache
+effects on training are not in it).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ TABLE_HEADER = (
 HOOK_HEADER = (
     "| model | StableLR hooks per step, guard checks off: median µs | mean µs (epoch and validation ends "
     "included) | steps timed | target | met | `StableLR()` hooks with its guard checks, whole fit: ms (% of "
-    "`none`'s fit) |"
+    "`none`'s fit) | `StabilityMonitor()` hooks, whole fit: ms (% of `none`'s fit) |"
 )
 
 
@@ -208,17 +209,17 @@ def measure(models: Sequence[str], conditions: Sequence[str], rounds: int, steps
 
 def measure_hooks(
     models: Sequence[str], runs: int, steps: int, accelerator: str = "cpu"
-) -> dict[str, tuple[list[float], float, float]]:
-    """``{model: (per-step hook seconds of every timed step, total hook seconds / steps, with checks)}``: the
-    first two with guard checks off; the third is the median over ``runs`` fits of all seconds inside the hooks
-    of ``StableLR()`` at its defaults (guard checks included), per fit."""
-    from lightning_stablelr import StableLR
+) -> dict[str, tuple[list[float], float, float, float]]:
+    """``{model: (per-step hook seconds of every timed step, total hook seconds / steps, StableLR(), monitor)}``:
+    the first two with guard checks off; the last two are the medians over ``runs`` fits of all seconds inside
+    the hooks of ``StableLR()`` (guard checks included) and of ``StabilityMonitor()``, per fit."""
+    from lightning_stablelr import StabilityMonitor, StableLR
 
-    result: dict[str, tuple[list[float], float, float]] = {}
+    result: dict[str, tuple[list[float], float, float, float]] = {}
     if runs <= 0:
         return result  # --hook-runs 0: whole-fit ratios only
 
-    def timed_fit(widths: Sequence[int], callback: StableLR) -> StepHookClock:
+    def timed_fit(widths: Sequence[int], callback: L.Callback) -> StepHookClock:
         clock = StepHookClock()
         fit_once(widths, [clock, clock.instrument(callback)], steps, accelerator)
         return clock
@@ -227,13 +228,16 @@ def measure_hooks(
         per_step: list[float] = []
         total = 0.0
         with_checks: list[float] = []
+        monitor: list[float] = []
         for _ in range(runs):
             clock = timed_fit(MODELS[model], StableLR(check_every_n_steps=0, dense_check_steps=0))
             per_step += list(clock.per_step.values())
             total += sum(clock.per_step.values()) + clock.outside
             clock = timed_fit(MODELS[model], StableLR())
             with_checks.append(sum(clock.per_step.values()) + clock.outside)
-        result[model] = (per_step, total / (runs * steps), statistics.median(with_checks))
+            clock = timed_fit(MODELS[model], StabilityMonitor())
+            monitor.append(sum(clock.per_step.values()) + clock.outside)
+        result[model] = (per_step, total / (runs * steps), statistics.median(with_checks), statistics.median(monitor))
     return result
 
 
@@ -241,8 +245,13 @@ def _ratios(times: dict[str, list[float]], condition: str) -> list[float]:
     return [t / base for t, base in zip(times[condition], times["none"], strict=True)]
 
 
+def _own_time(seconds: float, base: float | None) -> str:
+    """``ms (share% of the no-callback fit)``, the share only when that fit was timed."""
+    return f"{1000 * seconds:.1f}" + (f" ({100 * seconds / base:.1f}%)" if base else "")
+
+
 def format_tables(times: dict[str, dict[str, dict[str, list[float]]]],
-                  hooks: dict[str, tuple[list[float], float, float]], steps: int, judge: str = "cpu") -> str:
+                  hooks: dict[str, tuple[list[float], float, float, float]], steps: int, judge: str = "cpu") -> str:
     """The whole-fit table (:data:`TABLE_HEADER`) and the hook table (:data:`HOOK_HEADER`), in Markdown;
     ``judge``: the clock whose median meets the target or not (``"wall"`` on a GPU, where the host's CPU
     time does not include the device's work)."""
@@ -259,14 +268,14 @@ def format_tables(times: dict[str, dict[str, dict[str, list[float]]]],
                 f"{statistics.median(wall):.3f} | ≤ {target:.2f} | {'✅' if median <= target else '❌'} |"
             )
     if hooks:
-        lines += ["", HOOK_HEADER, "|---|---|---|---|---|---|---|"]
-    for model, (per_step, mean, with_checks) in hooks.items():
+        lines += ["", HOOK_HEADER, "|---|---|---|---|---|---|---|---|"]
+    for model, (per_step, mean, with_checks, monitor) in hooks.items():
         median = 1e6 * statistics.median(per_step)
         none = times["wall"].get(model, {}).get("none")
-        share = f" ({100 * with_checks / statistics.median(none):.1f}%)" if none else ""
+        base = statistics.median(none) if none else None
         lines.append(
             f"| {model} | {median:.1f} | {1e6 * mean:.1f} | {len(per_step)} | ≤ {HOOK_TARGET_US:.0f} | "
-            f"{'✅' if median <= HOOK_TARGET_US else '❌'} | {1000 * with_checks:.1f}{share} |"
+            f"{'✅' if median <= HOOK_TARGET_US else '❌'} | {_own_time(with_checks, base)} | {_own_time(monitor, base)} |"
         )
     return "\n".join(lines)
 
@@ -311,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"round(s) of {', '.join(conditions)}; ratio = the fit's process CPU time over `none`'s in the same "
         "round, median and range over rounds. Hook time: StableLR with guard checks off, its `on_*` hooks "
         f"timed inside {args.hook_runs} fit(s) per model, summed per optimizer step; median over steps; and "
-        f"all time inside `StableLR()`'s hooks (guard checks included) per fit, median of {args.hook_runs} "
+        f"all time inside `StableLR()`'s hooks (guard checks included) and `StabilityMonitor()`'s per fit, median of {args.hook_runs} "
         "fit(s), over the median wall time of `none`'s fits: the callback's own share, without the fits' "
         "scatter (Lightning's dispatch of its hooks is not in it). "
         "Details in `benchmarks/overhead.py`'s docstring.",
