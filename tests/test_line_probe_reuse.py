@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stablelr import StableLR
 from lightning_stablelr.callbacks.line_probe_session import LineProbeSession
-from lightning_stablelr.line_probe import line_losses
+from lightning_stablelr.line_probe import TrainingLossReuse, line_losses
 from lightning_stablelr.rng import isolated_rng, restore_rng_states, rng_states
 from tests.helpers import TinyClassifier, make_trainer
 
@@ -179,3 +179,28 @@ def test_line_losses_with_a_known_l0_evaluates_two_points():
     values = line_losses(evaluate, theta_before, theta_after, loss_before=torch.tensor(7.0))
     assert seen == [[0.5, 1.0], [1.5, 3.0]]  # θ_after and the mirror θ_before - Δθ; not θ_before
     assert values.tolist() == [7.0, 1.25, 11.25, 1.25]  # [L0 as given, L+, L-, ‖Δθ‖²]
+
+
+class SkipsABatch(Classifier):
+    """Returns -1 from ``on_train_batch_start`` at epoch 0, batch 5 (Lightning skips the rest of the epoch):
+    StableLR watched step 5 there, and epoch 1 starts at the same step 5 without a new watch."""
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        return -1 if (self.current_epoch, batch_idx) == (0, 5) else None
+
+
+def test_a_watch_left_by_a_batch_that_never_stepped_is_not_used(tmp_path, monkeypatch):
+    offered: list[bool] = []  # per check: was the training loss offered as L0?
+    plan = TrainingLossReuse.plan
+
+    def spy(self: TrainingLossReuse, training_loss: Tensor | None) -> Any:
+        offered.append(training_loss is not None)
+        return plan(self, training_loss)
+
+    monkeypatch.setattr(TrainingLossReuse, "plan", spy)
+    result = _fit(tmp_path, SkipsABatch(), monkeypatch, reverify=4, max_epochs=2)
+    assert [step for step, *_ in result["checks"]][:CHECKS] == list(range(CHECKS))
+    # step 5's watch (epoch 0, batch 5) does not match the batch that ran step 5 (epoch 1, batch 0): that
+    # check replays L0 under probe_seed; every other check is offered the training loss
+    assert offered[:CHECKS] == [step != 5 for step in range(CHECKS)] and all(offered[CHECKS:])
+    assert not result["refuted"]
