@@ -32,13 +32,17 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _run(out: Path, port: int, *extra: str) -> list[dict]:
+def _launch(out: Path, port: int, *extra: str) -> subprocess.CompletedProcess:
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(SCRIPT), str(out), "--nan-step", str(NAN_STEP), "--port", str(port), *extra],
         env=env, timeout=300, capture_output=True, text=True,
     )  # fmt: skip
+
+
+def _run(out: Path, port: int, *extra: str) -> list[dict]:
+    run = _launch(out, port, *extra)
     assert run.returncode == 0, f"the 2-process FSDP2 run failed (exit {run.returncode}):\n{run.stderr[-4000:]}"
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
 
@@ -56,3 +60,18 @@ def test_fsdp2_ranks_keep_the_same_lr_and_finite_shards_after_a_nan(tmp_path: Pa
 
     control = _run(tmp_path / "control", _free_port(), "--no-protect")
     assert not control[0]["finite"] and not control[1]["finite"]
+
+
+def test_fsdp2_training_loss_as_l0_on_every_rank_and_a_clear_error_when_only_some_ranks_pass_it(tmp_path: Path) -> None:
+    # Sharded parameters: every forward all-gathers, so the ranks must run the same passes. With loss= on
+    # both ranks the checks take L0 from it alike (the lrs stay identical); on rank 0 only, both ranks refuse
+    # at the first check with the same message instead of hanging in a forward the other rank never runs.
+    rank0, rank1 = _run(tmp_path / "all", _free_port(), "--pass-loss", "all")
+    assert rank0["lrs"] == rank1["lrs"] and rank0["losses_reused"] == rank1["losses_reused"] > 0
+    assert rank0["finite"] and rank1["finite"]
+    out = tmp_path / "rank0"
+    run = _launch(out, _free_port(), "--pass-loss", "rank0")
+    assert run.returncode == 0, run.stderr[-4000:]
+    for rank in range(2):
+        message = (out / f"error_rank{rank}.txt").read_text()
+        assert message.startswith("check_step(loss=...) was given on 50% of the ranks; pass it on every rank or on none")

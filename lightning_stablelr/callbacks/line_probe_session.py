@@ -159,8 +159,9 @@ class LineProbeSession:
         trainable = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
         self._snapshot = {name: parameter.detach().clone() for name, parameter in trainable}
         # With gradient accumulation g averages several micro-batches while the probe replays the last
-        # one, and active dropout draws another mask than the probe's seeded one: the comparison would
-        # measure noise, not the model, so g is kept only without either.
+        # one, and active dropout draws another mask than a probe seeded with probe_seed: the comparison would
+        # measure noise, not the model, so g is kept only without either. (A probe that replays a watched step's
+        # own draws would match g under dropout too; the monitor, which reports the Taylor error, does not watch.)
         self._gradient = None
         if self.exact_derivative and trainer.accumulate_grad_batches == 1 and not has_active_dropout(pl_module):
             self._gradient = {name: p.grad.detach().clone() for name, p in trainable if p.grad is not None}
@@ -230,8 +231,8 @@ class LineProbeSession:
         try:
             if self._probe is None or self._probe.module is not pl_module:
                 self._probe = ObjectiveProbe(pl_module, forward_context=trainer.precision_plugin.forward_context)
-            if self._probe._is_sharded():  # FSDP2: all ranks must run the same forwards (their all-gathers are
-                seed, training_loss = probe_seed(step), None  # collectives), and a reuse is decided per rank
+            if self._probe._is_sharded():  # FSDP2: every forward all-gathers, so a rank whose outputs lacked a
+                seed, training_loss = probe_seed(step), None  # loss (3 passes) would hang the others (2): none reuse
             verify, known = self.reuse.plan(training_loss)
             theta_after = self._probe.parameters()
             losses = three_point_losses(

@@ -74,8 +74,9 @@ class StableLR(StableLRState):
         monitor: validation metric ``L_va`` (read from ``trainer.callback_metrics`` at validation end).
         strict: a missing ``monitor`` raises (True) or warns once and leaves ``G`` unchanged (False).
         check_every_n_steps, dense_check_steps: which optimizer steps run the three-point guard (two extra
-            forward passes each, three when the training loss cannot stand in for L0): every step below
-            ``dense_check_steps``, then the steps with ``(step + 1) % check_every_n_steps == 0``; 0 disables either. ``step`` is ``global_step``, or
+            forward passes each; three on a verifying check, the first and every 16th, and when the training
+            loss cannot stand in for L0): every step below ``dense_check_steps``, then the steps with
+            ``(step + 1) % check_every_n_steps == 0``; 0 disables either. ``step`` is ``global_step``, or
             under manual optimization the batches that stepped (a batch may step several optimizers)
             (:class:`~lightning_stablelr.config.CheckCadence`, also ``StableLRScheduler.should_check``).
         skip_nonfinite: neutralise a non-finite step on the device, without a host sync: a fused optimizer
