@@ -204,3 +204,13 @@ def test_a_watch_left_by_a_batch_that_never_stepped_is_not_used(tmp_path, monkey
     # check replays L0 under probe_seed; every other check is offered the training loss
     assert offered[:CHECKS] == [step != 5 for step in range(CHECKS)] and all(offered[CHECKS:])
     assert not result["refuted"]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "64-true"])
+def test_the_replay_reproduces_the_training_loss_under_other_precisions(tmp_path, monkeypatch, precision):
+    # The probe runs under the precision plugin's forward context, as training does: bit-identical L0 (with
+    # dropout: the training step's own masks), so every check after the first reuses it.
+    reused = _fit(tmp_path, Classifier(dropout=0.5), monkeypatch, reverify=16, precision=precision)
+    replayed = _fit(tmp_path, Classifier(dropout=0.5), monkeypatch, reverify=1, precision=precision)
+    assert not reused["refuted"] and reused["reused"] == reused["probes"] - 1 >= CHECKS - 1
+    assert _same_run(reused, replayed)
