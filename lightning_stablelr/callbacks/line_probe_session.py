@@ -43,6 +43,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from lightning_stablelr._sharded_probe import is_sharded
 from lightning_stablelr.callbacks._lightning_access import reducer
 from lightning_stablelr.collectives import reduce_with_flag
 from lightning_stablelr.line_probe import (
@@ -160,12 +161,19 @@ class LineProbeSession:
         self._snapshot = {name: parameter.detach().clone() for name, parameter in trainable}
         # With gradient accumulation g averages several micro-batches while the probe replays the last
         # one, and active dropout draws another mask than a probe seeded with probe_seed: the comparison would
-        # measure noise, not the model, so g is kept only without either. (A probe that replays a watched step's
-        # own draws would match g under dropout too; the monitor, which reports the Taylor error, does not watch.)
+        # measure noise, not the model, so g is kept only without either, or when the probe replays this
+        # step's own draws (a watched step: the masks g was computed with).
         self._gradient = None
-        if self.exact_derivative and trainer.accumulate_grad_batches == 1 and not has_active_dropout(pl_module):
+        if self.exact_derivative and trainer.accumulate_grad_batches == 1 and (
+            not has_active_dropout(pl_module) or self._replays_draws(trainer, pl_module, step)
+        ):
             self._gradient = {name: p.grad.detach().clone() for name, p in trainable if p.grad is not None}
         self._snapshot_step = step
+
+    def _replays_draws(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
+        """Whether the probe of ``step`` will start from the states watched before its forward (:meth:`_replay_plan`)."""
+        watched = self._watched is not None and self._watched[0][:2] == (step, trainer.current_epoch)
+        return watched and pl_module.automatic_optimization and not is_sharded(pl_module)
 
     def result(
         self,

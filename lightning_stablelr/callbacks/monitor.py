@@ -35,6 +35,7 @@ from lightning_stablelr.callbacks._monitor_io import (
     write_connectivity_figures,
 )
 from lightning_stablelr.callbacks._monitor_policy import MonitorPolicy
+from lightning_stablelr.callbacks._monitor_state import MonitorState
 from lightning_stablelr.callbacks._monitor_support import detached_copy
 from lightning_stablelr.callbacks.line_probe_session import LineProbeSession, line_probe_session
 from lightning_stablelr.probe import ObjectiveProbe
@@ -50,7 +51,7 @@ _HOOKS_PER_BATCH = 6
 _WARNED_DEPRECATIONS: set[str] = set()
 
 
-class StabilityMonitor(Callback):
+class StabilityMonitor(MonitorState, Callback):
     r"""Observe training and log Lyapunov certificates, sharpness and connectivity; never change training.
 
     Scalars go to every logger at the step Lightning's ``self.log`` uses, and into ``callback_metrics``;
@@ -186,34 +187,6 @@ class StabilityMonitor(Callback):
         # Lightning reads this on every hook call (profiler names): computed once, the config is frozen.
         return self._state_key
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """Primitives only: each instrument's state, the governor's deferred counts and the failed probes."""
-        return {
-            "version": 2,
-            "certificates": self.certificates.state_dict(),
-            "sharpness": self.sharpness.state_dict(),
-            "connectivity": self.connectivity.state_dict(),
-            "governor": self._governor.state_dict(),
-            "failed_probes": self.failed_probes,
-        }
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; missing keys keep their defaults (snapshots are not checkpointed); the
-        first release's layout (``window``, ``ema``, ``val_trend`` at the top) loads too."""
-        self.certificates.load_state_dict(state_dict.get("certificates", state_dict))
-        self.sharpness.load_state_dict(state_dict.get("sharpness", {}))
-        self.connectivity.load_state_dict(state_dict.get("connectivity", {}))
-        self._governor.load_state_dict(state_dict.get("governor", {}))
-        self._policy.failed_probes = int(state_dict.get("failed_probes", 0))
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Runtime caches (module references, batches, snapshots) never travel with a pickled callback.
-        state = self.__dict__.copy()
-        state.update(_probe=None, _writer=None, _train_batches=[])
-        return state
-
     def _reset_runtime(self) -> None:
         self._probe: ObjectiveProbe | None = None
         self._writer: Any = None
@@ -243,6 +216,14 @@ class StabilityMonitor(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._policy.start_epoch()
+
+    @override
+    @timed_as_standing(charge_batch=False)
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        # A step due for a certificate: its probe replays this forward's random draws and reuses its loss as L0.
+        every, step = self.config.certificate_every_n_steps, trainer.global_step
+        if every and (step + 1) % every == 0 and trainer.accumulate_grad_batches == 1:
+            line_probe_session(trainer).watch_forward(step, trainer.current_epoch, idx)
 
     @override
     @timed_as_standing(charge_batch=False)
