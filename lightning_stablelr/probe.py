@@ -99,11 +99,13 @@ class ObjectiveProbe:
     def parameters(self) -> dict[str, Tensor]:
         """Detached references (no copy) to the module's trainable parameters, keyed by name (sharded ones:
         the registered shards, the FSDP2 units resharded first)."""
-        if self._is_sharded():
+        if self.sharded:
             reshard(self.module)
         return {name: p.detach() for name, p in self.module.named_parameters() if p.requires_grad}
 
-    def _is_sharded(self) -> bool:
+    @property
+    def sharded(self) -> bool:
+        """Whether the module's parameters are sharded (FSDP2 ``DTensor``s): points are then written in place."""
         # Only True is kept: a probe made before Lightning's configure_model (a callback's setup) sees the
         # module unsharded, and sharding never goes away.
         if not self._sharded:
@@ -185,7 +187,7 @@ class ObjectiveProbe:
         Same contract as :meth:`loss` (every point re-seeded with ``seed``), with one RNG save/restore
         and one mode save/restore for all points.
         """
-        if self._is_sharded():
+        if self.sharded:
             return self._sharded_point_losses(batch, points, batch_idx, seed, create_graph, buffers, training)
         grad_mode = contextlib.nullcontext() if create_graph else torch.no_grad()
         values: list[Tensor] = []

@@ -239,7 +239,7 @@ class LineProbeSession:
         try:
             if self._probe is None or self._probe.module is not pl_module:
                 self._probe = ObjectiveProbe(pl_module, forward_context=trainer.precision_plugin.forward_context)
-            if self._probe._is_sharded():  # FSDP2: every forward all-gathers, so a rank whose outputs lacked a
+            if self._probe.sharded:  # FSDP2: every forward all-gathers, so a rank whose outputs lacked a
                 seed, training_loss = probe_seed(step), None  # loss (3 passes) would hang the others (2): none reuse
             verify, known = self.reuse.plan(training_loss)
             theta_after = self._probe.parameters()
