@@ -16,8 +16,9 @@ Protocol (every rank, same order):
 - ``on_train_batch_end``: ``session.result(trainer, pl_module, batch, batch_idx, outputs=outputs)`` → the result
   or None.
 
-**The training step's own draws, and two passes instead of three.** StableLR calls ``watch_forward(step)`` in
-``on_train_batch_start`` of its check steps, before the forward: it copies the random streams' states
+**The training step's own draws, and two passes instead of three.** StableLR (on its check steps) and the
+monitor (on steps due for a certificate) call ``watch_forward(step, epoch, batch_idx)`` as the last thing of
+``on_train_batch_start``, before the forward: it copies the random streams' states
 (:func:`~lightning_stablelr.rng.rng_states`, ~40 µs). With ``accumulate_grad_batches == 1``, automatic
 optimization and unsharded parameters, every probe point then starts from those states instead of
 :func:`~lightning_stablelr.rng.probe_seed`: the replay draws exactly what the training step drew (its dropout
@@ -26,7 +27,9 @@ already computed. That loss (``outputs``) stands in for the replayed ``L0`` once
 it bit for bit, which it checks on the first such check of a fit and again every
 :attr:`LineProbeSession.REVERIFY_EVERY` of them; a mismatch (a ``probe_loss`` other than the training loss, a
 loss that depends on ``global_step``, random draws between the batch start and the forward) turns the reuse
-off for the rest of the fit. The line model is the same as with three passes, one forward pass cheaper.
+off for the rest of the fit. The line model is the same as with three passes, one forward pass cheaper
+(:class:`~lightning_stablelr.line_probe.TrainingLossReuse`). The verification's flags travel in the probe's
+all-reduce, so every rank runs the same passes; FSDP2 keeps ``probe_seed`` and three passes.
 
 Losses and a per-rank failure flag travel in one all-reduce
 (:func:`~lightning_stablelr.collectives.reduce_with_flag`), so a probe that raises on one rank yields
@@ -81,13 +84,14 @@ class LineProbeSession:
     ``request(step)`` is idempotent; ``snapshot`` clones the trainable parameters (detached) in
     ``on_before_optimizer_step`` of a requested step only; ``result`` (in ``on_train_batch_end``, after
     the step, so ``trainer.global_step == step + 1``) probes ``L(θ)``, ``L(θ + Δθ)``, ``L(θ - Δθ)`` on
-    the step's batch, all-reduces ``[L0, L+, L-, ‖Δθ‖², gᵀΔθ]`` with a mean and a failure flag, and
+    the step's batch, all-reduces ``[L0, L+, L-, ‖Δθ‖², gᵀΔθ, mismatch, inconclusive]`` with a mean and a failure flag, and
     caches the :class:`~lightning_stablelr.line_probe.LineProbeResult`. ``discard(step)`` cancels a step
     whose update was dropped (non-finite gradients): its result is None for every caller.
 
     With :attr:`exact_derivative` (set at each fit's start from :meth:`exact_derivative_wanted`: a
-    :class:`~lightning_stablelr.StabilityMonitor`, whose certificates report it), ``snapshot`` also keeps the step's gradient g (when ``accumulate_grad_batches == 1`` and no
-    dropout is active), and the result's line model compares its first-order term with the exact ``gᵀΔθ``
+    :class:`~lightning_stablelr.StabilityMonitor`, whose certificates report it), ``snapshot`` also keeps the step's
+    gradient g (when ``accumulate_grad_batches == 1``, and either no dropout is active or the probe replays the
+    watched step's own masks), and the result's line model compares its first-order term with the exact ``gᵀΔθ``
     (the Taylor error). StableLR's guard reads only the step margin, so alone it skips that copy and the
     two passes of ``gᵀΔθ``. The probe seed is :func:`~lightning_stablelr.rng.probe_seed`, or on watched steps the
     training step's own random states (module docstring).
