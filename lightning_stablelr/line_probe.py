@@ -112,8 +112,11 @@ class TrainingLossReuse:
     and :meth:`~lightning_stablelr.StableLRScheduler.check_step`.
     """
 
-    def __init__(self, reverify_every: int = 16) -> None:
-        self.reverify_every = int(reverify_every)
+    #: The default ``reverify_every``: one forward pass of insurance per 16 eligible checks.
+    REVERIFY_EVERY = 16
+
+    def __init__(self, reverify_every: int | None = None) -> None:
+        self.reverify_every = int(self.REVERIFY_EVERY if reverify_every is None else reverify_every)
         self.checks = 0  #: eligible checks that ran to the end (their flags recorded)
         self.refuted = False  #: a replay did not reproduce the training loss: never reuse again
         self.reused = 0  #: checks that took L0 from the training step

@@ -47,6 +47,28 @@ def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
     max_op, sum_op = torch.distributed.ReduceOp.MAX, torch.distributed.ReduceOp.SUM
     torch.distributed.all_reduce(reduced, op=max_op if op == "max" else sum_op)
     return reduced / _world_size() if op == "mean" else reduced
+def _training_loss(loss: torch.Tensor | float | None, device: torch.device) -> torch.Tensor | None:
+    """``check_step``'s ``loss`` as a 0-d tensor; under torch.distributed every rank must pass it or none must
+    (one small all-reduce on ``device``: otherwise ranks would run different numbers of forwards)."""
+    training = None
+    if loss is not None:
+        training = torch.as_tensor(loss).detach()
+        if training.numel() != 1:
+            raise ValueError(
+                f"check_step(loss=...) takes the step's scalar training loss, got a tensor of shape"
+                f" {tuple(training.shape)}. Pass the reduced loss your backward used (e.g. loss.mean().detach())."
+            )
+        training = training.reshape(())
+    if _world_size() > 1:
+        given = _all_reduce(torch.tensor([float(training is not None)], device=device), "mean").item()
+        if 0.0 < given < 1.0:
+            raise ValueError(
+                f"check_step(loss=...) was given on {given:.0%} of the ranks; pass it on every rank or on none:"
+                " the ranks must run the same forward passes (their collectives would hang otherwise)."
+            )
+    return training
+
+
 _CADENCE = CheckCadence()
 
 
@@ -271,8 +293,8 @@ class StableLRScheduler(LRScheduler):
                 "check_step() needs the parameters before the step: call scheduler.snapshot() just before "
                 "optimizer.step(), then scheduler.check_step(closure) after it."
             )
-        training = self._training_loss(loss)
         params = self._parameters()
+        training = _training_loss(loss, params[0].device)  # checked before the snapshot is used
         before, self._snapshot = self._snapshot, None
         if len(before) != len(params):
             raise RuntimeError(
@@ -310,28 +332,6 @@ class StableLRScheduler(LRScheduler):
         loss_before, loss_plus, loss_minus, _, mismatch, inconclusive = values.tolist()
         self.loss_reuse.record(training is not None, mismatch, inconclusive, reused=known is not None)
         return self.observe_line(loss_before, loss_plus, loss_minus)
-
-    def _training_loss(self, loss: torch.Tensor | float | None) -> torch.Tensor | None:
-        """``loss`` as a 0-d tensor, checked before the snapshot is used; under torch.distributed every rank must
-        pass it or none must (one small all-reduce: otherwise ranks would run different numbers of forwards)."""
-        training = None
-        if loss is not None:
-            training = torch.as_tensor(loss).detach()
-            if training.numel() != 1:
-                raise ValueError(
-                    f"check_step(loss=...) takes the step's scalar training loss, got a tensor of shape"
-                    f" {tuple(training.shape)}. Pass the reduced loss your backward used (e.g. loss.mean().detach())."
-                )
-            training = training.reshape(())
-        if _world_size() > 1:
-            device = self._parameters()[0].device
-            given = _all_reduce(torch.tensor([float(training is not None)], device=device), "mean").item()
-            if 0.0 < given < 1.0:
-                raise ValueError(
-                    f"check_step(loss=...) was given on {given:.0%} of the ranks; pass it on every rank or on none:"
-                    " the ranks must run the same forward passes (their collectives would hang otherwise)."
-                )
-        return training
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

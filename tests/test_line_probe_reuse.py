@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stablelr import StableLR
-from lightning_stablelr.callbacks.line_probe_session import LineProbeSession
 from lightning_stablelr.line_probe import TrainingLossReuse, line_losses
 from lightning_stablelr.rng import isolated_rng, restore_rng_states, rng_states
 from tests.helpers import TinyClassifier, make_trainer
@@ -53,7 +52,7 @@ def _fit(
     tmp_path: Any, model: Classifier, monkeypatch: pytest.MonkeyPatch, reverify: int, extra_callbacks: Any = (),
     **trainer: Any,
 ) -> dict:
-    monkeypatch.setattr(LineProbeSession, "REVERIFY_EVERY", reverify)
+    monkeypatch.setattr(TrainingLossReuse, "REVERIFY_EVERY", reverify)
     L.seed_everything(0, verbose=False)  # the same dropout masks in both runs of a comparison
     callback = StableLR(dense_check_steps=CHECKS, check_every_n_steps=100, gap_strength=0.0)
     lrs: list[float] = []

@@ -25,7 +25,7 @@ optimization and unsharded parameters, every probe point then starts from those 
 masks), so it measures the loss whose gradient the optimizer followed, and ``L0`` is the loss the training step
 already computed. That loss (``outputs``) stands in for the replayed ``L0`` once the probe has *reproduced*
 it bit for bit, which it checks on the first such check of a fit and again every
-:attr:`LineProbeSession.REVERIFY_EVERY` of them; a mismatch (a ``probe_loss`` other than the training loss, a
+:attr:`~lightning_stablelr.line_probe.TrainingLossReuse.REVERIFY_EVERY` (16) of them; a mismatch (a ``probe_loss`` other than the training loss, a
 loss that depends on ``global_step``, random draws between the batch start and the forward) turns the reuse
 off for the rest of the fit. The line model is the same as with three passes, one forward pass cheaper
 (:class:`~lightning_stablelr.line_probe.TrainingLossReuse`). The verification's flags travel in the probe's
@@ -46,7 +46,6 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_stablelr._sharded_probe import is_sharded
 from lightning_stablelr.callbacks._lightning_access import reducer
 from lightning_stablelr.collectives import reduce_with_flag
 from lightning_stablelr.line_probe import (
@@ -97,10 +96,6 @@ class LineProbeSession:
     training step's own random states (module docstring).
     """
 
-    #: Every this-many-th check that could reuse the training loss as ``L0`` replays it instead and compares
-    #: (the first one of a fit included): one forward pass of insurance against a loss that changes with state.
-    REVERIFY_EVERY = 16
-
     def __init__(self) -> None:
         #: Keep g and compute ``gᵀΔθ`` for the Taylor error (set per fit by ``reset(exact_derivative=...)``).
         self.exact_derivative = False
@@ -127,7 +122,7 @@ class LineProbeSession:
         self._probe: ObjectiveProbe | None = None
         self._watched: tuple[tuple[int, int, int], RngStates] | None = None
         #: When the training loss stands in for L0 (:class:`~lightning_stablelr.line_probe.TrainingLossReuse`).
-        self.reuse = TrainingLossReuse(self.REVERIFY_EVERY)
+        self.reuse = TrainingLossReuse()
         self.probes_run = 0
 
     def __getstate__(self) -> dict[str, Any]:
@@ -169,15 +164,30 @@ class LineProbeSession:
         # step's own draws (a watched step: the masks g was computed with).
         self._gradient = None
         if self.exact_derivative and trainer.accumulate_grad_batches == 1 and (
-            not has_active_dropout(pl_module) or self._replays_draws(trainer, pl_module, step)
+            not has_active_dropout(pl_module) or self._watched_states(trainer, pl_module, step) is not None
         ):
             self._gradient = {name: p.grad.detach().clone() for name, p in trainable if p.grad is not None}
         self._snapshot_step = step
 
-    def _replays_draws(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
-        """Whether the probe of ``step`` will start from the states watched before its forward (:meth:`_replay_plan`)."""
-        watched = self._watched is not None and self._watched[0][:2] == (step, trainer.current_epoch)
-        return watched and pl_module.automatic_optimization and not is_sharded(pl_module)
+    def _objective_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ObjectiveProbe:
+        if self._probe is None or self._probe.module is not pl_module:
+            self._probe = ObjectiveProbe(pl_module, forward_context=trainer.precision_plugin.forward_context)
+        return self._probe
+
+    def _watched_states(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, batch_idx: int | None = None
+    ) -> RngStates | None:
+        """The random states watched before the forward of ``step`` (and of batch ``batch_idx`` when given), if the
+        probe of ``step`` replays them, else None: with gradient accumulation it replays the last micro-batch
+        only, manual optimization has no single forward, and under FSDP2 every forward all-gathers, so a rank
+        whose outputs lacked a loss (three passes) would hang the others (two): these keep ``probe_seed``."""
+        if self._watched is None or trainer.accumulate_grad_batches != 1 or not pl_module.automatic_optimization:
+            return None
+        (watched_step, epoch, watched_batch), states = self._watched
+        # (step, epoch, batch_idx): not a watch left by a batch that never stepped (on_train_batch_start -> -1)
+        if (watched_step, epoch) != (step, trainer.current_epoch) or batch_idx not in (None, watched_batch):
+            return None
+        return None if self._objective_probe(trainer, pl_module).sharded else states
 
     def result(
         self,
@@ -201,28 +211,17 @@ class LineProbeSession:
         theta_before, gradient = self._snapshot, self._gradient
         self._snapshot, self._gradient, self._snapshot_step = None, None, None
         self._requested = {requested for requested in self._requested if requested > step}
-        seed, training_loss = self._replay_plan(trainer, pl_module, (step, trainer.current_epoch, batch_idx), outputs)
+        states = self._watched_states(trainer, pl_module, step, batch_idx)
+        self._watched = None
+        # Every point starts from the watched states (the training step's own draws), else from probe_seed; then
+        # the training step's loss may stand in for L0.
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        usable = states is not None and isinstance(loss, Tensor) and loss.numel() == 1
+        seed = probe_seed(step) if states is None else states
         self._cached = self._compute(
-            trainer, pl_module, batch, batch_idx, step, theta_before, gradient, seed, training_loss
+            trainer, pl_module, batch, batch_idx, step, theta_before, gradient, seed, loss.detach() if usable else None
         )
         return self._cached
-
-    def _replay_plan(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, key: tuple[int, int, int], outputs: Any
-    ) -> tuple[ProbeSeed, Tensor | None]:
-        """What every probe point starts from (the random states watched before the training forward, else
-        :func:`~lightning_stablelr.rng.probe_seed`), and the training loss that may stand in for ``L0``."""
-        watched, self._watched = self._watched, None
-        if (
-            watched is None
-            or watched[0] != key  # (step, epoch, batch_idx): not a watch left by a batch that never stepped
-            or trainer.accumulate_grad_batches != 1  # the probe replays the last micro-batch only
-            or not pl_module.automatic_optimization
-        ):
-            return probe_seed(key[0]), None
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        usable = isinstance(loss, Tensor) and loss.numel() == 1
-        return watched[1], loss.detach() if usable else None
 
     def _compute(
         self,
@@ -241,14 +240,11 @@ class LineProbeSession:
         values: Tensor | None = None
         known: Tensor | None = None
         try:
-            if self._probe is None or self._probe.module is not pl_module:
-                self._probe = ObjectiveProbe(pl_module, forward_context=trainer.precision_plugin.forward_context)
-            if self._probe.sharded:  # FSDP2: every forward all-gathers, so a rank whose outputs lacked a
-                seed, training_loss = probe_seed(step), None  # loss (3 passes) would hang the others (2): none reuse
+            probe = self._objective_probe(trainer, pl_module)
             verify, known = self.reuse.plan(training_loss)
-            theta_after = self._probe.parameters()
+            theta_after = probe.parameters()
             losses = three_point_losses(
-                self._probe, batch, theta_before, theta_after, batch_idx=batch_idx, seed=seed, loss_before=known,
+                probe, batch, theta_before, theta_after, batch_idx=batch_idx, seed=seed, loss_before=known,
             )  # fmt: skip
             derivative = directional_derivative(gradient, theta_before, theta_after).to(losses)
             flags = self.reuse.flags(losses[0], training_loss, verify)

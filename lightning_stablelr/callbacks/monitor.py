@@ -218,12 +218,14 @@ class StabilityMonitor(MonitorState, Callback):
         self._policy.start_epoch()
 
     @override
-    @timed_as_standing(charge_batch=False)
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         # A step due for a certificate: its probe replays this forward's random draws and reuses its loss as L0.
+        # Not timed as standing cost on every batch: the watch, on due steps only, is the certificate's (like its copy of θ).
         every, step = self.config.certificate_every_n_steps, trainer.global_step
         if every and (step + 1) % every == 0 and trainer.accumulate_grad_batches == 1:
+            start = time.perf_counter()
             line_probe_session(trainer).watch_forward(step, trainer.current_epoch, idx)
+            self._governor.charge("certificate", time.perf_counter() - start)
 
     @override
     @timed_as_standing(charge_batch=False)
