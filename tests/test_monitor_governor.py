@@ -23,12 +23,14 @@ from tests.test_monitor_support import (
 
 def test_governor_allows_a_probe_only_while_it_fits_the_budget():
     governor = ProbeGovernor(0.1)
+    # A quarter of max_overhead is kept for what no hook can time: the probes fit under 0.075.
+    assert governor.timed_budget == pytest.approx(0.075)
     governor.start(now=100.0)
     assert governor.allows("certificate", now=100.0)  # never measured: predicted 0, budget 0
     governor.record("certificate", 0.5)
-    # probe 0.5 s; training = elapsed - 0.5. Next needs 0.5 + 0.5 <= 0.1 * training, i.e. training >= 10 s.
-    assert not governor.allows("certificate", now=100.0 + 0.5 + 9.9)
-    assert governor.allows("certificate", now=100.0 + 0.5 + 10.0)
+    # probe 0.5 s; training = elapsed - 0.5. Next needs 0.5 + 0.5 <= 0.075 * training, i.e. training >= 13.33 s.
+    assert not governor.allows("certificate", now=100.0 + 0.5 + 13.3)
+    assert governor.allows("certificate", now=100.0 + 0.5 + 13.34)
     assert governor.training_time(now=110.5) == pytest.approx(10.0)
     assert governor.overhead(now=110.5) == pytest.approx(0.05)
     assert governor.defer("certificate") == 1
@@ -38,7 +40,7 @@ def test_governor_allows_a_probe_only_while_it_fits_the_budget():
 
 
 def test_each_kind_has_an_equal_share_so_a_frequent_probe_cannot_starve_a_rare_one():
-    governor = ProbeGovernor(0.3, kinds=["certificate", "sharpness", "connectivity"])
+    governor = ProbeGovernor(0.4, kinds=["certificate", "sharpness", "connectivity"])  # timed budget 0.3
     governor.start(now=0.0)
     governor.record("certificate", 0.2)  # training 10 s -> budget 3 s -> 1 s per kind
     assert governor.available("certificate", now=10.2) == pytest.approx(0.8)
@@ -70,9 +72,10 @@ def test_standing_cost_books_hook_time_outside_probes_plus_the_calibrated_dispat
     booked = governor.spent[StandingCost.KIND]
     assert standing.dispatch_per_batch + 0.01 <= booked < standing.dispatch_per_batch + 0.04
     assert governor.probe_time == pytest.approx(probe + booked)
-    # It comes off every share alike: after 10 s of training the certificate's share is (0.5 - booked)/2 - probe.
+    # It comes off every share alike: after 10 s of training the certificate's share is (0.375 - booked)/2 - probe
+    # (the timed budget is 3/4 of max_overhead: 0.0375 x 10 s).
     now = 10.0 + governor.probe_time
-    assert governor.available("certificate", now=now) == pytest.approx((0.5 - booked) / 2 - probe)
+    assert governor.available("certificate", now=now) == pytest.approx((0.375 - booked) / 2 - probe)
     standing.charge_batch()  # nothing pending: only the dispatch again
     assert governor.spent[StandingCost.KIND] == pytest.approx(booked + standing.dispatch_per_batch)
 
@@ -103,7 +106,7 @@ class _TimedQuadratic(QuadraticModule):
 
 
 def test_tiny_budget_defers_probes_counts_them_and_keeps_probe_time_under_budget(tmp_path):
-    steps, budget = 60, 0.25
+    steps, budget = 60, 1 / 3  # the probes fit under 3/4 of it: 0.25
     model = _TimedQuadratic(lr=0.05)
     logger = RecordingLogger()
     monitor = StabilityMonitor(
@@ -126,7 +129,8 @@ def test_tiny_budget_defers_probes_counts_them_and_keeps_probe_time_under_budget
     # sharpness (10 ms), with 30 ms for timer and sleep jitter.
     overhead = series(logger, "monitor/overhead")[final_step]
     training_time = steps * 0.01  # a lower bound: each step sleeps 10 ms
-    assert overhead <= budget + (0.03 + 0.01 + 0.03) / training_time
+    assert monitor._governor.timed_budget == pytest.approx(0.25)
+    assert overhead <= 0.25 + (0.03 + 0.01 + 0.03) / training_time
     assert monitor._governor.deferred == {
         "certificate": steps - certificates, "sharpness": steps // 5 - sharpness,
     }

@@ -143,7 +143,7 @@ class MonitorPolicy:
         standing = governor.spent.get(StandingCost.KIND, 0.0) / training if training > 0 else 0.0
         for kind in sorted(self.deferred - self.ran - self.warned):
             self.warned.add(kind)
-            if standing >= governor.max_overhead:
+            if standing >= governor.timed_budget:
                 advice = (f"The monitor's per-batch cost alone (its hooks and Lightning's dispatch of them) is"
                           f" {standing:.1%} of the training time, so no knob of the {kind} probe helps: raise"
                           " `max_overhead`, or train with larger batches.")  # fmt: skip
