@@ -57,6 +57,11 @@ class StableLRConfig:
         recovery: the largest factor by which one check may cut or grow ``C`` (``> 1``, default 10).
         recover_above: ``C`` grows back when the robust predicted margin exceeds this (``>= 1/safety``).
         min_stability_factor: lower bound of ``C`` (in ``(0, 1]``).
+        max_lr_boost: upper bound of ``C`` (``>= 1``; default 1: the base lr is a ceiling). Above 1 (e.g. 10), when
+            the robust margin at ``C = 1`` is still above the hold band the base lr is too small for the loss,
+            and the guard raises it (2x per check at most, to the band's top), after the warmup and while
+            ``G = 1``. Opt-in: it helps long runs on plenty of data and can cost small-data runs, whose best lr
+            sits below what the curvature allows. See ``docs/DESIGN_NOTES.md``, the guard's rule 6.
         guard_window: the robust margin is the upper median of this many last checks (``>= 1``; 3 ignores
             one outlier).
         anneal_to: with neither ``decay_rate`` nor ``half_life``, the decay factor reached at the end of a
@@ -78,6 +83,7 @@ class StableLRConfig:
     recovery: float = 10.0
     recover_above: float = 8.0
     min_stability_factor: float = 1e-3
+    max_lr_boost: float = 1.0
     guard_window: int = 3
     anneal_to: float = 0.1
     anneal_fraction: float = 0.2
@@ -126,6 +132,14 @@ class StableLRConfig:
                 f" [1/safety, recover_above] is not empty, got recover_above={self.recover_above!r} with"
                 f" safety={self.safety!r}. Raise recover_above, e.g. to {2.0 / self.safety:g}."
             )
+        check_in_range(
+            "max_lr_boost",
+            self.max_lr_boost,
+            1.0,
+            math.inf,
+            high_inclusive=False,
+            hint="It is the most the guard may raise the lr above the base lr, e.g. 10; 1 keeps the base lr a ceiling.",
+        )
         check_int_at_least("guard_window", self.guard_window, 1, "3 (the default) ignores one outlier.")
         check_in_range(
             "anneal_to",

@@ -216,6 +216,7 @@ class StableLRController:
                 gap_tolerance=self.config.gap_tolerance,
                 gap_strength=self.config.gap_strength,
             )
+            self.stability_factor = min(self.stability_factor, 1.0)  # a boost never undoes an overfitting cut
         return GapDecision(gap, overfitting, self.gap_factor, improved, self.overfit_streak)
 
     def observe_line(self, line: LineModel, step: int | None = None, epochs_elapsed: float = 0.0) -> float:
@@ -249,11 +250,18 @@ class StableLRController:
             recover_above=self.config.recover_above,
             recovery=self.config.recovery,
             min_factor=self.config.min_stability_factor,
+            max_factor=self._boost_ceiling(step),
         )
         # A margin below the band asks for a confirmation check at the next step, so that a real
         # instability is acted on two steps later instead of one check period later.
         low = self.config.safety * line.curvature_margin < 1.0
         return self._decided(factor, reason, confirm=low and reason != "overshoot")
+
+    def _boost_ceiling(self, step: int | None) -> float:
+        """The most ``C`` may become at a check of ``step``: ``max_lr_boost`` once the next step is past the warmup
+        and while ``G = 1``, else 1 (a boost must not undo the warmup or an overfitting cut)."""
+        warming = step is not None and step + 1 < self.config.warmup_steps
+        return 1.0 if warming or self.gap_factor < 1.0 else self.config.max_lr_boost
 
     def observe_nonfinite(self) -> float:
         """Count a step with a NaN/Inf loss or gradient and halve ``C`` (not below ``min_stability_factor``)."""
@@ -273,7 +281,8 @@ class StableLRController:
     def _cut_nonfinite(self) -> float:
         # Margins measured before a blow-up say nothing about the state after it: recover on fresh evidence.
         self.margins.clear()
-        factor = max(self.config.min_stability_factor, min(1.0, self.stability_factor * 0.5))
+        # A boost is dropped at once: half of min(C, 1).
+        factor = max(self.config.min_stability_factor, min(1.0, self.stability_factor) * 0.5)
         return self._decided(factor, "nonfinite", confirm=True)
 
     def _decided(self, factor: float, reason: str, *, confirm: bool) -> float:

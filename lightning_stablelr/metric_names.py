@@ -26,7 +26,7 @@ STABILITY_FACTOR = "stablelr/stability_factor"
 STEP_MARGIN = "stablelr/step_margin"
 NONFINITE_STEPS = "stablelr/nonfinite_steps"  # cumulative: the report takes its maximum
 ROBUST_MARGIN = "stablelr/robust_margin"  # the guard's robust full-lr margin M (upper median of the window)
-GUARD_ACTIONS = ("overshoot", "recovery", "nonfinite", "unresolved")
+GUARD_ACTIONS = ("overshoot", "recovery", "boost", "nonfinite", "unresolved")
 """Why a guard check moved C (or could not judge), logged as cumulative counts ``stablelr/guard_<reason>``."""
 
 

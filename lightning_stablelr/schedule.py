@@ -9,8 +9,8 @@ The floor bounds the schedule (decay and gap factor), not the guard: ``C`` may t
 - ``t``: epochs elapsed (fractional with ``interval="step"``), ``λ``: decay rate per epoch
   (:func:`resolve_decay_rate`), ``warmup``: :func:`warmup_factor`.
 - ``G``: the validation-gap factor, non-increasing (:func:`relative_gap`, :func:`update_gap_factor`).
-- ``C``: the stability factor in ``[min_factor, 1]`` (:func:`update_stability_factor`), the guard that
-  reacts to instability, not to noise:
+- ``C``: the stability factor in ``[min_factor, max_lr_boost]`` (``max_lr_boost`` is 1 by default), the guard
+  that reacts to instability, not to noise (:func:`update_stability_factor`):
 
   * every check stores the lr-normalized curvature margin ``m = (2|a|/c) · f`` of the probed step (``s_max``
     for a descent step; a step that went uphill on its batch, noise or momentum, is judged by its size);
@@ -20,7 +20,12 @@ The floor bounds the schedule (decay and gap factor), not the guard: ``C`` may t
     never grows back to undo it); the band ``1/safety <= s <= recover_above`` (default ``[4, 8]``) holds ``C``;
   * below the band ``C`` is cut in proportion to the overshoot, to put ``s`` at the band's centre
     ``sqrt(recover_above/safety)`` (at most ``recovery``-fold per check); above it ``C`` grows back the
-    same way, never above 1;
+    same way, up to 1;
+  * **boost**: at ``C = 1`` a margin still above the band means the base lr is too small for this loss:
+    ``C`` grows past 1, at most 2x per check (:data:`BOOST_GROWTH`), only to the band's *top*
+    ``s = recover_above``, and never above ``max_lr_boost`` (opt-in, e.g. 10; the default 1 turns it off); only
+    after the warmup and while
+    ``G = 1`` (the controller passes ``max_factor = 1`` otherwise, and an overfitting cut clips ``C`` to 1);
   * a NaN/Inf loss or gradient halves ``C`` at once; losses that moved less than their rounding (bf16)
     are skipped.
 
@@ -38,6 +43,7 @@ import math
 from lightning_stablelr.validation import check_finite_positive, check_non_negative
 
 __all__ = [
+    "BOOST_GROWTH",
     "DEFAULT_DECAY_RATE",
     "GUARD_REASONS",
     "MarginWindow",
@@ -157,16 +163,24 @@ def update_gap_factor(
     return gap_factor * math.exp(-gap_strength * (gap - gap_tolerance))
 
 
-GUARD_REASONS = ("hold", "overshoot", "recovery", "nonfinite", "unresolved", "warming")
+GUARD_REASONS = ("hold", "overshoot", "recovery", "boost", "nonfinite", "unresolved", "warming")
 """Why a guard check moved ``C`` or left it (logged as counters ``stablelr/guard_<reason>``):
 
 - ``overshoot``: the robust margin says the step leaves the decrease region; ``C`` was cut.
-- ``recovery``: the robust margin says the lr can grow; ``C`` grew (never above 1).
+- ``recovery``: the robust margin says the lr can grow; ``C`` grew back towards 1 (never above it).
+- ``boost``: at ``C >= 1`` the robust margin is still above the band (the base lr is too small); ``C`` grew past
+  1 (at most 2x per check, up to ``max_lr_boost``).
 - ``nonfinite``: a NaN/Inf loss or gradient; ``C`` was halved.
 - ``hold``: the robust margin is inside the band; ``C`` unchanged.
 - ``unresolved``: the losses moved by less than their rounding (bf16) or not at all; no information.
 - ``warming``: fewer than two margins in the window yet; no decision on one sample.
 """
+
+
+BOOST_GROWTH = 2.0
+"""The largest factor by which one check may raise ``C`` above 1 (a boost): slower than a recovery, because a
+margin measured at a smaller lr extrapolates (``c ∝ f²``) to an lr the run has not tried. With the full
+``recovery`` (10x) one regression seed went from margin 13 to a divergent lr in one check."""
 
 
 def full_lr_margin(step_margin: float, lr_factor: float) -> float:
@@ -216,6 +230,7 @@ def update_stability_factor(
     recover_above: float,
     recovery: float,
     min_factor: float,
+    max_factor: float = 1.0,
 ) -> tuple[float, str]:
     """One guard decision: the new stability factor ``C`` and its reason (:data:`GUARD_REASONS`).
 
@@ -235,13 +250,16 @@ def update_stability_factor(
        at most ``recovery``-fold (default 10) per check.
     4. **Recovery** when ``s > recover_above`` and ``C < 1``: ``C ← min(1, C · recovery, M / (s* · w))``,
        the mirror image of the cut: ``C`` comes back as readily as it goes down.
-    5. **Hold** inside the band ``1/safety <= s <= recover_above`` (default ``[4, 8]``; ``safety=1,
+    5. **Boost** when ``s > recover_above`` and ``1 <= C < max_factor`` (``max_factor`` is ``max_lr_boost`` after
+       the warmup and while ``G = 1``, else 1): ``C ← min(max_factor, BOOST_GROWTH · C, M / (recover_above · w))``,
+       to the band's top, 2x per check at most. A base lr far below what the loss allows is carried up to it.
+    6. **Hold** inside the band ``1/safety <= s <= recover_above`` (default ``[4, 8]``; ``safety=1,
        recover_above=2`` gives the edge-of-stability band ``[1, 2]``, between the point where the model predicts
        no decrease, ``s_max = 1``, and the line minimum, ``s_max = 2``).
 
     A non-finite loss or gradient is handled by the caller (``C ← C/2`` at once,
     :meth:`~lightning_stablelr.controller.StableLRController.observe_nonfinite`). The result is clipped
-    to ``[min_factor, 1]``.
+    to ``[min_factor, max_factor]``.
     """
     factor = stability_factor
     if robust_margin is None or math.isnan(robust_margin):
@@ -255,9 +273,12 @@ def update_stability_factor(
         factor, reason = max(factor / recovery, target), "overshoot"
     elif predicted > recover_above and factor < 1.0:
         factor, reason = min(1.0, factor * recovery, target), "recovery"
+    elif predicted > recover_above and factor < max_factor:
+        top = robust_margin / (recover_above * lr_factor)  # C whose predicted margin is the band's top (> C here)
+        factor, reason = min(max_factor, BOOST_GROWTH * factor, top), "boost"
     else:
-        return factor, "hold"
-    return min(1.0, max(min_factor, factor)), reason
+        return min(factor, max(max_factor, 1.0)), "hold"
+    return min(max(max_factor, 1.0), max(min_factor, factor)), reason
 
 
 def floored_lr(base_lr: float, factor: float, min_lr_ratio: float) -> float:

@@ -71,7 +71,7 @@ LAYOUT_CATEGORIES: tuple[tuple[str, tuple[tuple[str, str, tuple[str, ...]], ...]
             ("learning rate (stablelr/lr*)", "multiline", (LR_TAG_REGEX,)),
             # one chart per factor: TensorBoard colours by run, so three tags in one chart look alike
             ("gap factor G (< 1: cut against overfitting)", "multiline", (_exact("stablelr/gap_factor"),)),
-            ("stability factor C (< 1: the guard cut an overshooting step)", "multiline",
+            ("stability factor C (< 1: the guard cut an overshooting step; > 1: it raised a too-small lr)", "multiline",
              (_exact("stablelr/stability_factor"),)),
             ("time decay exp(-lambda t)", "multiline", (_exact("stablelr/decay"),)),
             # why C moved: the robust margin it follows, then cumulative counts per reason (the slope is how often)
@@ -79,6 +79,7 @@ LAYOUT_CATEGORIES: tuple[tuple[str, tuple[tuple[str, str, tuple[str, ...]], ...]
              (_exact("stablelr/robust_margin"),)),
             ("overshoot cuts (cumulative)", "multiline", (_exact("stablelr/guard_overshoot"),)),
             ("recoveries (cumulative)", "multiline", (_exact("stablelr/guard_recovery"),)),
+            ("boosts of a too-small lr (cumulative)", "multiline", (_exact("stablelr/guard_boost"),)),
             ("non-finite steps dropped (cumulative)", "multiline", (_exact("stablelr/guard_nonfinite"),)),
             ("checks skipped: losses within rounding, e.g. bf16 (cumulative)", "multiline",
              (_exact("stablelr/guard_unresolved"),)),

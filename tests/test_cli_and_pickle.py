@@ -38,6 +38,7 @@ NON_DEFAULT_ARGUMENTS = {
     "recovery": 1.05,
     "recover_above": 5.0,
     "min_stability_factor": 0.01,
+    "max_lr_boost": 3.0,
     "guard_window": 5,
     "anneal_to": 0.3,
     "anneal_fraction": 0.5,

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import pickle
 import random
+import statistics
 
 import pytest
 
@@ -154,14 +155,21 @@ def _simulate(controller: StableLRController, full_lr_margins, noise) -> list[fl
 def test_noisy_but_stable_margins_leave_the_stability_factor_at_one() -> None:
     # The sawtooth: margins scattering between ~10 and 50, with one low sample in eight.
     rng = random.Random(0)
-    controller = StableLRController(warmup_steps=0)
+    controller = StableLRController(warmup_steps=0)  # the default max_lr_boost=1: the base lr is a ceiling
     noise = [rng.uniform(10.0, 50.0) if i % 8 else rng.uniform(0.05, 0.9) for i in range(400)]
     trajectory = _simulate(controller, [1.0] * 400, noise)
     assert min(trajectory) == 1.0
     assert controller.guard_counts["overshoot"] == 0 and controller.guard_counts["hold"] == 399
     # with the band at [1, 2], edge of stability (1 <= s <= 2) is left alone too
-    controller = StableLRController(warmup_steps=0, safety=1.0, recover_above=2.0)
+    controller = StableLRController(warmup_steps=0, safety=1.0, recover_above=2.0, max_lr_boost=1.0)
     assert min(_simulate(controller, [1.0] * 200, [rng.uniform(1.0, 2.0) for _ in range(200)])) == 1.0
+    # With a boost (max_lr_boost=10) the same margins (10 to 50 at the base lr: above the band [4, 8]) raise the lr
+    # towards the band, where their 5x scatter moves C between boosts and cuts; the noise never takes the lr
+    # below the base lr.
+    controller = StableLRController(warmup_steps=0, max_lr_boost=10.0)
+    trajectory = _simulate(controller, [1.0] * 400, noise)
+    assert min(trajectory) == 1.0 and controller.guard_counts["boost"] >= 2
+    assert 1.5 <= statistics.median(trajectory) <= 6.0
 
 
 def test_a_persistent_overshoot_shrinks_the_factor_in_proportion() -> None:
@@ -180,7 +188,7 @@ def test_a_persistent_overshoot_shrinks_the_factor_in_proportion() -> None:
 
 
 def test_recovery_returns_the_factor_once_the_instability_passes() -> None:
-    controller = StableLRController(warmup_steps=0, safety=1.0, recover_above=2.0)
+    controller = StableLRController(warmup_steps=0, safety=1.0, recover_above=2.0, max_lr_boost=1.0)
     trajectory = _simulate(controller, [0.05] * 6 + [20.0] * 6, [1.0] * 12)
     assert trajectory[5] == pytest.approx(0.05 / math.sqrt(2.0), rel=1e-12)
     assert trajectory[6] == trajectory[5]  # one good margin is one sample
@@ -192,7 +200,7 @@ def test_recovery_returns_the_factor_once_the_instability_passes() -> None:
 def test_an_uphill_step_is_judged_by_its_size_not_its_direction() -> None:
     # Momentum (or a noisy batch) makes some steps go uphill along their own direction (a >= 0): lowering the
     # lr cannot turn them downhill, so a small uphill step leaves C alone ...
-    controller = StableLRController(warmup_steps=0)
+    controller = StableLRController(warmup_steps=0, max_lr_boost=1.0)
     for step in range(6):
         controller.observe_line(line_model(1.0, 1.0 + 0.011, 1.0 - 0.009), step=step)  # a = 0.01, c = 0.002
     assert controller.stability_factor == 1.0 and controller.robust_margin == pytest.approx(10.0)

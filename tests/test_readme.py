@@ -41,9 +41,10 @@ def test_readme_scheduler_snippet_runs_the_guard() -> None:
     assert len(loader) == 8
     assert controller.checks == 40
     assert scheduler.last_epoch == 40
-    assert 1e-3 <= controller.stability_factor <= 1.0
+    boost = controller.config.max_lr_boost  # the guard may raise a too-small lr up to this factor
+    assert 1e-3 <= controller.stability_factor <= boost
     lr = scheduler.get_last_lr()[0]
-    assert math.isfinite(lr) and 0.03 * 0.01 <= lr <= 0.03
+    assert math.isfinite(lr) and 0.03 * 0.01 <= lr <= 0.03 * boost
     printed = re.fullmatch(r"lr (\S+)  guard checks (\d+)  C (\S+)  G (\S+)\n", out.getvalue())
     assert printed is not None, out.getvalue()
     assert int(printed.group(2)) == 40

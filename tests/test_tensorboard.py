@@ -264,6 +264,6 @@ def test_tensorboard_and_report_modules_do_not_import_lightning_or_pyplot():
 def test_learning_rate_category_shows_why_the_guard_moved_c_one_tag_per_chart():
     layout = stability_layout()
     guard_tags = ["stablelr/robust_margin", "stablelr/guard_overshoot", "stablelr/guard_recovery",
-                  "stablelr/guard_nonfinite", "stablelr/guard_unresolved"]
-    charts = [list(_chart(layout, "Learning rate", i).multiline.tag) for i in range(4, 9)]
+                  "stablelr/guard_boost", "stablelr/guard_nonfinite", "stablelr/guard_unresolved"]
+    charts = [list(_chart(layout, "Learning rate", i).multiline.tag) for i in range(4, 10)]
     assert charts == [[f"^{tag}$"] for tag in guard_tags]

@@ -69,8 +69,8 @@ class StableLR(StableLRState):
 
     Args:
         decay_rate, half_life, interval, warmup_steps, min_lr_ratio, gap_tolerance, gap_strength, min_delta,
-            gap_patience, safety, recovery, recover_above, min_stability_factor, guard_window, anneal_to,
-            anneal_fraction: the controller's settings, in :class:`~lightning_stablelr.config.StableLRConfig`.
+            gap_patience, safety, recovery, recover_above, min_stability_factor, max_lr_boost, guard_window,
+            anneal_to, anneal_fraction: the controller's settings, in :class:`~lightning_stablelr.config.StableLRConfig`.
         monitor: validation metric ``L_va`` (read from ``trainer.callback_metrics`` at validation end).
         strict: a missing ``monitor`` raises (True) or warns once and leaves ``G`` unchanged (False).
         check_every_n_steps, dense_check_steps: which optimizer steps run the three-point guard (two extra
@@ -116,6 +116,7 @@ class StableLR(StableLRState):
         recovery: float = _CONFIG.recovery,
         recover_above: float = _CONFIG.recover_above,
         min_stability_factor: float = _CONFIG.min_stability_factor,
+        max_lr_boost: float = _CONFIG.max_lr_boost,
         guard_window: int = _CONFIG.guard_window,
         anneal_to: float = _CONFIG.anneal_to,
         anneal_fraction: float = _CONFIG.anneal_fraction,
