@@ -103,3 +103,25 @@ def test_a_training_loss_one_rank_cannot_replay_ends_the_reuse_of_l0_on_every_ra
     assert [(d["losses_reused"], d["refuted"]) for d in done] == [(0, True), (0, True)]
     lrs = [_records(out / f"lr_rank{rank}.jsonl") for rank in (0, 1)]
     assert lrs[0] == lrs[1]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_the_opt_in_boost_raises_the_lr_identically_on_every_rank(tmp_path: Path) -> None:
+    # The rank-scaled data of the first test at a 100x smaller lr, with the boost on and G off (a boost never
+    # acts against G): C > 1 comes from the reduced probe losses, so both ranks must boost alike at every check.
+    out = tmp_path / "ddp_boost"
+    config = {**CONFIG, "max_lr_boost": 10.0, "gap_strength": 0.0, "warmup_steps": 2, "decay_rate": 0.0}
+    out.mkdir()
+    command = [
+        sys.executable, str(SCRIPT), "--out", str(out), "--epochs", str(EPOCHS), "--stablelr", json.dumps(config),
+        "--strategy", "ddp", "--devices", "2", "--rank-scaled", "--lr", "0.002",
+    ]  # fmt: skip
+    run_multiprocess_script(command, REPO, out / "log.txt", 240)
+    lrs = [_records(out / f"lr_rank{rank}.jsonl") for rank in (0, 1)]
+    assert [r["step"] for r in lrs[0]] == list(range(STEPS)) and lrs[0] == lrs[1]
+    factors = [[_stablelr_only(r) for r in _records(out / f"factors_rank{rank}.jsonl")] for rank in (0, 1)]
+    assert factors[0] == factors[1]
+    assert max(r["stablelr/stability_factor"] for r in factors[0]) > 1.0, "the boost never acted"
+    assert max(r["stablelr/guard_boost"] for r in factors[0]) >= 1
