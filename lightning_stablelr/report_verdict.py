@@ -127,12 +127,17 @@ def diagnose(run: Any, budget: float | None = None) -> Verdict:
     where = "by its own count" if overshoots is not None else f"stability_factor fell {drops} time(s) in the logged points"
     drops = drops if overshoots is None else int(overshoots)
     if stability:
-        low = min(value for _, value in stability)
-        findings.append(
-            f"the guard acted {drops} time(s) on a measured overshoot ({where}; lowest {low:.3g}, "
-            f"last {stability[-1][1]:.3g})"
-            if drops else "the guard never had to act (stability_factor stayed at 1)"
-        )
+        low, high = min(value for _, value in stability), max(value for _, value in stability)
+        boosts = run.last("stablelr/guard_boost")
+        if drops:
+            findings.append(f"the guard acted {drops} time(s) on a measured overshoot ({where}; lowest {low:.3g}, "
+                            f"last {stability[-1][1]:.3g})")  # fmt: skip
+        elif high <= 1.0:
+            findings.append("the guard never had to act (stability_factor stayed at 1)")
+        if high > 1.0 or boosts:  # the opt-in boost (max_lr_boost > 1): the base lr was too small for the loss
+            count = f"{int(boosts)} time(s)" if boosts is not None else "in the logged points"
+            findings.append(f"the guard raised a too-small base lr {count} (max_lr_boost; stability_factor up to "
+                            f"{high:.3g}x, last {stability[-1][1]:.3g}): a larger base lr would start there")  # fmt: skip
     if lr_start is not None and lr_end is not None and lr_start > 0:
         findings.append(f"lr peak {lr_start:.3g} -> end {lr_end:.3g} ({lr_start / lr_end:.3g}x lower)"
                         if lr_end < lr_start else f"lr peak {lr_start:.3g} = end")

@@ -141,3 +141,21 @@ def test_the_guard_count_comes_from_its_own_counter_when_logged(tmp_path: Path) 
     })  # fmt: skip
     findings = diagnose(load_run(run_dir)).findings
     assert "the guard acted 2 time(s) on a measured overshoot (by its own count; lowest 0.25, last 0.25)" in findings
+
+
+def test_the_verdict_names_a_boost_of_a_too_small_base_lr(tmp_path: Path) -> None:
+    steps = range(0, 100, 10)
+    run_dir = _write(tmp_path / "boosted", {
+        "stablelr/lr": [(s, 0.01 if s < 30 else 0.04) for s in steps],
+        "stablelr/gap_factor": [(s, 1.0) for s in steps],
+        "stablelr/stability_factor": [(s, 1.0 if s < 20 else 2.0 if s < 30 else 4.0) for s in steps],
+        "stablelr/guard_boost": [(s, 0.0 if s < 20 else 1.0 if s < 30 else 2.0) for s in steps],
+        "stablelr/guard_overshoot": [(s, 0.0) for s in steps],
+        "train_loss_step": [(s, 2.3 * 0.8 ** (s / 10)) for s in steps],
+        "val_loss": [(s, 2.3 * 0.82 ** (s / 10)) for s in steps],
+    })  # fmt: skip
+    findings = diagnose(load_run(run_dir)).findings
+    assert "the guard raised a too-small base lr 2 time(s) (max_lr_boost; stability_factor up to 4x, last 4): a" \
+           " larger base lr would start there" in findings
+    assert not any("never had to act" in finding for finding in findings)
+
