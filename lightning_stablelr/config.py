@@ -59,8 +59,8 @@ class StableLRConfig:
         min_stability_factor: lower bound of ``C`` (in ``(0, 1]``).
         max_lr_boost: upper bound of ``C`` (``>= 1``; default 1: the base lr is a ceiling). Above 1 (e.g. 10), when
             the robust margin at ``C = 1`` is still above the hold band the base lr is too small for the loss,
-            and the guard raises it (2x per check at most, to the band's top), after the warmup and while
-            ``G = 1``. Opt-in: it helps long runs on plenty of data and can cost small-data runs, whose best lr
+            and the guard raises it (2x per check at most, to the band's top), once two checks after the
+            warmup agree and while ``G = 1``. Opt-in: it helps long runs on plenty of data and can cost small-data runs, whose best lr
             sits below what the curvature allows. See ``docs/DESIGN_NOTES.md``, the guard's rule 6.
         guard_window: the robust margin is the upper median of this many last checks (``>= 1``; 3 ignores
             one outlier).

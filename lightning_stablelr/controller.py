@@ -24,6 +24,7 @@ from lightning_stablelr.schedule import (
     GUARD_REASONS,
     MarginWindow,
     anneal_start,
+    boost_ceiling,
     decay_factor,
     floored_lr,
     full_lr_margin,
@@ -97,6 +98,9 @@ class StableLRController:
         self.checks = 0
         self.validations = 0
         self.margins = MarginWindow(config.guard_window)
+        #: margins pushed since the window was last cleared that were measured at the full warmup (a boost
+        #: extrapolates only from those: the warmup's first steps see the flattest part of the loss)
+        self.full_lr_margins = 0
         self.guard_counts: dict[str, int] = dict.fromkeys(GUARD_REASONS, 0)
         self.last_guard_reason: str | None = None
         self.confirm_pending = False
@@ -238,6 +242,8 @@ class StableLRController:
         rest = 1.0 if step is None else self.schedule_factor(step, epochs_elapsed)
         margin = full_lr_margin(line.curvature_margin, rest * self.stability_factor)
         self.margins.push(margin)
+        if step is None or step + 1 >= self.config.warmup_steps:
+            self.full_lr_margins += 1
         # C and G are two ceilings on the lr (stability, overfitting) and the cool-down anneals below both: C's
         # decisions see the floored warmup · G, not the decay (judged against the decay, C would grow back as
         # it falls). The floor stays: below it the real lr is min_lr_ratio · η0 · C, higher than warmup · G says.
@@ -250,18 +256,12 @@ class StableLRController:
             recover_above=self.config.recover_above,
             recovery=self.config.recovery,
             min_factor=self.config.min_stability_factor,
-            max_factor=self._boost_ceiling(step),
+            max_factor=boost_ceiling(self.config.max_lr_boost, self.gap_factor, self.full_lr_margins, self.margins.size),
         )
         # A margin below the band asks for a confirmation check at the next step, so that a real
         # instability is acted on two steps later instead of one check period later.
         low = self.config.safety * line.curvature_margin < 1.0
         return self._decided(factor, reason, confirm=low and reason != "overshoot")
-
-    def _boost_ceiling(self, step: int | None) -> float:
-        """The most ``C`` may become at a check of ``step``: ``max_lr_boost`` once the next step is past the warmup
-        and while ``G = 1``, else 1 (a boost must not undo the warmup or an overfitting cut)."""
-        warming = step is not None and step + 1 < self.config.warmup_steps
-        return 1.0 if warming or self.gap_factor < 1.0 else self.config.max_lr_boost
 
     def observe_nonfinite(self) -> float:
         """Count a step with a NaN/Inf loss or gradient and halve ``C`` (not below ``min_stability_factor``)."""
@@ -281,6 +281,7 @@ class StableLRController:
     def _cut_nonfinite(self) -> float:
         # Margins measured before a blow-up say nothing about the state after it: recover on fresh evidence.
         self.margins.clear()
+        self.full_lr_margins = 0
         # A boost is dropped at once: half of min(C, 1).
         factor = max(self.config.min_stability_factor, min(1.0, self.stability_factor) * 0.5)
         return self._decided(factor, "nonfinite", confirm=True)
@@ -291,7 +292,6 @@ class StableLRController:
         self.guard_counts[reason] = self.guard_counts.get(reason, 0) + 1
         self.confirm_pending = confirm
         return factor
-
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -309,6 +309,7 @@ class StableLRController:
             "checks": self.checks,
             "validations": self.validations,
             "margins": list(self.margins.margins),
+            "full_lr_margins": self.full_lr_margins,
             "guard_counts": dict(self.guard_counts),
             "last_guard_reason": self.last_guard_reason,
             "confirm_pending": self.confirm_pending,
@@ -339,6 +340,7 @@ class StableLRController:
         self.margins.clear()
         for margin in state.get("margins", []):
             self.margins.push(float(margin))
+        self.full_lr_margins = int(state.get("full_lr_margins", len(self.margins.margins)))
         self.guard_counts = dict.fromkeys(GUARD_REASONS, 0)
         self.guard_counts.update({str(k): int(v) for k, v in state.get("guard_counts", {}).items()})
         self.last_guard_reason = state.get("last_guard_reason")

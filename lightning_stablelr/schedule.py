@@ -24,7 +24,7 @@ The floor bounds the schedule (decay and gap factor), not the guard: ``C`` may t
   * **boost**: at ``C = 1`` a margin still above the band means the base lr is too small for this loss:
     ``C`` grows past 1, at most 2x per check (:data:`BOOST_GROWTH`), only to the band's *top*
     ``s = recover_above``, and never above ``max_lr_boost`` (opt-in, e.g. 10; the default 1 turns it off); only
-    after the warmup and while
+    once two margins measured at the full warmup agree, and while
     ``G = 1`` (the controller passes ``max_factor = 1`` otherwise, and an overfitting cut clips ``C`` to 1);
   * a NaN/Inf loss or gradient halves ``C`` at once; losses that moved less than their rounding (bf16)
     are skipped.
@@ -48,6 +48,7 @@ __all__ = [
     "GUARD_REASONS",
     "MarginWindow",
     "anneal_start",
+    "boost_ceiling",
     "decay_factor",
     "floored_lr",
     "full_lr_margin",
@@ -183,6 +184,16 @@ margin measured at a smaller lr extrapolates (``c ∝ f²``) to an lr the run ha
 ``recovery`` (10x) one regression seed went from margin 13 to a divergent lr in one check."""
 
 
+def boost_ceiling(max_lr_boost: float, gap_factor: float, full_lr_margins: int, window: int) -> float:
+    """The most ``C`` may become at a check: ``max_lr_boost`` once ``min(2, window)`` margins of the window were
+    measured at the full warmup (``full_lr_margins``, counted since the window was last cleared) and while
+    ``G = 1``; else 1. A boost must not undo the warmup or an overfitting cut, nor extrapolate from the
+    warmup's first steps, where the loss is flattest."""
+    if gap_factor < 1.0 or min(full_lr_margins, window) < min(2, window):
+        return 1.0
+    return max_lr_boost
+
+
 def full_lr_margin(step_margin: float, lr_factor: float) -> float:
     """The margin the same step would have had at the full base lr: ``m = margin · f``.
 
@@ -250,8 +261,8 @@ def update_stability_factor(
        at most ``recovery``-fold (default 10) per check.
     4. **Recovery** when ``s > recover_above`` and ``C < 1``: ``C ← min(1, C · recovery, M / (s* · w))``,
        the mirror image of the cut: ``C`` comes back as readily as it goes down.
-    5. **Boost** when ``s > recover_above`` and ``1 <= C < max_factor`` (``max_factor`` is ``max_lr_boost`` after
-       the warmup and while ``G = 1``, else 1): ``C ← min(max_factor, BOOST_GROWTH · C, M / (recover_above · w))``,
+    5. **Boost** when ``s > recover_above`` and ``1 <= C < max_factor`` (``max_factor`` is ``max_lr_boost`` once
+       two margins of the window were measured after the warmup, and while ``G = 1``; else 1): ``C ← min(max_factor, BOOST_GROWTH · C, M / (recover_above · w))``,
        to the band's top, 2x per check at most. A base lr far below what the loss allows is carried up to it.
     6. **Hold** inside the band ``1/safety <= s <= recover_above`` (default ``[4, 8]``; ``safety=1,
        recover_above=2`` gives the edge-of-stability band ``[1, 2]``, between the point where the model predicts

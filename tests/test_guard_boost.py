@@ -58,13 +58,19 @@ def test_a_too_small_lr_is_raised_to_the_band_top_and_held_there() -> None:
     assert set(_checks(off, 80.0, range(100, 600, 100))) == {1.0}
 
 
-def test_no_boost_during_the_warmup() -> None:
+def test_no_boost_during_the_warmup_nor_from_its_margins() -> None:
     controller = StableLRController(warmup_steps=50, max_lr_boost=10.0)
     # Checks of steps 0..47: the next step is still in the warmup, C holds at 1 whatever the margin.
     assert set(_checks(controller, 800.0, range(0, 48))) == {1.0}
     assert controller.guard_counts["boost"] == 0
-    # From the check of step 49 on (the next step runs at the full lr) the boost may act.
-    assert _checks(controller, 800.0, [49])[-1] == 2.0
+    # Step 49 is the first to run at the full warmup; its margin alone does not boost (the window's other
+    # margins are the warmup's) ...
+    assert _checks(controller, 800.0, [49]) == [1.0]
+    # ... two full-lr margins do.
+    assert _checks(controller, 800.0, [50]) == [2.0]
+    # A non-finite step clears the window: two fresh full-lr margins are needed again.
+    controller.observe_nonfinite()
+    assert _checks(controller, 800.0, [60, 61, 62])[1:] == [1.0, 2.0]
 
 
 def test_an_overfitting_cut_clips_the_boost_and_stops_it() -> None:
