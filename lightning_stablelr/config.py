@@ -57,11 +57,10 @@ class StableLRConfig:
         recovery: the largest factor by which one check may cut or grow ``C`` (``> 1``, default 10).
         recover_above: ``C`` grows back when the robust predicted margin exceeds this (``>= 1/safety``).
         min_stability_factor: lower bound of ``C`` (in ``(0, 1]``).
-        max_lr_boost: upper bound of ``C`` (``>= 1``; default 1: the base lr is a ceiling). Above 1 (e.g. 10), when
-            the robust margin at ``C = 1`` is still above the hold band the base lr is too small for the loss,
-            and the guard raises it (2x per check at most, to the band's top), once two checks after the
-            warmup agree and while ``G = 1``. Opt-in: it helps long runs on plenty of data and can cost small-data runs, whose best lr
-            sits below what the curvature allows. See ``docs/DESIGN_NOTES.md``, the guard's rule 6.
+        max_lr_boost: upper bound of ``C`` (``>= 1``, default 10). When the robust margin at ``C = 1`` is still
+            above the hold band, the base lr is too small for the loss, and the guard raises it (2x per check at
+            most, to the band's top), once two checks after the warmup agree and while ``G = 1``. ``1`` makes
+            the base lr a hard ceiling. See ``docs/DESIGN_NOTES.md``, the guard's rule 6.
         guard_window: the robust margin is the upper median of this many last checks (``>= 1``; 3 ignores
             one outlier).
         anneal_to: with neither ``decay_rate`` nor ``half_life``, the decay factor reached at the end of a
@@ -83,7 +82,7 @@ class StableLRConfig:
     recovery: float = 10.0
     recover_above: float = 8.0
     min_stability_factor: float = 1e-3
-    max_lr_boost: float = 1.0
+    max_lr_boost: float = 10.0
     guard_window: int = 3
     anneal_to: float = 0.1
     anneal_fraction: float = 0.2

@@ -134,7 +134,7 @@ def diagnose(run: Any, budget: float | None = None) -> Verdict:
                             f"last {stability[-1][1]:.3g})")  # fmt: skip
         elif high <= 1.0:
             findings.append("the guard never had to act (stability_factor stayed at 1)")
-        if high > 1.0 or boosts:  # the opt-in boost (max_lr_boost > 1): the base lr was too small for the loss
+        if high > 1.0 or boosts:  # a boost (max_lr_boost > 1): the base lr was too small for the loss
             count = f"{int(boosts)} time(s)" if boosts is not None else "in the logged points"
             findings.append(f"the guard raised a too-small base lr {count} (max_lr_boost; stability_factor up to "
                             f"{high:.3g}x, last {stability[-1][1]:.3g}): a larger base lr would start there")  # fmt: skip

@@ -9,7 +9,7 @@ The floor bounds the schedule (decay and gap factor), not the guard: ``C`` may t
 - ``t``: epochs elapsed (fractional with ``interval="step"``), ``λ``: decay rate per epoch
   (:func:`resolve_decay_rate`), ``warmup``: :func:`warmup_factor`.
 - ``G``: the validation-gap factor, non-increasing (:func:`relative_gap`, :func:`update_gap_factor`).
-- ``C``: the stability factor in ``[min_factor, max_lr_boost]`` (``max_lr_boost`` is 1 by default), the guard
+- ``C``: the stability factor in ``[min_factor, max_lr_boost]`` (``max_lr_boost`` is 10 by default), the guard
   that reacts to instability, not to noise (:func:`update_stability_factor`):
 
   * every check stores the lr-normalized curvature margin ``m = (2|a|/c) · f`` of the probed step (``s_max``
@@ -23,7 +23,7 @@ The floor bounds the schedule (decay and gap factor), not the guard: ``C`` may t
     same way, up to 1;
   * **boost**: at ``C = 1`` a margin still above the band means the base lr is too small for this loss:
     ``C`` grows past 1, at most 2x per check (:data:`BOOST_GROWTH`), only to the band's *top*
-    ``s = recover_above``, and never above ``max_lr_boost`` (opt-in, e.g. 10; the default 1 turns it off); only
+    ``s = recover_above``, and never above ``max_lr_boost`` (default 10; 1 turns the boost off); only
     once two margins measured at the full warmup agree, and while
     ``G = 1`` (the controller passes ``max_factor = 1`` otherwise, and an overfitting cut clips ``C`` to 1);
   * a NaN/Inf loss or gradient halves ``C`` at once; losses that moved less than their rounding (bf16)

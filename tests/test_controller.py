@@ -155,7 +155,7 @@ def _simulate(controller: StableLRController, full_lr_margins, noise) -> list[fl
 def test_noisy_but_stable_margins_leave_the_stability_factor_at_one() -> None:
     # The sawtooth: margins scattering between ~10 and 50, with one low sample in eight.
     rng = random.Random(0)
-    controller = StableLRController(warmup_steps=0)  # the default max_lr_boost=1: the base lr is a ceiling
+    controller = StableLRController(warmup_steps=0, max_lr_boost=1.0)  # the base lr as a ceiling
     noise = [rng.uniform(10.0, 50.0) if i % 8 else rng.uniform(0.05, 0.9) for i in range(400)]
     trajectory = _simulate(controller, [1.0] * 400, noise)
     assert min(trajectory) == 1.0
@@ -163,7 +163,7 @@ def test_noisy_but_stable_margins_leave_the_stability_factor_at_one() -> None:
     # with the band at [1, 2], edge of stability (1 <= s <= 2) is left alone too
     controller = StableLRController(warmup_steps=0, safety=1.0, recover_above=2.0, max_lr_boost=1.0)
     assert min(_simulate(controller, [1.0] * 200, [rng.uniform(1.0, 2.0) for _ in range(200)])) == 1.0
-    # With a boost (max_lr_boost=10) the same margins (10 to 50 at the base lr: above the band [4, 8]) raise the lr
+    # With the default boost (max_lr_boost=10) the same margins (10 to 50 at the base lr: above the band [4, 8]) raise the lr
     # towards the band, where their 5x scatter moves C between boosts and cuts; the noise never takes the lr
     # below the base lr.
     controller = StableLRController(warmup_steps=0, max_lr_boost=10.0)

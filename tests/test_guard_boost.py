@@ -1,6 +1,6 @@
 """The guard's boost (issue 8): a base lr far below what the loss allows is raised, 2x per check at most, to the
 top of the hold band and never above ``max_lr_boost``; never during the warmup, never against G, dropped on a
-non-finite step, and off with ``max_lr_boost=1`` (the default: the boost is opt-in)."""
+non-finite step, and off with ``max_lr_boost=1``."""
 
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ def test_a_too_small_lr_is_raised_to_the_band_top_and_held_there() -> None:
     # one margin never decides; then 2x per check until C = 80 / 8 = 10, where the predicted margin is 8
     assert trajectory == pytest.approx([1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0, 10.0, 10.0], rel=1e-12)
     assert controller.guard_counts["boost"] == 4 and controller.guard_counts["overshoot"] == 0
-    # max_lr_boost bounds it, and 1 (the default) turns it off
+    # max_lr_boost bounds it, and 1 turns it off
     capped = StableLRController(warmup_steps=0, max_lr_boost=3.0)
     assert _checks(capped, 80.0, range(100, 600, 100))[-1] == 3.0
-    off = StableLRController(warmup_steps=0)
+    off = StableLRController(warmup_steps=0, max_lr_boost=1.0)
     assert set(_checks(off, 80.0, range(100, 600, 100))) == {1.0}
 
 
@@ -94,7 +94,7 @@ def test_a_nonfinite_step_drops_the_boost() -> None:
 
 
 def test_max_lr_boost_is_validated() -> None:
-    assert StableLRConfig().max_lr_boost == 1.0  # opt-in
+    assert StableLRConfig().max_lr_boost == 10.0
     with pytest.raises(ValueError, match=r"^`max_lr_boost` must be a finite number in \[1, inf\), got 0\.5\. It is"
                                          r" the most the guard may raise the lr above the base lr"):
         StableLRConfig(max_lr_boost=0.5)

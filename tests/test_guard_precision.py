@@ -28,8 +28,8 @@ def _fit(tmp_path, precision: str, max_lr_boost: float) -> tuple[StableLR, list[
 def test_bf16_true_keeps_the_stability_factor_of_fp32(tmp_path, max_lr_boost: float) -> None:
     fp32, fp32_warnings = _fit(tmp_path, "32-true", max_lr_boost)
     bf16, bf16_warnings = _fit(tmp_path, "bf16-true", max_lr_boost)
-    # the healthy fp32 run: every check is resolved and C stays at 1 (the default: the base lr is a ceiling),
-    # or with a boost climbs above 1 (this lr is below what the loss allows)
+    # the healthy fp32 run: every check is resolved and C stays at 1 (max_lr_boost=1: the base lr is a
+    # ceiling), or with the default boost climbs above 1 (this lr is below what the loss allows)
     assert fp32.controller.checks == 48
     assert fp32.controller.stability_factor == 1.0 if max_lr_boost == 1.0 else fp32.controller.stability_factor > 1.0
     assert fp32.controller.guard_counts["unresolved"] == 0 and fp32_warnings == []
