@@ -67,8 +67,6 @@ class ProbeGovernor:
                 f"`max_overhead` must be a number > 0 (math.inf disables the governor), got {max_overhead!r}."
             )
         self.max_overhead = float(max_overhead)
-        #: The ratio of timed monitor seconds to training seconds the probes are fitted under.
-        self.timed_budget = self.max_overhead * (1.0 - self.UNTIMED_ALLOWANCE)
         self.shares = {kind: 1.0 / len(kinds) for kind in kinds}
         self.start_time: float | None = None
         self.probe_time = 0.0
@@ -79,6 +77,12 @@ class ProbeGovernor:
         #: Seconds spent in the decisions' collectives (waiting for the device or the other ranks): time the
         #: monitor's hooks contain but do not add, left out of the standing cost.
         self.waited = 0.0
+
+    @property
+    def timed_budget(self) -> float:
+        """The ratio of timed monitor seconds to training seconds the probes are fitted under:
+        ``(1 - UNTIMED_ALLOWANCE) · max_overhead``."""
+        return self.max_overhead * (1.0 - self.UNTIMED_ALLOWANCE)
 
     def start(self, now: float | None = None) -> None:
         """Start the training clock and a fresh budget (nothing spent); measured costs per unit are kept."""

@@ -221,8 +221,8 @@ class StabilityMonitor(MonitorState, Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         # A step due for a certificate: its probe replays this forward's random draws and reuses its loss as L0.
         # Not timed as standing cost on every batch: the watch, on due steps only, is the certificate's (like its copy of θ).
-        every, step = self.config.certificate_every_n_steps, trainer.global_step
-        if every and (step + 1) % every == 0 and trainer.accumulate_grad_batches == 1:
+        step = trainer.global_step
+        if self._certificate_due(step) and trainer.accumulate_grad_batches == 1:
             start = time.perf_counter()
             line_probe_session(trainer).watch_forward(step, trainer.current_epoch, idx)
             self._governor.charge("certificate", time.perf_counter() - start)
@@ -245,8 +245,7 @@ class StabilityMonitor(MonitorState, Callback):
             session.snapshot(trainer, pl_module)
             self._certificate_step = step
             return
-        # Same convention as StableLR's checks (steps n-1, 2n-1, ...), so equal cadences coincide.
-        if (step + 1) % every and not self._policy.catch_up(trainer, "certificate"):
+        if not self._certificate_due(step) and not self._policy.catch_up(trainer, "certificate"):
             return
         if self._policy.allowed(trainer, "certificate"):
             start = time.perf_counter()  # copying θ (and g) is the certificate's too
@@ -314,6 +313,12 @@ class StabilityMonitor(MonitorState, Callback):
         self._log(trainer, metrics)
 
     # ------------------------------------------------------------------ helpers
+    def _certificate_due(self, step: int) -> bool:
+        """Steps n-1, 2n-1, ... (``n = certificate_every_n_steps``): StableLR's check convention, so that equal
+        cadences coincide; never with certificates off."""
+        every = self.config.certificate_every_n_steps
+        return bool(every) and (step + 1) % every == 0
+
     def _context(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeContext:
         return ProbeContext(reducer(trainer), pl_module.device, trainer.global_rank, trainer.global_step,
                             trainer.current_epoch)  # fmt: skip
