@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -86,9 +86,10 @@ def training_loss(module: nn.Module, batch: Any, batch_idx: int) -> Tensor:
 
 
 @contextlib.contextmanager
-def replay_isolation(module: nn.Module) -> Iterator[None]:
-    """What a replayed ``training_step`` needs around it: ``self.log`` silenced, torchmetrics states restored."""
-    with silenced_logging(module), restored_metric_states(module):
+def replay_isolation(module: nn.Module, submodules: Iterable[nn.Module] | None = None) -> Iterator[None]:
+    """What a replayed ``training_step`` needs around it: ``self.log`` silenced, torchmetrics states restored
+    (``submodules``: ``module.modules()`` when the caller has walked the tree already)."""
+    with silenced_logging(module), restored_metric_states(module, submodules):
         yield
 
 

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_stablelr._module_layout import ModuleLayout
+
 __all__ = ["ShardedProbeError", "in_place_point_losses", "is_sharded", "reshard", "restored_in_place"]
 
 
@@ -41,12 +43,14 @@ def _is_fsdp_unit(module: nn.Module) -> bool:
     return callable(getattr(cls, "reshard", None)) and hasattr(cls, "unshard")
 
 
-def is_sharded(module: nn.Module) -> bool:
+def is_sharded(module: nn.Module, layout: ModuleLayout | None = None) -> bool:
     """Whether some parameter of ``module`` is a ``DTensor`` (FSDP2 ``fully_shard``, tensor parallel) or some
-    submodule is an FSDP2 unit (whose parameters a forward may have left gathered as plain tensors)."""
-    if any(hasattr(type(parameter), "placements") and hasattr(type(parameter), "to_local") for parameter in module.parameters()):
+    submodule is an FSDP2 unit (whose parameters a forward may have left gathered as plain tensors).
+    ``layout``: the module's :func:`~lightning_stablelr._module_layout.module_layout`, when walked already."""
+    parameters = module.parameters() if layout is None else layout.parameters.values()
+    if any(hasattr(type(parameter), "placements") and hasattr(type(parameter), "to_local") for parameter in parameters):
         return True
-    return any(_is_fsdp_unit(unit) for unit in module.modules())
+    return any(_is_fsdp_unit(unit) for unit in (module.modules() if layout is None else layout.submodules))
 
 
 def reshard(module: nn.Module) -> None:

@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lightning_stablelr._module_layout import ModuleLayout, module_layout
+from lightning_stablelr._probe_isolation import is_metric
 
 __all__ = ["ModuleStateGuard", "ProbeSideEffectError", "ProbeSideEffectWarning", "state_guard"]
 
@@ -56,10 +59,13 @@ def _version(tensor: Tensor) -> int | None:
         return None
 
 
-def _plain_tensor_attributes(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor]]:
-    """``(qualified name, owner, attribute, tensor)`` for tensors stored as plain submodule attributes."""
-    for prefix, submodule in module.named_modules():
-        if isinstance(getattr(submodule, "_defaults", None), dict):
+def _plain_tensor_attributes(
+    module: nn.Module, named_modules: Iterable[tuple[str, nn.Module]] | None = None
+) -> Iterator[tuple[str, nn.Module, str, Tensor]]:
+    """``(qualified name, owner, attribute, tensor)`` for tensors stored as plain submodule attributes
+    (``named_modules``: ``module.named_modules()`` when the caller has walked the tree already)."""
+    for prefix, submodule in module.named_modules() if named_modules is None else named_modules:
+        if is_metric(submodule):
             continue  # a torchmetrics Metric: the probe restores its states itself
         for attribute, value in vars(submodule).items():
             if isinstance(value, Tensor):
@@ -107,19 +113,25 @@ class ModuleStateGuard:
             own = dict(self.module.named_parameters())
         return {name: self.argument(name, params[name] if name in params else own[name].detach()) for name in own}
 
-    def begin(self) -> dict[str, Any]:
-        """Record versions (and the backups needed to undo) before a probe call; raise when disabled."""
+    def begin(self, layout: ModuleLayout | None = None) -> dict[str, Any]:
+        """Record versions (and the backups needed to undo) before a probe call; raise when disabled.
+        ``layout``: the module's :func:`~lightning_stablelr._module_layout.module_layout`, walked now."""
         if self.error is not None:
             raise ProbeSideEffectError(self.error)
+        if layout is None:
+            layout = module_layout(self.module)
         self._clones, self._learned = [], set()
         self._slots = [
             (slots, key, tensor)
-            for submodule in self.module.modules()
+            for _, submodule in layout.modules
             for slots in (submodule._parameters, submodule._buffers)
             for key, tensor in slots.items()
         ]
-        owned = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
-        plain = {name: (owner, attribute, value) for name, owner, attribute, value in _plain_tensor_attributes(self.module)}
+        owned = {**layout.parameters, **layout.buffers}
+        plain = {
+            name: (owner, attribute, value)
+            for name, owner, attribute, value in _plain_tensor_attributes(self.module, layout.modules)
+        }
         backups = {
             name: value.detach().clone()
             for name, (_, _, value) in plain.items()

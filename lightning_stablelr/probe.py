@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_stablelr._loss_source import LossSource, ProbeError, replay_isolation, training_loss
+from lightning_stablelr._module_layout import ModuleLayout, module_layout
 from lightning_stablelr._probe_isolation import restored_training_flags
 from lightning_stablelr._sharded_probe import ShardedProbeError, in_place_point_losses, is_sharded, reshard
 from lightning_stablelr._state_guard import ProbeSideEffectError, ProbeSideEffectWarning, state_guard
@@ -106,29 +107,21 @@ class ObjectiveProbe:
     @property
     def sharded(self) -> bool:
         """Whether the module's parameters are sharded (FSDP2 ``DTensor``s): points are then written in place."""
+        return self._sharded_given(None)
+
+    def _sharded_given(self, layout: ModuleLayout | None) -> bool:
         # Only True is kept: a probe made before Lightning's configure_model (a callback's setup) sees the
         # module unsharded, and sharding never goes away.
         if not self._sharded:
-            self._sharded = is_sharded(self.module)
+            self._sharded = is_sharded(self.module, layout)
         return bool(self._sharded)
 
-    def _layout(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, list[str]]]:
-        """``(parameters, buffers, aliases)`` of the module, read once per probe call: ``aliases[name]`` lists
-        every name a (possibly tied) tensor is registered under, so that ``functional_call`` needs no untying."""
-        aliases: dict[str, list[str]] = {}
-        for named in (self.module.named_parameters, self.module.named_buffers):
-            first: dict[int, str] = {}
-            for name, tensor in named(remove_duplicate=False):
-                aliases.setdefault(first.setdefault(id(tensor), name), []).append(name)
-        return dict(self.module.named_parameters()), dict(self.module.named_buffers()), aliases
-
     def _call_arguments(
-        self,
-        params: Mapping[str, Tensor] | None,
-        buffers: Mapping[str, Tensor] | None = None,
-        layout: tuple[dict[str, Tensor], dict[str, Tensor], dict[str, list[str]]] | None = None,
+        self, params: Mapping[str, Tensor] | None, buffers: Mapping[str, Tensor] | None, layout: ModuleLayout
     ) -> dict[str, Tensor]:
-        known, own_buffers, aliases = layout if layout is not None else self._layout()
+        """``functional_call``'s tensors for one point: every alias of a (possibly tied) tensor gets the same
+        argument, so that ``functional_call`` needs no untying (``layout``: this probe call's walk)."""
+        known, own_buffers, aliases = layout.parameters, layout.buffers, layout.aliases
         self._check_names(params, buffers, known, own_buffers)
         if params is None:
             params = {name: p.detach() for name, p in known.items()}
@@ -187,14 +180,21 @@ class ObjectiveProbe:
         Same contract as :meth:`loss` (every point re-seeded with ``seed``), with one RNG save/restore
         and one mode save/restore for all points.
         """
-        if self.sharded:
+        # One walk of the module tree serves the guard, the arguments and the isolation of every point.
+        layout = module_layout(self.module)
+        if self._sharded_given(layout):
             return self._sharded_point_losses(batch, points, batch_idx, seed, create_graph, buffers, training)
         grad_mode = contextlib.nullcontext() if create_graph else torch.no_grad()
         values: list[Tensor] = []
-        record = self._guard.begin()
-        layout = self._layout()
-        # One replay isolation (silenced self.log, torchmetrics states) for all points: one module walk, not one per point.
-        with isolated_rng() as reseed, restored_training_flags(self.module), replay_isolation(self.module), grad_mode:
+        record = self._guard.begin(layout)
+        submodules = layout.submodules
+        # One replay isolation (silenced self.log, torchmetrics states) for all points.
+        with (
+            isolated_rng() as reseed,
+            restored_training_flags(self.module, submodules),
+            replay_isolation(self.module, submodules),
+            grad_mode,
+        ):
             for params in points:
                 arguments = self._call_arguments(params, buffers, layout)
                 reseed(seed)
