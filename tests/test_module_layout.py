@@ -76,3 +76,13 @@ def test_a_probe_call_walks_the_module_tree_once(monkeypatch: pytest.MonkeyPatch
     assert len(walks) == 1
     assert torch.equal(after[0], before[0])  # the same loss at the same point: nothing leaked between calls
     assert not torch.equal(after[1], before[1])
+
+
+def test_the_probe_cost_benchmark_measures_a_module_rich_model(capsys: pytest.CaptureFixture) -> None:
+    from benchmarks.probe_cost import main
+
+    assert main(["--calls", "3", "--no-report"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 12-layer"))
+    assert "124 submodules, 146 parameter tensors" in row
+    plain, probe, overhead = (float(cell) for cell in row.split("|")[2:5])
+    assert probe > plain > 0 and overhead == pytest.approx(probe - plain, abs=0.011)
