@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
 import os
 import platform
@@ -33,6 +34,7 @@ __all__ = [
     "CONF_DIR",
     "REPO_ROOT",
     "RESULTS_PATH",
+    "STABLELR_SOURCES",
     "WORK_DIR",
     "TensorBatches",
     "command_line",
@@ -40,6 +42,7 @@ __all__ = [
     "machine_line",
     "quiet_lightning",
     "replace_section",
+    "stablelr_source_hash",
     "tensor_loader",
 ]
 
@@ -48,6 +51,20 @@ REPO_ROOT = BENCH_DIR.parent
 CONF_DIR = REPO_ROOT / "conf"
 RESULTS_PATH = BENCH_DIR / "RESULTS.md"
 WORK_DIR = BENCH_DIR / "_work"  # git-ignored: raw JSONL results of full runs
+
+#: Sources whose change reruns StableLR's benchmark runs (long and robustness): the guard's math and the
+#: scheduler that applies it.
+STABLELR_SOURCES = ("schedule.py", "controller.py", "config.py", "scheduler.py", "curvature.py")
+
+
+def stablelr_source_hash() -> str:
+    """12 hex digits of SHA-1 over the bytes of :data:`STABLELR_SOURCES` (a run fingerprint's guard part)."""
+    import lightning_stablelr
+
+    digest = hashlib.sha1()
+    for name in STABLELR_SOURCES:
+        digest.update((Path(lightning_stablelr.__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _cpu_model() -> str:

@@ -35,14 +35,19 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BENCH_DIR, RESULTS_PATH, WORK_DIR, command_line, quiet_lightning
+from benchmarks.common import (
+    BENCH_DIR,
+    RESULTS_PATH,
+    WORK_DIR,
+    command_line,
+    quiet_lightning,
+    stablelr_source_hash,
+)
 from benchmarks.long_engine import POLICIES, SINGLE_POINT, warmup_steps
 from benchmarks.long_panels import PANELS
 
 __all__ = ["GRID", "QUICK_GRID", "LongGrid", "LongSpec", "grid_specs", "main", "run_config", "run_one"]
 
-# Sources whose change reruns StableLR's runs: the guard's math and the scheduler that applies it.
-STABLELR_SOURCES = ("schedule.py", "controller.py", "config.py", "scheduler.py", "curvature.py")
 
 
 @dataclass(frozen=True)
@@ -100,12 +105,7 @@ class LongSpec:
 
 
 def _source_hash() -> str:
-    import lightning_stablelr
-
-    digest = hashlib.sha1()
-    for name in STABLELR_SOURCES:
-        digest.update((Path(lightning_stablelr.__file__).parent / name).read_bytes())
-    return digest.hexdigest()[:12]
+    return stablelr_source_hash()  # a module-level name, so that a test can stand in another guard
 
 
 @cache
@@ -113,7 +113,7 @@ def run_config(panel: str, policy: str, steps: int, eval_every: int) -> str:
     """Fingerprint (12 hex digits) of everything that decides a run besides its key and data: the panel's
     optimizer, weight decay and settings (batch, network sizes), steps, evaluation interval, the shared warmup, the policy; for StableLR also
     its resolved config (``StableLRConfig().to_dict()``), check cadence and rule, and the source of
-    :data:`STABLELR_SOURCES`; for schedule-free/Prodigy their package versions."""
+    :data:`benchmarks.common.STABLELR_SOURCES`; for schedule-free/Prodigy their package versions."""
     from importlib.metadata import version
 
     from benchmarks.long_panels import build_panel

@@ -38,7 +38,14 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import BENCH_DIR, RESULTS_PATH, WORK_DIR, command_line, quiet_lightning
+from benchmarks.common import (
+    BENCH_DIR,
+    RESULTS_PATH,
+    WORK_DIR,
+    command_line,
+    quiet_lightning,
+    stablelr_source_hash,
+)
 from benchmarks.tasks import OVERFIT_TASK, TASKS, overfit_experiment
 
 __all__ = ["GRID", "QUICK_GRID", "Grid", "RunSpec", "load_results", "main", "run_one", "run_specs"]
@@ -106,6 +113,10 @@ class RunSpec:
         return (self.task, self.optimizer, self.policy, float(self.lr), int(self.seed))
 
 
+def _source_hash() -> str:
+    return stablelr_source_hash()  # a module-level name, so that a test can stand in another guard
+
+
 #: Identifies the guard's check-step rule (``CheckCadence.should_check``) in the run fingerprints: bump it
 #: whenever that rule changes, so StableLR's recorded runs rerun. Its value is the hash the benchmark
 #: recorded for this rule before it moved into ``lightning_stablelr.config``, plus the guard's confirmation checks.
@@ -132,7 +143,8 @@ def run_config(optimizer: str, policy: str, stablelr: tuple[tuple[str, Any], ...
         overrides = dict(stablelr)
         config = StableLRConfig(**{k: v for k, v in overrides.items() if k in config_field_names()}).to_dict()
         rule = CHECK_RULE_ID
-        policy_cfg: Any = {**config, "cadence": stablelr_cadence(overrides), "check_rule": rule}
+        policy_cfg: Any = {**config, "cadence": stablelr_cadence(overrides), "check_rule": rule,
+                           "source": _source_hash()}
     elif policy == "schedulefree":
         policy_cfg = "schedulefree.AdamWScheduleFree"
     else:

@@ -34,6 +34,25 @@ def test_peer_schedules_share_the_warmup_and_end_where_documented() -> None:
     assert wsd(1999) == pytest.approx(1 / 400)
 
 
+def test_a_guard_source_change_reruns_only_stablelr_in_the_short_panels_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before, the short panels' fingerprint held StableLR's config and cadence but not the guard's source: after a
+    # controller.py change only 42 of 129 StableLR rows reran, and stale rows were reported as current.
+    from benchmarks import robustness
+
+    def configs() -> dict[str, str]:
+        robustness.run_config.cache_clear()
+        return {policy: robustness.run_config("sgd", policy, (), 10, 64) for policy in ("stablelr", "cosine")}
+
+    before = configs()
+    monkeypatch.setattr(robustness, "_source_hash", lambda: "another guard")
+    try:
+        after = configs()
+    finally:
+        robustness.run_config.cache_clear()
+    assert after["cosine"] == before["cosine"]
+    assert after["stablelr"] != before["stablelr"]
+
+
 def test_a_guard_source_change_reruns_only_stablelr(monkeypatch: pytest.MonkeyPatch) -> None:
     from benchmarks import long
 
