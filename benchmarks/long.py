@@ -35,16 +35,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
-    BENCH_DIR,
-    RESULTS_PATH,
-    WORK_DIR,
-    command_line,
-    quiet_lightning,
-    stablelr_source_hash,
-)
+from benchmarks.common import BENCH_DIR, RESULTS_PATH, WORK_DIR, command_line, quiet_lightning
 from benchmarks.long_engine import POLICIES, SINGLE_POINT, warmup_steps
 from benchmarks.long_panels import PANELS
+from benchmarks.robustness import _source_hash
 
 __all__ = ["GRID", "QUICK_GRID", "LongGrid", "LongSpec", "grid_specs", "main", "run_config", "run_one"]
 
@@ -102,10 +96,6 @@ class LongSpec:
     @property
     def key(self) -> tuple[Any, ...]:
         return (self.panel, self.optimizer, self.policy, float(self.lr), int(self.seed))
-
-
-def _source_hash() -> str:
-    return stablelr_source_hash()  # a module-level name, so that a test can stand in another guard
 
 
 @cache
