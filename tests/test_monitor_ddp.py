@@ -104,6 +104,10 @@ fit(2, Net(fail_eval_on_rank=1), StabilityMonitor(
     certificate_every_n_steps=0, sharpness_every_n_steps=0, connectivity_every_n_epochs=1, certificate_window=3, connectivity_window=3,
     connectivity_batches=2, bn_recalibration_batches=2, max_overhead=0.001,
 ), [])
+
+from tests.scripts._exit import leave_distributed_run
+
+leave_distributed_run()
 '''
 
 TAG_PREFIXES = ("lyapunov/", "connectivity/", "monitor/deferred_probes", "monitor/failed_probes")

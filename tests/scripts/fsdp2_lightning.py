@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stablelr import StabilityMonitor, StableLR
+from tests.scripts._exit import leave_distributed_run
 from tests.test_monitor_support import RecordingLogger
 
 torch.set_num_threads(1)
@@ -108,3 +109,4 @@ def main(out: Path, mode: str) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2])
+    leave_distributed_run()

@@ -33,6 +33,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from _exit import leave_distributed_run  # a sibling module: this directory is sys.path[0]
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
@@ -264,3 +265,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    leave_distributed_run()
