@@ -109,6 +109,21 @@ def single_run_command(job_dir: str | Path, hydra_cfg: Any, entry: list[str] | N
     return command
 
 
+def finish_distributed() -> None:
+    """Tear the process group down in order once every rank is done; every rank calls it after its fit.
+
+    Left to the interpreter's exit, gloo's threads can abort ("terminate called without an active exception",
+    exit status -6) after a run that succeeded: a DDP sweep job then reads as failed. Meeting at a barrier and
+    destroying the group first made that rare in the test scripts (2 of 10 runs without, about 1 in 20 with).
+    A later fit in the same process initialises a new group.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_job_in_child(job_dir: str | Path) -> dict[str, Any]:
     """Run the current sweep job as a single-run child process and return its ``metrics.json``."""
     from hydra.core.hydra_config import HydraConfig

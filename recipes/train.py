@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recipes.checks import check_config
 from recipes.errors import build
-from recipes.launch import run_job_in_child, sweep_job_needs_child
+from recipes.launch import finish_distributed, run_job_in_child, sweep_job_needs_child
 from recipes.runner import (
     build_loggers,
     collect_metrics,
@@ -130,6 +130,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         metrics.update({key: value for key, value in collect_metrics(trainer).items() if key.startswith("test_")})
     metrics["wall_time_s"] = time.perf_counter() - started
     metrics["run_dir"] = str(output_dir.resolve())
+    finish_distributed()  # before rank 0's files: a rank that fails there cannot leave the others at a barrier
     if trainer.is_global_zero:
         write_metrics(output_dir, metrics)
         _print_summary(metrics, trainer, output_dir)
