@@ -5,6 +5,7 @@
     $ stablelr report lightning_logs/version_0              # aligned summary table
     $ stablelr report lightning_logs/version_0 --json       # machine-readable (NaN -> null)
     $ stablelr report lightning_logs/version_0 --png run.png
+    $ stablelr report lightning_logs --merge                # one run resumed into version_0, version_1, ...
 
 Exit codes: 0 on success, 2 on a usage error or a run that cannot be reported on (the message,
 prefixed ``stablelr: error:``, goes to stderr).
@@ -40,13 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="directory holding events.out.tfevents.* files (searched recursively)")
     report.add_argument("--png", metavar="FILE", default=None, help="also write a one-page dashboard PNG")
     report.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    report.add_argument("--merge", action="store_true",
+                        help="merge event files from several directories as one resumed run (default: refuse)")
     return parser
 
 
-def _report(run_dir: str, png: str | None, as_json: bool) -> int:
+def _report(run_dir: str, png: str | None, as_json: bool, merge: bool = False) -> int:
     from lightning_stablelr.report import format_report, load_run, summarize, summary_to_json, write_dashboard
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, merge=merge)
     summary = summarize(run)
     if png is not None:
         write_dashboard(run, png)
@@ -80,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lightning_stablelr.report import ReportError
 
     try:
-        return _report(args.run_dir, args.png, args.json)
+        return _report(args.run_dir, args.png, args.json, args.merge)
     except ReportError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 .. code-block:: python
 
-    run = load_run("lightning_logs/version_0")     # every events.out.tfevents.* below, merged
+    run = load_run("lightning_logs/version_0")     # every events.out.tfevents.* of the run, merged
     summary = summarize(run)                       # plain dict; missing tags are None
     print(format_table(summary))
     write_dashboard(run, "dashboard.png")          # six small panels, one page (report_dashboard.py)
@@ -119,12 +119,16 @@ def _read_scalar_events(path: Path) -> list[tuple[float, str, int, float]]:
     return records
 
 
-def load_run(run_dir: str | Path) -> RunScalars:
+def load_run(run_dir: str | Path, *, merge: bool = False) -> RunScalars:
     """Read every event file under ``run_dir`` (recursively) and merge their scalars.
 
     Contract: per (tag, step) the value with the latest wall time wins (ties: the later file, then
-    the later record), which is what a resumed run means. Raises :class:`ReportError` when
-    ``run_dir`` does not exist or holds no ``events.out.tfevents.*`` file.
+    the later record), which is what a resumed run means. One run's files lie in one directory (a resume
+    writing into the same log directory adds files there); files in several directories are several runs
+    (``version_0`` and ``version_1``, or every run under an output root), and merging them would describe a
+    run that never happened, so that raises :class:`ReportError` listing them, unless ``merge=True`` (a
+    resume that Lightning wrote into a new version directory). Also raises when ``run_dir`` does not exist,
+    holds no ``events.out.tfevents.*`` file, or its files hold no scalar.
     """
     path = Path(run_dir)
     if not path.exists():
@@ -132,10 +136,24 @@ def load_run(run_dir: str | Path) -> RunScalars:
     files = _event_files(path)
     if not files:
         raise ReportError(f"no TensorBoard event files (events.out.tfevents.*) under '{path}'. {_HINT}")
+    directories = sorted({file.parent for file in files})
+    if len(directories) > 1 and not merge:
+        shown = ", ".join(str(directory) for directory in directories[:5])
+        more = f" and {len(directories) - 5} more" if len(directories) > 5 else ""
+        raise ReportError(
+            f"'{path}' holds the event files of {len(directories)} runs, one per directory: {shown}{more}. Report"
+            " one of them (stablelr report <one directory>), or pass --merge (merge=True) if they are one run"
+            " resumed into a new directory: the latest value per tag and step then wins."
+        )
     records = []
     for file_index, file in enumerate(files):
         for order, (wall_time, tag, step, value) in enumerate(_read_scalar_events(file)):
             records.append((wall_time, file_index, order, tag, step, value))
+    if not records:
+        raise ReportError(
+            f"the event files under '{path}' hold no scalars ({len(files)} file(s)): the run stopped before its first"
+            " logging step (Trainer(log_every_n_steps=...)), or the files are not TensorBoard event files."
+        )
     records.sort(key=lambda record: record[:3])
     latest: dict[str, dict[int, float]] = {}
     for _, _, _, tag, step, value in records:
@@ -336,3 +354,11 @@ def __getattr__(name: str) -> Any:
 
         return write_dashboard
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":  # python -m lightning_stablelr.report RUN_DIR [--png FILE] [--json] [--merge]
+    import sys
+
+    from lightning_stablelr.cli import main
+
+    sys.exit(main(["report", *sys.argv[1:]]))

@@ -28,14 +28,18 @@ __all__ = ["write_dashboard"]
 
 # Bounds and window maxima are drawn dashed so that the quantity they bound stands out.
 _DASHED = frozenset({"lyapunov/max_stable_lr", "lyapunov/stability_threshold", "connectivity/equiconnectedness"})
+#: Series with at most this many points are drawn with markers (a single point has no line to show).
+_MARKED_UP_TO = 5
 
 
 def _panel(ax: Any, run: RunScalars, tags: Sequence[str], title: str, ylabel: str, *, log_y: bool = False,
            mark: int | None = None) -> None:
     plotted = [tag for tag in tags if run.scalars.get(tag)]
     for tag in plotted:
-        ax.plot(run.steps(tag), run.values(tag), label=tag, linewidth=1.0,
-                linestyle="--" if tag in _DASHED else "-")
+        steps = run.steps(tag)
+        # A line needs two points: a series with few (one sharpness probe, one certificate) shows its markers.
+        ax.plot(steps, run.values(tag), label=tag, linewidth=1.0, linestyle="--" if tag in _DASHED else "-",
+                marker="o" if len(steps) <= _MARKED_UP_TO else None, markersize=3)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("optimizer step", fontsize=7)
     ax.set_ylabel(ylabel, fontsize=7)

@@ -11,6 +11,8 @@ Rules, in order of precedence for the headline:
 - **overfitting, lr cut**: the gap factor G fell below 1 (StableLR saw the validation loss stop improving
   while the gap ``r = (L_va - L_tr)/|L_va|`` exceeded its tolerance); the finding names the first step and ``1/G``;
 - **lr limited by the guard**: the stability factor C ended below ``GUARD_LIMITED_BELOW``;
+- **no verdict** (``no-data``): no loss was logged under any of ``LOSS_TAGS`` (a run stopped before its first
+  logging step, or a module that logs its loss under another name): nothing shows the run was healthy;
 - **healthy**: none of the above.
 
 Independent findings: how many times C went down (the guard acted on a measured overshoot), the ratio of the
@@ -30,13 +32,15 @@ __all__ = ["DEFAULT_MAX_OVERHEAD", "Verdict", "diagnose", "monitor_budget"]
 
 DEFAULT_MAX_OVERHEAD = 0.05
 DIVERGED_LOSS_RATIO = 2.0
+#: The loss tags the verdict reads (what the recipes and Lightning's ``self.log("train_loss", ...)`` write).
+LOSS_TAGS = ("train_loss_step", "train_loss", "train_loss_epoch", "loss", "val_loss")
 GUARD_LIMITED_BELOW = 0.5
 ROOM_RATIO = 10.0
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """``kind`` is one of ``"diverged"``, ``"overfitting"``, ``"guard-limited"``, ``"healthy"``."""
+    """``kind`` is one of ``"diverged"``, ``"overfitting"``, ``"guard-limited"``, ``"healthy"``, ``"no-data"``."""
 
     kind: str
     headline: str
@@ -87,7 +91,7 @@ def _loss_tag(run: Any, candidates: tuple[str, ...]) -> str | None:
 
 
 def _diverged(run: Any) -> str | None:
-    for tag in ("train_loss_step", "train_loss", "train_loss_epoch", "val_loss"):
+    for tag in LOSS_TAGS:
         last = run.last(tag)
         if last is not None and not math.isfinite(last):
             return f"the last {tag} is {last} (step {run.steps(tag)[-1]})"
@@ -171,6 +175,10 @@ def diagnose(run: Any, budget: float | None = None) -> Verdict:
         return Verdict("overfitting", f"the lr ends {lr_start / lr_end:.3g}x below its peak because G cut it "
                        f"{1 / final_g:.3g}x after the model began to overfit at step {overfit_step}{floor}",
                        tuple(findings), overfit_step)
+    if not any(tag in run.scalars for tag in LOSS_TAGS):
+        return Verdict("no-data", "no verdict: no training or validation loss was logged (the run stopped before its"
+                       f" first logging step, or its LightningModule logs none of {', '.join(LOSS_TAGS)})",
+                       tuple(findings))
     if stability and stability[-1][1] < GUARD_LIMITED_BELOW:
         return Verdict("guard-limited", f"the lr is held down by the guard (stability_factor {stability[-1][1]:.3g}):"
                        " the base lr is too high for this model", tuple(findings))

@@ -177,6 +177,20 @@ def test_is_last_training_batch_marks_each_epochs_last_batch(tmp_path, limit):
     assert len(seen) == 2 * 2 * (last + 1)
 
 
+def test_a_fit_that_max_steps_ends_mid_epoch_still_measures_each_instrument_once(tmp_path):
+    # 20 batches per epoch, max_steps=7: the epoch's last batch never comes, so the catch-up is due at the fit's
+    # last step. Before, such a fit logged no certificate and no sharpness at all, and said nothing.
+    logger = RecordingLogger()
+    monitor = StabilityMonitor(certificate_every_n_steps=50, sharpness_every_n_steps=50, sharpness_iters=3,
+                               connectivity_every_n_epochs=0, max_overhead=0.05)  # fmt: skip
+    trainer = make_trainer(tmp_path, max_epochs=3, max_steps=7, logger=logger, callbacks=[monitor],
+                           limit_val_batches=0)  # fmt: skip
+    trainer.fit(QuadraticModule(dim=3, lr=0.05), train_dataloaders=constant_loader(20))
+    assert trainer.global_step == 7
+    assert sorted(series(logger, "lyapunov/delta_v")) == [6]  # the certificate of the last step (step 6 -> 7)
+    assert sorted(series(logger, "lyapunov/sharpness")) == [6]  # measured after it, logged at the same batch
+
+
 def test_a_missing_validation_metric_is_said_once(tmp_path):
     # Issue 9 (7): the monitor used to skip lyapunov/val_decrease silently when its metric was missing.
     import warnings

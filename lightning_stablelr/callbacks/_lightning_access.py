@@ -28,7 +28,7 @@ from torch import Tensor
 from lightning_stablelr.collectives import Reduce
 
 __all__ = [
-    "dispatch_noop_hook", "is_last_training_batch", "log_step", "log_to_loggers", "logs_this_step", "put_callback_metrics", "reducer",
+    "dispatch_noop_hook", "is_last_step_of_fit", "is_last_training_batch", "log_step", "log_to_loggers", "logs_this_step", "put_callback_metrics", "reducer",
     "schedule_step",
 ]  # fmt: skip
 
@@ -103,6 +103,15 @@ def is_last_training_batch(trainer: pl.Trainer) -> bool:
         return True
     total = trainer.num_training_batches
     return math.isfinite(total) and trainer.fit_loop.epoch_loop.batch_idx + 1 >= total
+
+
+def is_last_step_of_fit(trainer: pl.Trainer, *, stepped: bool) -> bool:
+    """Whether the optimizer step of this batch is the fit's last by ``max_steps`` (a fit that ends mid-epoch
+    never reaches the epoch's last batch); ``stepped``: asked after the step (``global_step`` counts it)."""
+    max_steps = trainer.max_steps
+    if max_steps is None or max_steps < 0:
+        return False
+    return trainer.global_step + (0 if stepped else 1) >= max_steps
 
 
 def dispatch_noop_hook(trainer: pl.Trainer, callback: pl.Callback) -> None:

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_stablelr.callbacks._connectivity_instrument import ConnectivityInstrument
 from lightning_stablelr.callbacks._governor import ProbeGovernor, StandingCost
 from lightning_stablelr.callbacks._instruments import InstrumentRun
-from lightning_stablelr.callbacks._lightning_access import is_last_training_batch
+from lightning_stablelr.callbacks._lightning_access import is_last_step_of_fit, is_last_training_batch
 
 __all__ = ["KNOBS", "MonitorPolicy"]
 
@@ -56,9 +56,12 @@ class MonitorPolicy:
         self.ran.clear()
         self.deferred.clear()
 
-    def catch_up(self, trainer: pl.Trainer, kind: str) -> bool:
-        """Due at the epoch's last training batch when ``kind`` has not produced a measurement this epoch."""
-        return kind not in self.ran and is_last_training_batch(trainer)
+    def catch_up(self, trainer: pl.Trainer, kind: str, *, stepped: bool = False) -> bool:
+        """Due at the epoch's last training batch, or the fit's last step (``max_steps``), when ``kind`` has not
+        produced a measurement this epoch; ``stepped``: asked after the batch's optimizer step."""
+        if kind in self.ran:
+            return False
+        return is_last_training_batch(trainer) or is_last_step_of_fit(trainer, stepped=stepped)
 
     def allowed(self, trainer: pl.Trainer, kind: str) -> bool:
         """The governor's decision, identical on every rank (a probe runs only if every rank allows it); an

@@ -276,7 +276,7 @@ class StabilityMonitor(MonitorState, Callback):
             )
             self._account(trainer, "certificate", run)
         every = self.config.sharpness_every_n_steps
-        due = stepped and every and (trainer.global_step % every == 0 or self._policy.catch_up(trainer, "sharpness"))
+        due = stepped and every and (trainer.global_step % every == 0 or self._policy.catch_up(trainer, "sharpness", stepped=True))
         iters = self._policy.sharpness_iters(trainer, self.config.sharpness_iters, self.sharpness.FIRST_ITERS) if due else None
         if iters is not None:
             batch = self._train_batches[0] if self._train_batches else None
