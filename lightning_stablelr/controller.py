@@ -110,16 +110,23 @@ class StableLRController:
     def set_run_length(self, total_steps: float, steps_per_epoch: float) -> bool:
         """Tell the controller how many optimizer steps the run has; returns whether the decay follows it.
 
-        With neither ``decay_rate`` nor ``half_life`` given, ``λ = ln(1/anneal_to) · steps_per_epoch /
-        total_steps`` (:func:`~lightning_stablelr.schedule.run_length_decay_rate`). An unknown length
-        (``inf``, e.g. an endless stream) leaves ``λ = 0`` and returns False; so does an explicit decay.
+        With neither ``decay_rate`` nor ``half_life`` given, the decay holds at 1, then falls exponentially to
+        ``anneal_to`` over the last ``anneal_fraction`` of the run and reaches it on the last step that runs
+        (:func:`~lightning_stablelr.schedule.run_length_decay_rate`, :func:`~lightning_stablelr.schedule.anneal_window`).
+        With ``interval="epoch"`` the run counts ``ceil(total_steps / steps_per_epoch)`` epochs and the window is
+        whole epochs: the last epoch runs at ``anneal_to``. An unknown length (``inf``, e.g. an endless stream)
+        leaves ``λ = 0`` and returns False; so do an explicit decay and a run of fewer than two steps (epochs).
         """
         if not self.config.run_length_decay:
             return False
         self.total_steps = float(total_steps)
+        units, per_epoch = float(total_steps), float(steps_per_epoch)
+        if self.config.interval == "epoch":  # count whole epochs: t is the integer epoch
+            units = math.ceil(units / per_epoch) if math.isfinite(units) and math.isfinite(per_epoch) else math.inf
+            per_epoch = 1.0
         fraction = self.config.anneal_fraction
-        self.decay_rate = run_length_decay_rate(total_steps, steps_per_epoch, self.config.anneal_to, fraction)
-        self.decay_start = anneal_start(total_steps, steps_per_epoch, fraction) if self.decay_rate else 0.0
+        self.decay_rate = run_length_decay_rate(units, per_epoch, self.config.anneal_to, fraction)
+        self.decay_start = anneal_start(units, per_epoch, fraction) if self.decay_rate else 0.0
         return self.decay_rate > 0.0
 
     # ------------------------------------------------------------------ closed form of the step count

@@ -48,6 +48,7 @@ __all__ = [
     "GUARD_REASONS",
     "MarginWindow",
     "anneal_start",
+    "anneal_window",
     "boost_ceiling",
     "decay_factor",
     "floored_lr",
@@ -94,26 +95,38 @@ def resolve_decay_rate(decay_rate: float | None, half_life: float | None) -> flo
     )
 
 
+def anneal_window(total_units: float, anneal_fraction: float) -> tuple[float, float] | None:
+    """``(start, span)`` of the run-length cool-down, in the units the run counts (optimizer steps; epochs with
+    ``interval="epoch"``), for a run of ``total_units`` units: it ends on the last unit that runs,
+    ``total_units - 1``, and spans ``max(1, anneal_fraction · total_units - 1)`` units before it (at most back to
+    0). None when the length is unknown (not finite) or below 2 units: nothing to anneal between."""
+    if not math.isfinite(total_units) or total_units < 2:
+        return None
+    last = total_units - 1.0
+    start = max(0.0, last - max(1.0, anneal_fraction * total_units - 1.0))
+    return start, last - start
+
+
 def run_length_decay_rate(
     total_steps: float, steps_per_epoch: float, anneal_to: float, anneal_fraction: float = 1.0
 ) -> float:
     """``λ`` per epoch that makes the decay fall from 1 to ``anneal_to`` over the last ``anneal_fraction``
-    of a run of ``total_steps`` optimizer steps.
+    of a run of ``total_steps`` optimizer steps, reaching it on the last step that runs (``total_steps - 1``).
 
-    ``λ = ln(1/anneal_to) · steps_per_epoch / (anneal_fraction · total_steps)``; the decay starts at
+    ``λ = ln(1/anneal_to) · steps_per_epoch / span`` with ``span`` from :func:`anneal_window`; the decay starts at
     :func:`anneal_start` epochs. Returns 0 (no decay) when ``anneal_to >= 1`` or when the run's length is
-    unknown (``total_steps`` not finite or not positive).
+    unknown or shorter than two steps. Pass epochs and ``steps_per_epoch=1`` for a run counted in epochs.
     """
-    if anneal_to >= 1.0 or not math.isfinite(total_steps) or total_steps <= 0:
+    window = anneal_window(total_steps, anneal_fraction)
+    if anneal_to >= 1.0 or window is None:
         return 0.0
-    return math.log(1.0 / anneal_to) * steps_per_epoch / (anneal_fraction * total_steps)
+    return math.log(1.0 / anneal_to) * steps_per_epoch / window[1]
 
 
 def anneal_start(total_steps: float, steps_per_epoch: float, anneal_fraction: float) -> float:
-    """Epochs before the run-length decay starts: ``(1 - anneal_fraction) · total_steps / steps_per_epoch``."""
-    if not math.isfinite(total_steps) or total_steps <= 0:
-        return 0.0
-    return (1.0 - anneal_fraction) * total_steps / steps_per_epoch
+    """Epochs before the run-length decay starts: :func:`anneal_window`'s start over ``steps_per_epoch``."""
+    window = anneal_window(total_steps, anneal_fraction)
+    return 0.0 if window is None else window[0] / steps_per_epoch
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:

@@ -180,12 +180,14 @@ class StableLRScheduler(LRScheduler):
         reduce_flag = (lambda flag: _all_reduce(flag, "max")) if _world_size() > 1 else None
         self._nonfinite.protect(self.optimizer, max(self.last_epoch, 0), reduce_flag=reduce_flag)
 
-    def _resolve_nonfinite(self) -> None:
-        count, _ = self._nonfinite.take()  # flags already maximised over the ranks: no collective here
+    def _resolve_nonfinite(self) -> int | None:
+        """Count the steps protect() flagged since the last call into ``C``; returns the last such step, or None."""
+        count, last = self._nonfinite.take()  # flags already maximised over the ranks: no collective here
         if count:
             for _ in range(count):
                 self.controller.observe_nonfinite()
             self._apply_lrs()
+        return last if count else None
 
     # ------------------------------------------------------------------ the closed form
     def get_lr(self) -> list[float]:
@@ -216,17 +218,18 @@ class StableLRScheduler(LRScheduler):
         """Feed the losses; the new lr applies from the next optimizer step.
 
         ``train_loss`` (one optimizer step's loss) joins the running mean since the last validation; a
-        non-finite one counts as a non-finite step and halves ``C`` (:meth:`observe_nonfinite`).
+        non-finite one counts as a non-finite step and halves ``C`` (:meth:`observe_nonfinite`), once: a step
+        that :meth:`protect` already flagged is not counted again.
         ``val_loss`` triggers the gap update (``L_tr`` = that running mean) and returns its
         :class:`~lightning_stablelr.controller.GapDecision`; otherwise returns None.
         """
-        if train_loss is not None:
-            loss = float(train_loss)
-            if math.isfinite(loss):
-                self.controller.record_train_loss(loss)
-            else:
-                self.controller.observe_nonfinite()
-        self._resolve_nonfinite()
+        loss = None if train_loss is None else float(train_loss)
+        if loss is not None and math.isfinite(loss):
+            self.controller.record_train_loss(loss)
+        flagged = self._resolve_nonfinite()
+        # A non-finite loss counts once: not again when protect() already flagged this step.
+        if loss is not None and not math.isfinite(loss) and flagged != max(self.last_epoch, 0):
+            self.controller.observe_nonfinite()
         decision = None
         if val_loss is not None:
             decision = self.controller.observe_validation(float(val_loss))

@@ -225,7 +225,8 @@ def test_the_guard_caps_the_base_lr_and_the_cool_down_anneals_below_the_cap() ->
     # back as the decay falls, and the effective lr would stay at the cap: no annealing) ...
     assert all(c == pytest.approx(cap, rel=1e-12) for step, (c, _) in factors.items() if step >= 20)
     # ... so the lr anneals 100x below the cap (the floor min_lr_ratio = 0.01 bounds the schedule, not C).
-    assert factors[990][1] == pytest.approx(cap * max(0.01, 0.01 ** (491 / 500)), rel=1e-9)
+    # the cool-down runs over steps 500..999 (span 499) and reaches 0.01 on the last step that runs, 999
+    assert factors[990][1] == pytest.approx(cap * max(0.01, 0.01 ** (491 / 499)), rel=1e-9)
     assert controller.guard_counts["recovery"] == 0
 
 
@@ -294,10 +295,18 @@ def test_unresolved_bf16_losses_change_nothing() -> None:
 def test_run_length_decay_follows_the_run() -> None:
     controller = StableLRController(warmup_steps=0, anneal_to=0.1, anneal_fraction=0.5)
     assert controller.decay_rate == 0.0
-    assert controller.set_run_length(1000, 100)  # 10 epochs: hold for 5, then exp down to 0.1 at 10
+    assert controller.set_run_length(1000, 100)  # 10 epochs: hold for 5, then exp down to 0.1 at the last step, 999
     assert controller.decay_start == 5.0
-    assert [controller.decay(t) for t in (0.0, 5.0, 7.5, 10.0)] == pytest.approx([1, 1, 0.1**0.5, 0.1], rel=1e-12)
-    assert controller.lr(1.0, 1000, 10.0) == pytest.approx(0.1, rel=1e-12)
+    halfway = 5.0 + 4.99 / 2
+    assert [controller.decay(t) for t in (0.0, 5.0, halfway, 9.99)] == pytest.approx([1, 1, 0.1**0.5, 0.1], rel=1e-12)
+    assert controller.lr(1.0, 999, 9.99) == pytest.approx(0.1, rel=1e-12)
+    # interval="epoch": whole epochs, the last one (epoch 9 of 10) runs at anneal_to
+    epochs = StableLRController(warmup_steps=0, interval="epoch", anneal_to=0.1, anneal_fraction=0.2)
+    assert epochs.set_run_length(1000, 100) and epochs.decay_start == 8.0
+    assert [epochs.lr(1.0, 100 * t, float(t)) for t in range(10)] == pytest.approx([1.0] * 9 + [0.1], rel=1e-12)
+    assert epochs.set_run_length(450, 100)  # 5 epochs (the last one partial): epoch 4 runs at 0.1
+    assert [epochs.lr(1.0, 100 * t, float(t)) for t in range(5)] == pytest.approx([1.0] * 4 + [0.1], rel=1e-12)
+    assert not epochs.set_run_length(100, 100) and epochs.decay_rate == 0.0  # one epoch: nothing to anneal
     assert not controller.set_run_length(math.inf, 100) and controller.decay_rate == 0.0
     explicit = StableLRController(decay_rate=0.05)
     assert not explicit.set_run_length(1000, 100) and explicit.decay_rate == 0.05

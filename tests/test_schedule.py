@@ -9,6 +9,7 @@ import pytest
 from lightning_stablelr.schedule import (
     DEFAULT_DECAY_RATE,
     MarginWindow,
+    anneal_window,
     decay_factor,
     floored_lr,
     full_lr_margin,
@@ -169,8 +170,14 @@ def test_margin_window_ignores_one_outlier_each_way() -> None:
 
 
 def test_run_length_decay_rate_reaches_anneal_to() -> None:
-    rate = run_length_decay_rate(1000, 50, 0.1)  # per epoch; the run is 20 epochs
-    assert decay_factor(20.0, rate) == pytest.approx(0.1, rel=1e-12)
+    rate = run_length_decay_rate(1000, 50, 0.1)  # per epoch; the run is 20 epochs, its last step 999 (t = 19.98)
+    assert decay_factor(19.98, rate) == pytest.approx(0.1, rel=1e-12)
+    # the window ends on the last unit that runs and spans at least one unit; fewer than two units: none
+    assert anneal_window(2000, 0.2) == (1600.0, 399.0)
+    assert anneal_window(10, 0.2) == (8.0, 1.0)
+    assert anneal_window(5, 0.2) == (3.0, 1.0)
+    assert anneal_window(2, 0.2) == (0.0, 1.0)
+    assert anneal_window(1, 0.2) is None and anneal_window(math.inf, 0.2) is None
     assert run_length_decay_rate(math.inf, 50, 0.1) == 0.0
     assert run_length_decay_rate(1000, 50, 1.0) == 0.0
 

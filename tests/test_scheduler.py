@@ -247,6 +247,29 @@ def test_nonfinite_train_loss_halves_the_stability_factor() -> None:
     assert scheduler.controller.train_loss_mean == 2.0
 
 
+def test_a_nan_step_that_protect_flagged_and_observe_saw_counts_once() -> None:
+    # The README's plain loop: protect(loss) between backward and step, then observe(train_loss=loss). Both see
+    # the NaN of step 1; before, it counted twice and C was quartered (0.25) instead of halved.
+    model, loader = _regression()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = StableLRScheduler(optimizer, steps_per_epoch=4, decay_rate=0.0, warmup_steps=0,
+                                  check_every_n_steps=0, dense_check_steps=0)  # fmt: skip
+    for step in range(4):
+        x, y = loader[step]
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y) * (math.nan if step == 1 else 1.0)
+        loss.backward()
+        scheduler.protect(loss)
+        optimizer.step()
+        scheduler.observe(train_loss=loss)
+        scheduler.step()
+        if step == 1:
+            assert scheduler.controller.nonfinite_steps == 1 and scheduler.controller.stability_factor == 0.5
+    assert scheduler.controller.nonfinite_steps == 1
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_controller_and_scheduler_agree() -> None:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
     scheduler = StableLRScheduler(optimizer, steps_per_epoch=3, half_life=2.0, warmup_steps=4)

@@ -416,8 +416,20 @@ def test_endless_loader_with_max_steps_needs_no_steps_per_epoch_unless_the_decay
     trainer.fit(TinyRegression(), stream())
     assert default._resolved_steps_per_epoch == 10
     lrs = [lrs[0] for lrs in trainer.callbacks[1].lrs]
-    # the last 20% of the 10 steps anneal: lr = 0.1 * 0.1 ** (max(0, step - 8) / 2)
-    assert lrs == pytest.approx([0.1 * 0.1 ** (max(0, step - 8) / 2) for step in range(10)], rel=1e-12)
+    # the last 20% of the 10 steps anneal, ending on the last step that runs: lr = 0.1 * 0.1 ** max(0, step - 8)
+    assert lrs == pytest.approx([0.1 * 0.1 ** max(0, step - 8) for step in range(10)], rel=1e-12)
+
+
+@pytest.mark.parametrize(("max_epochs", "max_steps", "epochs_run"), [(10, -1, 10), (5, -1, 5), (100, 20, 5)])
+def test_interval_epoch_anneals_to_anneal_to_on_the_last_epoch_that_runs(tmp_path, max_epochs, max_steps, epochs_run):
+    # 4 steps per epoch. The run's length comes from max_steps when it ends the fit first (before: max_epochs, so
+    # max_epochs=100 with max_steps=20 never decayed), and the last epoch that runs is at anneal_to (before: the
+    # anneal ended on an epoch that never ran; 10 epochs ended at 0.316, 5 never decayed).
+    callback = StableLR(interval="epoch", min_lr_ratio=0.0, **CLOSED_FORM)
+    _, recorder = _fit(tmp_path, TinyRegression(lr=0.1), callback, epochs=max_epochs, max_steps=max_steps)
+    per_epoch = [lrs[0] for lrs in recorder.lrs][::4]
+    assert len(per_epoch) == epochs_run
+    assert per_epoch == pytest.approx([0.1] * (epochs_run - 1) + [0.01], rel=1e-12)
 
 
 def test_state_key_and_duplicate_callbacks(tmp_path):

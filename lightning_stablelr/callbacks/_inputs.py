@@ -106,17 +106,25 @@ class TrainerInputs:
         decay; warn once when the length is unknown (an endless loader without ``max_steps``)."""
         if not controller.config.run_length_decay:
             return
-        if controller.config.interval == "epoch":
-            epochs = trainer.max_epochs
-            total, per_epoch = (float(epochs) if epochs not in (None, -1) else math.inf), 1.0
-        else:
-            total, per_epoch = float(trainer.estimated_stepping_batches), float(steps_per_epoch or math.inf)
+        # estimated_stepping_batches: the optimizer steps max_steps and max_epochs allow, whichever ends first
+        total, per_epoch = float(trainer.estimated_stepping_batches), float(steps_per_epoch or math.inf)
+        if controller.config.interval == "epoch":  # Lightning's epochs: the loader's length in optimizer steps
+            batches = trainer.num_training_batches
+            accumulate = max(1, int(trainer.accumulate_grad_batches))
+            per_epoch = float(math.ceil(batches / accumulate)) if math.isfinite(batches) and batches > 0 else math.inf
+            if not math.isfinite(per_epoch):  # no epoch length: the epochs themselves, if bounded
+                epochs = trainer.max_epochs
+                total, per_epoch = (float(epochs) if epochs not in (None, -1) else math.inf), 1.0
         if not controller.set_run_length(total, per_epoch) and not self._warned_endless:
             self._warned_endless = True
+            if math.isfinite(total):
+                unit = "epochs" if controller.config.interval == "epoch" else "optimizer steps"
+                reason = f"the run is too short for it (fewer than two {unit})"
+            else:
+                reason = "the run's length is unknown (no max_steps/max_epochs, or an endless loader)"
             rank_zero_warn(
-                "StableLR: the run's length is unknown (no max_steps/max_epochs, or an endless loader), so the"
-                " default decay, which follows the run's length, is off: the lr follows only G and C. Pass"
-                " `decay_rate` or `half_life` for a time decay, or set max_steps. (shown once)"
+                f"StableLR: {reason}, so the default decay, which follows the run's length, is off: the lr follows"
+                " only G and C. Pass `decay_rate` or `half_life` for a time decay, or set max_steps. (shown once)"
             )
 
     def warn_about_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
