@@ -175,12 +175,12 @@ def diagnose(run: Any, budget: float | None = None) -> Verdict:
         return Verdict("overfitting", f"the lr ends {lr_start / lr_end:.3g}x below its peak because G cut it "
                        f"{1 / final_g:.3g}x after the model began to overfit at step {overfit_step}{floor}",
                        tuple(findings), overfit_step)
+    if stability and stability[-1][1] < GUARD_LIMITED_BELOW:
+        return Verdict("guard-limited", f"the lr is held down by the guard (stability_factor {stability[-1][1]:.3g}):"
+                       " the base lr is too high for this model", tuple(findings))
     if not any(tag in run.scalars for tag in LOSS_TAGS):
         return Verdict("no-data", "no verdict: no training or validation loss was logged (the run stopped before its"
                        f" first logging step, or its LightningModule logs none of {', '.join(LOSS_TAGS)})",
                        tuple(findings))
-    if stability and stability[-1][1] < GUARD_LIMITED_BELOW:
-        return Verdict("guard-limited", f"the lr is held down by the guard (stability_factor {stability[-1][1]:.3g}):"
-                       " the base lr is too high for this model", tuple(findings))
     return Verdict("healthy", "healthy: the loss stayed finite, no overfitting cut, the guard did not hold the lr "
                    "down", tuple(findings))

@@ -102,7 +102,7 @@ def anneal_window(total_units: float, anneal_fraction: float) -> tuple[float, fl
     0). None when the length is unknown (not finite) or below 2 units: nothing to anneal between."""
     if not math.isfinite(total_units) or total_units < 2:
         return None
-    last = total_units - 1.0
+    last = math.ceil(total_units) - 1.0  # a fractional total still runs its last, partial unit
     start = max(0.0, last - max(1.0, anneal_fraction * total_units - 1.0))
     return start, last - start
 

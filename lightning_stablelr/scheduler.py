@@ -151,6 +151,7 @@ class StableLRScheduler(LRScheduler):
             )
         self._snapshot: list[torch.Tensor] | None = None
         self._nonfinite = NonfiniteTracker()
+        self._last_flagged_step: int | None = None  # the last step protect() flagged and C counted
         #: When ``check_step(..., loss=)`` lets the step's training loss stand in for L0 (verified, see there).
         self.loss_reuse = TrainingLossReuse()
         super().__init__(optimizer, last_epoch)
@@ -180,14 +181,14 @@ class StableLRScheduler(LRScheduler):
         reduce_flag = (lambda flag: _all_reduce(flag, "max")) if _world_size() > 1 else None
         self._nonfinite.protect(self.optimizer, max(self.last_epoch, 0), reduce_flag=reduce_flag)
 
-    def _resolve_nonfinite(self) -> int | None:
-        """Count the steps protect() flagged since the last call into ``C``; returns the last such step, or None."""
+    def _resolve_nonfinite(self) -> None:
+        """Count the steps protect() flagged since the last call into ``C``; remember the last such step."""
         count, last = self._nonfinite.take()  # flags already maximised over the ranks: no collective here
         if count:
+            self._last_flagged_step = last
             for _ in range(count):
                 self.controller.observe_nonfinite()
             self._apply_lrs()
-        return last if count else None
 
     # ------------------------------------------------------------------ the closed form
     def get_lr(self) -> list[float]:
@@ -226,9 +227,10 @@ class StableLRScheduler(LRScheduler):
         loss = None if train_loss is None else float(train_loss)
         if loss is not None and math.isfinite(loss):
             self.controller.record_train_loss(loss)
-        flagged = self._resolve_nonfinite()
-        # A non-finite loss counts once: not again when protect() already flagged this step.
-        if loss is not None and not math.isfinite(loss) and flagged != max(self.last_epoch, 0):
+        self._resolve_nonfinite()
+        # A non-finite loss counts once: not again when protect() flagged this step (counted here, or already by
+        # should_check() or state_dict() since).
+        if loss is not None and not math.isfinite(loss) and self._last_flagged_step != max(self.last_epoch, 0):
             self.controller.observe_nonfinite()
         decision = None
         if val_loss is not None:
@@ -349,7 +351,10 @@ class StableLRScheduler(LRScheduler):
         state = {key: value for key, value in state_dict.items() if key not in _NOT_STATE}
         self.__dict__.update(state)
         self.controller.load_state_dict(state_dict.get("controller", {}))
+        if self.controller.total_steps is not None:  # the cool-down by this version's formula, not the saved one
+            self.controller.set_run_length(self.controller.total_steps, self.steps_per_epoch)
         self._snapshot = None
         self._nonfinite = NonfiniteTracker()
+        self._last_flagged_step = None
         self.loss_reuse = TrainingLossReuse()  # verified again after a resume
         self._apply_lrs()

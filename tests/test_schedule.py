@@ -178,6 +178,7 @@ def test_run_length_decay_rate_reaches_anneal_to() -> None:
     assert anneal_window(5, 0.2) == (3.0, 1.0)
     assert anneal_window(2, 0.2) == (0.0, 1.0)
     assert anneal_window(1, 0.2) is None and anneal_window(math.inf, 0.2) is None
+    assert anneal_window(10.5, 0.2) == pytest.approx((8.9, 1.1))  # a fractional total still runs unit 10
     assert run_length_decay_rate(math.inf, 50, 0.1) == 0.0
     assert run_length_decay_rate(1000, 50, 1.0) == 0.0
 

@@ -247,13 +247,16 @@ def test_nonfinite_train_loss_halves_the_stability_factor() -> None:
     assert scheduler.controller.train_loss_mean == 2.0
 
 
-def test_a_nan_step_that_protect_flagged_and_observe_saw_counts_once() -> None:
-    # The README's plain loop: protect(loss) between backward and step, then observe(train_loss=loss). Both see
-    # the NaN of step 1; before, it counted twice and C was quartered (0.25) instead of halved.
+@pytest.mark.parametrize("dense_check_steps", [0, 4], ids=["no-check", "check-steps"])
+def test_a_nan_step_that_protect_flagged_and_observe_saw_counts_once(dense_check_steps: int) -> None:
+    # The README's plain loop: protect(loss) between backward and step, should_check() around the step, then
+    # observe(train_loss=loss). All see the NaN of step 1; before, it counted twice and C was quartered (0.25)
+    # instead of halved, also when should_check() had already counted the flag on a check step.
     model, loader = _regression()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = StableLRScheduler(optimizer, steps_per_epoch=4, decay_rate=0.0, warmup_steps=0,
-                                  check_every_n_steps=0, dense_check_steps=0)  # fmt: skip
+                                  check_every_n_steps=0, dense_check_steps=dense_check_steps)  # fmt: skip
+    checked = []
     for step in range(4):
         x, y = loader[step]
         optimizer.zero_grad()
@@ -261,10 +264,13 @@ def test_a_nan_step_that_protect_flagged_and_observe_saw_counts_once() -> None:
         loss.backward()
         scheduler.protect(loss)
         optimizer.step()
+        if scheduler.should_check():  # a check step (dense, or the confirmation after a NaN) counts the flag here
+            checked.append(step)
         scheduler.observe(train_loss=loss)
         scheduler.step()
         if step == 1:
             assert scheduler.controller.nonfinite_steps == 1 and scheduler.controller.stability_factor == 0.5
+    assert (1 in checked) == bool(dense_check_steps)  # the NaN step itself: its flag counted by should_check()
     assert scheduler.controller.nonfinite_steps == 1
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -432,6 +432,20 @@ def test_interval_epoch_anneals_to_anneal_to_on_the_last_epoch_that_runs(tmp_pat
     assert per_epoch == pytest.approx([0.1] * (epochs_run - 1) + [0.01], rel=1e-12)
 
 
+def test_an_endless_loader_without_max_steps_is_an_unknown_length_not_a_short_run(tmp_path):
+    # Lightning estimates such a run's length as max_steps, -1; it once read as "fewer than two steps".
+    class Four(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            generator = torch.Generator().manual_seed(0)
+            for _ in range(4):
+                yield torch.randn(4, 4, generator=generator), torch.randn(4, 1, generator=generator)
+
+    with pytest.warns(UserWarning, match=r"StableLR: the run's length is unknown \(no max_steps/max_epochs"):
+        trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[StableLR(monitor="train_loss", strict=False)])
+        trainer.fit(TinyRegression(), torch.utils.data.DataLoader(Four(), batch_size=None))
+    assert trainer.estimated_stepping_batches == -1 and trainer.global_step == 8
+
+
 def test_state_key_and_duplicate_callbacks(tmp_path):
     # One StableLR per Trainer: its state key is the class name, whatever the arguments (issue 9, point 8).
     assert StableLR().state_key == StableLR(monitor="a", decay_rate=0.1, interval="epoch").state_key == "StableLR"

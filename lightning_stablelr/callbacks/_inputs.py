@@ -108,6 +108,8 @@ class TrainerInputs:
             return
         # estimated_stepping_batches: the optimizer steps max_steps and max_epochs allow, whichever ends first
         total, per_epoch = float(trainer.estimated_stepping_batches), float(steps_per_epoch or math.inf)
+        if total <= 0:  # an endless loader without max_steps: Lightning estimates max_steps, i.e. -1
+            total = math.inf
         if controller.config.interval == "epoch":  # Lightning's epochs: the loader's length in optimizer steps
             batches = trainer.num_training_batches
             accumulate = max(1, int(trainer.accumulate_grad_batches))
