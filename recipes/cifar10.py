@@ -46,6 +46,8 @@ class CIFAR10DataModule(L.LightningDataModule):
     Args:
         data_dir: where torchvision stores the data set.
         val_size: training images held out for validation (in ``[1, 49999]``).
+        train_size: training images used, the first of the split's remainder (``None``: all of them; ``debug=fast``
+            sets 64).
         split_seed / shuffle_seed: seeds of the split and of the training order.
         batch_size / eval_batch_size: per-process batch sizes.
         num_workers: loader worker processes per rank.
@@ -56,6 +58,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         self,
         data_dir: str = "data",
         val_size: int = 5000,
+        train_size: int | None = None,
         split_seed: int = 0,
         shuffle_seed: int = 0,
         batch_size: int = 128,
@@ -72,6 +75,12 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.val_size = check_int_at_least("val_size", val_size, 1)
         if self.val_size >= CIFAR10_TRAIN_IMAGES:
             raise ValueError(f"`val_size` must be below {CIFAR10_TRAIN_IMAGES}, got {val_size}.")
+        self.train_size = None if train_size is None else check_int_at_least("train_size", train_size, 1)
+        if self.train_size is not None and self.train_size + self.val_size > CIFAR10_TRAIN_IMAGES:
+            raise ValueError(
+                f"`train_size` + `val_size` must be at most {CIFAR10_TRAIN_IMAGES}, got {train_size} + {val_size}."
+                " Lower data.train_size or data.val_size."
+            )
         self.split_seed = check_int_at_least("split_seed", split_seed, 0)
         self.shuffle_seed = check_int_at_least("shuffle_seed", shuffle_seed, 0)
         self.batch_size = check_int_at_least("batch_size", batch_size, 1)
@@ -90,10 +99,20 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.splits: dict[str, Any] | None = None
 
     def prepare_data(self) -> None:
-        """Download once per node (Lightning calls this on local rank 0 only)."""
+        """Download once per node (Lightning calls this on local rank 0 only); a failed download raises
+        :class:`~recipes.errors.RecipeError` naming the directory and how to provide the files."""
         torchvision = import_torchvision()
-        torchvision.datasets.CIFAR10(self.data_dir, train=True, download=True)
-        torchvision.datasets.CIFAR10(self.data_dir, train=False, download=True)
+        try:
+            torchvision.datasets.CIFAR10(self.data_dir, train=True, download=True)
+            torchvision.datasets.CIFAR10(self.data_dir, train=False, download=True)
+        except OSError as error:  # urllib.error.URLError is an OSError: no network, proxy, refused
+            raise RecipeError(
+                f"CIFAR-10 could not be downloaded into {Path(self.data_dir).resolve()} ({type(error).__name__}: "
+                f"{error}). On a machine without internet, download cifar-10-python.tar.gz from "
+                "https://www.cs.toronto.edu/~kriz/cifar.html elsewhere, put it in that directory (or point "
+                "paths.data_dir=<dir> at one holding it), and rerun; the default task needs no download: "
+                "python -m recipes.train."
+            ) from error
 
     def setup(self, stage: str | None = None) -> None:
         """Build the three splits from the downloaded files (no download here)."""
@@ -110,7 +129,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         val_full = dataset(self.data_dir, train=True, transform=transforms.Compose(normalize))
         order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
         self.splits = {
-            "train": Subset(train_full, order[self.val_size :]),
+            "train": Subset(train_full, order[self.val_size :][: self.train_size]),
             "val": Subset(val_full, order[: self.val_size]),
             "test": dataset(self.data_dir, train=False, transform=transforms.Compose(normalize)),
         }

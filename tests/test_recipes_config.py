@@ -96,6 +96,26 @@ def test_cifar10_datamodule_instantiates_without_downloading(tmp_path, monkeypat
         datamodule.prepare_data()
 
 
+def test_cifar10_takes_debug_fast_and_a_failed_download_says_what_to_do(tmp_path, monkeypatch):
+    # debug=fast sets data.train_size, which the CIFAR-10 module once rejected with advice about an argument the
+    # user never set; an offline download ended in two chained tracebacks.
+    import types
+    import urllib.error
+
+    cfg = compose_train(["data=cifar10", "debug=fast", f"paths.data_dir={tmp_path / 'data'}"])
+    datamodule = build(cfg.data, "data")
+    assert datamodule.train_size == 64 and datamodule.val_size == 64
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    fake = types.SimpleNamespace(datasets=types.SimpleNamespace(CIFAR10=offline))
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    monkeypatch.setattr("recipes.cifar10.import_torchvision", lambda: fake)
+    with pytest.raises(RecipeError, match=r"CIFAR-10 could not be downloaded into .*URLError.*cifar-10-python.tar.gz"):
+        datamodule.prepare_data()
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_instantiates(experiment, tmp_path, monkeypatch):
     cfg = with_output_dir(compose_train([f"experiment={experiment}", *CPU_TRAINER]), tmp_path)

@@ -228,3 +228,16 @@ def test_single_run_command_of_a_sweep_job():
         'hydra.run.dir="/sweep/3"', "hydra.output_subdir=null", "hydra.mode=RUN",
         "trainer=ddp_cpu", "lr_policy=plateau", "+debug.extra=1",
     ]  # fmt: skip
+
+
+def test_a_missing_ckpt_path_is_refused_before_anything_is_built(tmp_path):
+    # Before, it reached trainer.fit and ended in Lightning's FileNotFoundError traceback.
+    missing = tmp_path / "nope" / "last.ckpt"
+    cfg = with_output_dir(compose_train([FAST, f"ckpt_path={missing}"]), tmp_path / "run")
+    with pytest.raises(RecipeError) as info:
+        train(cfg)
+    assert str(info.value) == (
+        f"ckpt_path={missing} is not a file. Resume from a checkpoint recipes.train wrote, e.g. "
+        "ckpt_path=outputs/runs/<date>_<time>/checkpoints/last.ckpt, with the same overrides as that run."
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
