@@ -117,11 +117,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return _fit_and_test(cfg, output_dir)
 
 
+class _TrainedBatches(L.Callback):
+    """Counts the training batches this fit ran: a resume from a checkpoint that already reached the run's end
+    runs none."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self.batches += 1
+
+
 def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data, "data")
     model = build_model(cfg)
     callbacks = build_callbacks(cfg, output_dir)
+    trained = _TrainedBatches()
+    callbacks.append(trained)
     loggers = build_loggers(cfg)
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
@@ -129,6 +142,13 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if cfg.get("ckpt_path") is not None and trained.batches == 0:  # every rank alike: no collective needed
+        limits = f"trainer.max_epochs={trainer.max_epochs}, trainer.max_steps={trainer.max_steps}"
+        raise RecipeError(
+            f"ckpt_path={cfg.ckpt_path} had already trained to the end of this run (epoch {trainer.current_epoch},"
+            f" step {trainer.global_step}; {limits}): nothing was left to train. Raise trainer.max_epochs or"
+            f" trainer.max_steps to continue it, or evaluate it: python -m recipes.eval ckpt_path={cfg.ckpt_path}"
+        )
     metrics: dict[str, Any] = collect_metrics(trainer)
     if cfg.get("test", False):
         # The final weights, not the best checkpoint: the overfitting a policy allows is part of the result.

@@ -241,3 +241,16 @@ def test_a_missing_ckpt_path_is_refused_before_anything_is_built(tmp_path):
         "ckpt_path=outputs/runs/<date>_<time>/checkpoints/last.ckpt, with the same overrides as that run."
     )
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_resuming_a_run_that_already_ended_says_nothing_was_left_to_train(tmp_path):
+    # Before: "optimized_metric='val_loss' is not among the final metrics", as if the config were wrong.
+    finished = with_output_dir(compose_train([FAST, "monitor=off"]), tmp_path / "finished")
+    train(finished)
+    ckpt = tmp_path / "finished" / "checkpoints" / "last.ckpt"
+    again = with_output_dir(compose_train([FAST, "monitor=off", f"ckpt_path={ckpt}"]), tmp_path / "again")
+    with pytest.raises(RecipeError) as info:
+        train(again)
+    assert str(info.value).startswith(f"ckpt_path={ckpt} had already trained to the end of this run (epoch 2, step 8;")
+    assert "nothing was left to train. Raise trainer.max_epochs or trainer.max_steps to continue it" in str(info.value)
