@@ -178,7 +178,7 @@ def diagnose(run: Any, budget: float | None = None) -> Verdict:
     if stability and stability[-1][1] < GUARD_LIMITED_BELOW:
         return Verdict("guard-limited", f"the lr is held down by the guard (stability_factor {stability[-1][1]:.3g}):"
                        " the base lr is too high for this model", tuple(findings))
-    if not any(tag in run.scalars for tag in LOSS_TAGS):
+    if _loss_tag(run, LOSS_TAGS) is None:
         return Verdict("no-data", "no verdict: no training or validation loss was logged (the run stopped before its"
                        f" first logging step, or its LightningModule logs none of {', '.join(LOSS_TAGS)})",
                        tuple(findings))

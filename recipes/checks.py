@@ -8,6 +8,7 @@ inside ``trainer.fit`` (for ``ReduceLROnPlateau``, at the end of the first epoch
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,15 @@ def check_required_values(cfg: DictConfig, entry_point: str = "recipes.train") -
             f"Missing required value(s): {listed}. These are marked `???` in the config and have no default; "
             f"set them on the command line, e.g. `python -m {entry_point} {example}`."
         )
+
+
+def check_ckpt_path(ckpt_path: Any, advice: str) -> Path:
+    """``ckpt_path`` as a Path; raise :class:`RecipeError` (``"ckpt_path=... is not a file. " + advice``) when it is
+    not a file, before anything is built."""
+    path = Path(str(ckpt_path))
+    if not path.is_file():
+        raise RecipeError(f"ckpt_path={ckpt_path} is not a file. {advice}")
+    return path
 
 
 def check_devices(trainer: DictConfig, cuda_devices: int | None = None) -> None:

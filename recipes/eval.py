@@ -15,7 +15,7 @@ import lightning as L
 import yaml
 from omegaconf import DictConfig
 
-from recipes.checks import check_devices, check_required_values
+from recipes.checks import check_ckpt_path, check_devices, check_required_values
 from recipes.errors import RecipeError, build
 from recipes.runner import (
     build_loggers,
@@ -45,12 +45,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint's weights do not fit the configured model (the message lists the training run's overrides).
     """
     check_required_values(cfg, "recipes.eval")
-    ckpt_path = Path(str(cfg.ckpt_path))
-    if not ckpt_path.is_file():
-        raise RecipeError(
-            f"ckpt_path={cfg.ckpt_path} is not a file. Pass a checkpoint written by recipes.train, e.g. "
-            "ckpt_path=outputs/runs/<date>_<time>/checkpoints/last.ckpt."
-        )
+    ckpt_path = check_ckpt_path(
+        cfg.ckpt_path,
+        "Pass a checkpoint written by recipes.train, e.g. ckpt_path=outputs/runs/<date>_<time>/checkpoints/last.ckpt.",
+    )
     output_dir = output_dir_of(cfg)
     check_devices(cfg.trainer)
     prepare_job()

@@ -22,7 +22,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from recipes.checks import check_config
+from recipes.checks import check_ckpt_path, check_config
 from recipes.errors import RecipeError, build
 from recipes.launch import finish_distributed, run_job_in_child, sweep_job_needs_child
 from recipes.runner import (
@@ -104,11 +104,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     output_dir = output_dir_of(cfg)
     check_config(cfg)
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and not Path(str(ckpt_path)).is_file():
-        raise RecipeError(
-            f"ckpt_path={ckpt_path} is not a file. Resume from a checkpoint recipes.train wrote, e.g. "
-            "ckpt_path=outputs/runs/<date>_<time>/checkpoints/last.ckpt, with the same overrides as that run."
+    if cfg.get("ckpt_path") is not None:
+        check_ckpt_path(
+            cfg.ckpt_path,
+            "Resume from a checkpoint recipes.train wrote, e.g. ckpt_path=outputs/runs/<date>_<time>/checkpoints/"
+            "last.ckpt, with the same overrides as that run.",
         )
     if sweep_job_needs_child(cfg):
         return run_job_in_child(output_dir)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lightning_stablelr.callbacks._lightning_access import reducer
 from lightning_stablelr.callbacks._nonfinite_steps import NONFINITE_TESTS
+from lightning_stablelr.callbacks._optimizers import loader_steps_per_epoch
 from lightning_stablelr.collectives import RankMeanAccumulator, reduce_with_flag
 from lightning_stablelr.validation import check_choice, check_int_at_least
 
@@ -111,9 +112,7 @@ class TrainerInputs:
         if total <= 0:  # an endless loader without max_steps: Lightning estimates max_steps, i.e. -1
             total = math.inf
         if controller.config.interval == "epoch":  # Lightning's epochs: the loader's length in optimizer steps
-            batches = trainer.num_training_batches
-            accumulate = max(1, int(trainer.accumulate_grad_batches))
-            per_epoch = float(math.ceil(batches / accumulate)) if math.isfinite(batches) and batches > 0 else math.inf
+            per_epoch = float(loader_steps_per_epoch(trainer) or math.inf)
             if not math.isfinite(per_epoch):  # no epoch length: the epochs themselves, if bounded
                 epochs = trainer.max_epochs
                 total, per_epoch = (float(epochs) if epochs not in (None, -1) else math.inf), 1.0

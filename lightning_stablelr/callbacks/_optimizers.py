@@ -22,6 +22,7 @@ __all__ = [
     "base_learning_rates",
     "composed_lr",
     "infer_steps_per_epoch",
+    "loader_steps_per_epoch",
     "param_group_lr_names",
     "scheduled_optimizers",
     "set_group_lr",
@@ -73,6 +74,15 @@ def set_group_lr(group: dict[str, Any], lr: float) -> None:
         group["lr"] = lr
 
 
+def loader_steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    """``ceil(num_training_batches / accumulate_grad_batches)``: Lightning's epoch in optimizer steps (it also steps
+    on an epoch's last, incomplete accumulation), or None for a train loader without length."""
+    batches = trainer.num_training_batches
+    if not (math.isfinite(batches) and batches > 0):
+        return None
+    return max(1, math.ceil(batches / max(1, int(trainer.accumulate_grad_batches))))
+
+
 def infer_steps_per_epoch(trainer: pl.Trainer, owner: str, *, required: bool = True) -> int | None:
     """Optimizer steps per epoch: ``ceil(num_training_batches / accumulate_grad_batches)``.
 
@@ -81,10 +91,10 @@ def infer_steps_per_epoch(trainer: pl.Trainer, owner: str, *, required: bool = T
     (``Trainer(val_check_interval=k)``) stands in for it, and without one this raises, or returns None
     when not ``required`` (a decay that does not count epochs).
     """
+    steps = loader_steps_per_epoch(trainer)
+    if steps is not None:
+        return steps
     accumulate = max(1, int(trainer.accumulate_grad_batches))
-    batches = trainer.num_training_batches
-    if math.isfinite(batches) and batches > 0:
-        return max(1, math.ceil(batches / accumulate))
     val_check = trainer.val_check_batch
     if isinstance(val_check, (int, float)) and math.isfinite(val_check) and val_check > 0:
         steps = max(1, math.ceil(val_check / accumulate))
