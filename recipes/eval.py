@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from recipes.checks import check_ckpt_path, check_devices, check_required_values
 from recipes.errors import RecipeError, build
+from recipes.launch import SpawnedGroupTeardown, finish_distributed
 from recipes.runner import (
     build_loggers,
     collect_metrics,
@@ -61,7 +62,7 @@ def _validate_and_test(cfg: DictConfig, ckpt_path: Path, output_dir: Path) -> di
     datamodule = build(cfg.data, "data")
     model = build(cfg.model, "model")
     loggers = build_loggers(cfg)
-    trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=[], logger=loggers or False)
+    trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=[SpawnedGroupTeardown()], logger=loggers or False)
     try:
         trainer.validate(model, datamodule=datamodule, ckpt_path=str(ckpt_path), verbose=False)
     except RuntimeError as exc:
@@ -79,6 +80,7 @@ def _validate_and_test(cfg: DictConfig, ckpt_path: Path, output_dir: Path) -> di
     metrics = {key: value for key, value in metrics.items() if key.startswith(("val_", "test_"))}
     metrics["ckpt_path"] = str(ckpt_path.resolve())
     metrics["run_dir"] = str(output_dir.resolve())
+    finish_distributed()  # as in recipes.train: the group ends in order, before rank 0's files
     if trainer.is_global_zero:
         write_metrics(output_dir, metrics)
         print(

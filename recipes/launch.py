@@ -27,12 +27,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from omegaconf import DictConfig
 
 from recipes.errors import RecipeError, build
 from recipes.summary import METRICS_FILE, read_metrics
 
-__all__ = ["relaunches_script", "run_job_in_child", "single_run_command", "sweep_job_needs_child"]
+__all__ = [
+    "SpawnedGroupTeardown", "finish_distributed", "relaunches_script", "run_job_in_child", "single_run_command",
+    "sweep_job_needs_child",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,25 @@ def finish_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+class SpawnedGroupTeardown(L.Callback):
+    """Under ``ddp_spawn`` (Lightning's ``_MultiProcessingLauncher``), ends each spawned rank's process group in its
+    ``teardown`` hook: :func:`finish_distributed`, inside the worker.
+
+    A spawned rank exits as soon as Lightning has collected its results, which needs no collective (rank 0 saves
+    its weights to a temporary file), so the recipe's own :func:`finish_distributed` after ``trainer.fit`` runs in
+    the main process, where no group exists. Left to the worker's interpreter exit, gloo's threads could abort it
+    (exit status -6 after a fit that succeeded) and ``torch.multiprocessing`` then failed the whole fit. Listed
+    last, so that every other callback's ``teardown`` still has the group. Other strategies are left alone: their
+    ranks go on after the fit (``trainer.test``) in the same group.
+    """
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+        if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+            finish_distributed()
 
 
 def run_job_in_child(job_dir: str | Path) -> dict[str, Any]:

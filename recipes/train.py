@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recipes.checks import check_ckpt_path, check_config
 from recipes.errors import RecipeError, build
-from recipes.launch import finish_distributed, run_job_in_child, sweep_job_needs_child
+from recipes.launch import SpawnedGroupTeardown, finish_distributed, run_job_in_child, sweep_job_needs_child
 from recipes.runner import (
     build_loggers,
     collect_metrics,
@@ -134,7 +134,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     model = build_model(cfg)
     callbacks = build_callbacks(cfg, output_dir)
     trained = _TrainedBatches()
-    callbacks.append(trained)
+    callbacks += [trained, SpawnedGroupTeardown()]  # the group's teardown last: see SpawnedGroupTeardown
     loggers = build_loggers(cfg)
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
