@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _exit import leave_distributed_run  # a sibling module: this directory is sys.path[0]
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -33,14 +34,7 @@ def worker(rank: int, world: int, out: Path, nan_step: int, port: int, protect: 
         train(rank, out, nan_step, protect, pass_loss)
     except ValueError as error:  # a refusal every rank raises alike: recorded, and the ranks still leave together
         (out / f"error_rank{rank}.txt").write_text(str(error))
-    # Both ranks leave together: a rank that tears gloo down while the other still finishes its last collective
-    # aborts with "terminate called without an active exception" (2 of 10 runs before this barrier).
-    dist.barrier()
-    dist.destroy_process_group()
-    # gloo's threads could still abort in the interpreter's own teardown ("terminate called without an active
-    # exception": twice in about 40 loaded runs even after the barrier). The results are written, so the worker
-    # leaves without running the C++ destructors.
-    os._exit(0)
+    leave_distributed_run()  # both ranks meet, gloo is torn down, and the worker leaves (see _exit.py)
 
 
 def train(rank: int, out: Path, nan_step: int, protect: bool, pass_loss: str) -> None:
