@@ -10,8 +10,8 @@ never a hang.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -108,11 +108,39 @@ class RankMeanAccumulator:
         self._values, self._scales = [], []
 
     def pending(self) -> tuple[float, float]:
-        """This rank's ``(sum, count)`` not yet flushed (a host sync)."""
-        self._fold()
-        if self._sum is None or self._count is None:
-            return 0.0, 0.0
-        return float(self._sum), float(self._count)
+        """This rank's ``(sum, count)`` not yet flushed (a host sync). Changes nothing: a checkpoint taken
+        mid-epoch leaves the later sums bit for bit as without it."""
+        state = self.state()
+        finite = [value * scale for value, scale in zip(state["values"], state["scales"]) if math.isfinite(value * scale)]
+        return state["sum"] + math.fsum(finite), state["count"] + len(finite)
+
+    def state(self) -> dict[str, Any]:
+        """Everything not yet flushed, as Python numbers (a host sync; changes nothing): the folded ``sum`` and
+        ``count`` and the values and scales not folded yet. :meth:`load_state` restores it exactly, so a resumed
+        run adds up the same float32 numbers in the same order as the run that was not interrupted."""
+        values = [float(value.detach().reshape(()).float()) for value in self._values]
+        folded = self._sum is not None and self._count is not None
+        return {
+            "sum": float(self._sum) if folded else 0.0,
+            "count": float(self._count) if folded else 0.0,
+            "folded": folded,
+            "values": values,
+            "scales": list(self._scales),
+        }
+
+    def load_state(self, state: Mapping[str, Any], device: torch.device | str = "cpu") -> None:
+        """Restore :meth:`state` (its values as float32 tensors on ``device``, where the losses live)."""
+        self.reset()
+        if state.get("folded"):
+            self._sum = torch.tensor(float(state["sum"]), dtype=torch.float32, device=device)
+            self._count = torch.tensor(float(state["count"]), dtype=torch.float32, device=device)
+        self._values = [torch.tensor(float(value), dtype=torch.float32, device=device) for value in state["values"]]
+        self._scales = [float(scale) for scale in state["scales"]]
+
+    def reset(self) -> None:
+        """Forget everything not yet flushed (a new fit)."""
+        self._sum = self._count = None
+        self._values, self._scales = [], []
 
     def flush(self, reduce: Reduce, device: torch.device | str, world_size: int) -> tuple[float, float] | None:
         """``(mean, count)`` over all ranks, or None when no rank saw a finite value; then reset."""

@@ -198,9 +198,15 @@ class SchedulerComposition:
 
 
 def base_learning_rates(optimizers: Sequence[torch.optim.Optimizer], scheduled: set[int]) -> dict[str, float]:
-    """``{"i/j": η0}`` for group j of optimizer i: its ``lr`` now, or a scheduled optimizer's ``initial_lr``."""
+    """``{"i/j": η0}`` for group j of optimizer i: its ``initial_lr``.
+
+    A scheduled optimizer's scheduler set it. On the others it is set here from the group's ``lr`` when missing,
+    as torch's schedulers do (``group.setdefault("initial_lr", group["lr"])``): the lr StableLR writes into the
+    group is never read back as a base, so a second fit on the same optimizer object (one kept by
+    ``configure_optimizers``, or a fit retried after a crash) starts from the same ``η0``, not from the first
+    fit's last lr."""
     return {
-        f"{i}/{j}": float(group.get("initial_lr", group["lr"]) if i in scheduled else group["lr"])
+        f"{i}/{j}": float(group.get("initial_lr", group["lr"]) if i in scheduled else group.setdefault("initial_lr", group["lr"]))
         for i, optimizer in enumerate(optimizers)
         for j, group in enumerate(optimizer.param_groups)
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
@@ -62,8 +63,11 @@ class StableLRState(Callback):
             "controller": self.controller.state_dict(),
             "base_lrs": dict(self.base_lrs),
             "steps_per_epoch": self._resolved_steps_per_epoch,
+            # The training losses since the last validation: their sum and count (read by older versions), and
+            # each value, so that a mid-epoch resume adds them up exactly as the uninterrupted run does.
             "pending_train_loss_sum": pending_sum,
             "pending_train_loss_count": pending_count,
+            "pending_train_losses": self._inputs.train_loss.state(),
         }
 
     @override
@@ -90,14 +94,17 @@ class StableLRState(Callback):
             if len(legacy) == 1:
                 self.load_state_dict(states[legacy[0]])
 
-    def _restore_pending_state(self) -> None:
-        """Apply the state given to :meth:`load_state_dict`, once the optimizers exist."""
+    def _restore_pending_state(self, device: torch.device | str = "cpu") -> None:
+        """Apply the state given to :meth:`load_state_dict`, once the optimizers exist (``device``: the
+        module's, where the training losses live)."""
         state, self._pending_state = self._pending_state, None
         if state is None:
             return
         self.controller.load_state_dict(state.get("controller", {}))
         self.base_lrs.update({key: float(value) for key, value in state.get("base_lrs", {}).items()})
         self._resolved_steps_per_epoch = state.get("steps_per_epoch")
-        if state.get("pending_train_loss_count", 0) > 0:
+        if "pending_train_losses" in state:
+            self._inputs.train_loss.load_state(state["pending_train_losses"], device)
+        elif state.get("pending_train_loss_count", 0) > 0:  # a checkpoint of an older version: sum and count
             count = float(state["pending_train_loss_count"])
             self.controller.record_train_loss(float(state["pending_train_loss_sum"]) / count, count)

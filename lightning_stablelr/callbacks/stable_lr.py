@@ -1,6 +1,7 @@
 """StableLR: a Lightning callback that sets every param group's learning rate before every optimizer step.
 
-For each param group ``g`` with base lr ``η0_g`` (read in ``on_fit_start``):
+For each param group ``g`` with base lr ``η0_g`` (its ``initial_lr``, read in ``on_fit_start``; set from the
+group's ``lr`` on first use, as torch's schedulers do, so a second fit on the same optimizer starts from it again):
 
     η_g(t) = η0_g · max(min_lr_ratio,  warmup(step) · exp(-λ·t) · G) · C
 
@@ -185,12 +186,13 @@ class StableLR(StableLRState):
         self._resolved_steps_per_epoch = None
         self._check_step = self._probe_step = self._seen_step = self._next_step = self._applied = None
         self._applied_factor = None
+        self._inputs.train_loss.reset()  # a crashed fit's losses are not this fit's (a checkpoint restores its own)
         self.base_lrs = base_learning_rates(trainer.optimizers, self._scheduled)
         self._lr_names = param_group_lr_names(trainer.optimizers)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_pending_state()
+        self._restore_pending_state(pl_module.device)
         if self.steps_per_epoch is not None:
             self._resolved_steps_per_epoch = self.steps_per_epoch
         elif self._resolved_steps_per_epoch is None and self.config.interval == "step":
