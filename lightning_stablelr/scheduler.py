@@ -21,6 +21,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from lightning_stablelr._scheduler_state import checked_scheduler_state
 from lightning_stablelr._sharded_probe import reshard, restored_in_place
 from lightning_stablelr.config import CheckCadence, StableLRConfig, make_config
 from lightning_stablelr.controller import GapDecision, StableLRController
@@ -347,9 +348,10 @@ class StableLRScheduler(LRScheduler):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` and set the groups' lrs for the restored step (the config is kept)."""
-        state = {key: value for key, value in state_dict.items() if key not in _NOT_STATE}
-        self.__dict__.update(state)
+        """Restore :meth:`state_dict` and set the groups' lrs for the restored step (the config is kept; a
+        foreign state or one of another number of param groups raises ValueError before anything changes)."""
+        groups = len(self.optimizer.param_groups)
+        self.__dict__.update(checked_scheduler_state(state_dict, _NOT_STATE, groups=groups, steps_per_epoch=self.steps_per_epoch))
         self.controller.load_state_dict(state_dict.get("controller", {}))
         if self.controller.total_steps is not None:  # the cool-down by this version's formula, not the saved one
             self.controller.set_run_length(self.controller.total_steps, self.steps_per_epoch)

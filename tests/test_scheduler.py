@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -141,6 +142,37 @@ def test_state_dict_resume_gives_identical_trajectory() -> None:
     scheduler.load_state_dict(checkpoint["scheduler"])
     second_half = _scripted_run(scheduler, optimizer, range(11, 24))
     assert first_half + second_half == uninterrupted
+
+
+def _scheduler(groups: int = 1, steps_per_epoch: int = 4) -> StableLRScheduler:
+    parameters = [torch.nn.Parameter(torch.ones(2)) for _ in range(groups)]
+    optimizer = torch.optim.SGD([{"params": [p]} for p in parameters], lr=0.1)
+    return StableLRScheduler(optimizer, steps_per_epoch=steps_per_epoch, half_life=1.0, warmup_steps=0)
+
+
+def test_load_state_dict_refuses_a_foreign_or_mismatched_state_and_leaves_the_scheduler_as_it_was() -> None:
+    saved = _scheduler()
+    for _ in range(5):
+        saved.optimizer.step()
+        saved.step()
+    exponential = torch.optim.lr_scheduler.ExponentialLR(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), 0.9)
+    cases = [
+        (_scheduler(), exponential.state_dict(), "got a state without a 'controller' entry (found: ['_get_lr_called_within_step',"),
+        (_scheduler(groups=2), saved.state_dict(), "the state holds base lrs for 1 param group(s), this scheduler's optimizer has 2."),
+    ]  # fmt: skip
+    for target, state, message in cases:
+        before = dict(target.__dict__)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            target.load_state_dict(state)
+        assert target.__dict__ == before and target.last_epoch == 0
+
+
+def test_load_state_dict_says_when_the_saved_steps_per_epoch_replaces_the_schedulers_own() -> None:
+    saved = _scheduler(steps_per_epoch=8)
+    target = _scheduler(steps_per_epoch=16)
+    with pytest.warns(UserWarning, match=re.escape("the state's steps_per_epoch=8 replaces this scheduler's 16")):
+        target.load_state_dict(saved.state_dict())
+    assert target.steps_per_epoch == 8
 
 
 def test_guard_restores_parameters_bit_exactly_and_shrinks_a_too_large_step() -> None:
