@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lightning_stablelr.callbacks._governor import ProbeGovernor, StandingCost
+from lightning_stablelr.callbacks._monitor_io import figures_affordable
 from lightning_stablelr.callbacks.monitor import StabilityMonitor
 from tests.helpers import make_trainer
 from tests.test_monitor_support import (
@@ -54,6 +55,26 @@ def test_each_kind_has_an_equal_share_so_a_frequent_probe_cannot_starve_a_rare_o
     assert governor.affordable_units("connectivity", now=10.95) == math.inf  # cost never measured
     governor.record("connectivity", 0.3, units=6)  # 0.05 s per point evaluation
     assert governor.affordable_units("connectivity", now=11.25) == pytest.approx((1.0 - 0.3) / 0.05)
+
+
+def test_the_figures_draw_from_their_own_share_when_the_instruments_first_probes_filled_the_budget():
+    # The default recipe job's numbers: max_overhead 1.0 (timed 0.75), four kinds, the figures' 0.5 s prior; the
+    # instruments' pooled first probes of each epoch keep the unspent budget at about 0.
+    kinds = ["certificate", "sharpness", "connectivity", "figures"]
+    governor = ProbeGovernor(1.0, kinds=kinds, prior_costs={"figures": 0.5})
+    governor.start(now=0.0)
+    governor.record("sharpness", 1.2)  # 1.2 s of probes after 1.6 s of training: budget 1.2, all of it spent
+    governor.record("connectivity", 0.3)
+    assert not figures_affordable(governor, now := 1.6 + 1.5)  # their share, 0.3 s, below the 0.5 s prior
+    assert not governor.allows("figures", now=now)
+    # 4 s of training: budget 3 s, the figures' share 0.75 s; the instruments spent 3 s, nothing is unspent.
+    governor.record("certificate", 1.5)
+    later = 4.0 + 3.0
+    assert governor.available("figures", now=later) == pytest.approx(0.0)
+    assert not governor.allows("figures", now=later)  # the old rule: starved for the whole run
+    assert figures_affordable(governor, later)
+    governor.record("figures", 0.5)
+    assert not figures_affordable(governor, later + 0.5)  # 0.25 s of their share left: not another 0.5 s
 
 
 def test_standing_cost_books_hook_time_outside_probes_plus_the_calibrated_dispatch():

@@ -20,7 +20,7 @@ from lightning_stablelr.callbacks._monitor_config import MonitorConfig
 from lightning_stablelr.callbacks._validation_cache import cached_validation_batches
 
 __all__ = [
-    "has_monitor_metric", "log_monitor_metrics", "open_tensorboard", "validation_batches", "write_connectivity_figures",
+    "figures_affordable", "has_monitor_metric", "log_monitor_metrics", "open_tensorboard", "validation_batches", "write_connectivity_figures",
 ]  # fmt: skip
 
 
@@ -68,12 +68,12 @@ def log_monitor_metrics(trainer: pl.Trainer, governor: ProbeGovernor, metrics: d
 
 
 def write_connectivity_figures(trainer: pl.Trainer, writer: Any, governor: ProbeGovernor, report: ConnectivityReport) -> None:
-    """The path figure and the pairwise heatmap of ``report``, when the governor allows ``"figures"``.
+    """The path figure and the pairwise heatmap of ``report``, when :func:`figures_affordable`.
 
     No collective: only rank 0 draws, so a skipped figure is not counted in ``monitor/deferred_probes``
     (the counts must agree across ranks).
     """
-    if not governor.allows("figures"):
+    if not figures_affordable(governor):
         return
     from lightning_stablelr.tensorboard import pairwise_heatmap, path_figure, write_figure
 
@@ -83,6 +83,14 @@ def write_connectivity_figures(trainer: pl.Trainer, writer: Any, governor: Probe
     matrix = report.matrix
     write_figure(writer, "connectivity/pairwise", pairwise_heatmap(matrix.values.numpy(), matrix.labels), step)
     governor.record("figures", time.perf_counter() - start)
+
+
+def figures_affordable(governor: ProbeGovernor, now: float | None = None) -> bool:
+    """Whether the figures' own share of the budget affords drawing them now (``pooled``, as an instrument's first
+    probe of an epoch): the instruments' first probes of each epoch may use the whole unspent budget, so on a run
+    whose probes fill it the unspent part is always about 0 and the figures, drawn last, would never fit. Their
+    share (``1/kinds`` of the budget) still bounds what they cost over the run."""
+    return governor.allows("figures", now=now, pooled=True)
 
 
 def has_monitor_metric(trainer: pl.Trainer, key: str, warned: set[str]) -> bool:
