@@ -45,7 +45,7 @@ def test_fsdp2_sharded_model_matches_ddp_and_keeps_ranks_in_step(tmp_path: Path)
 
     # The same lr on both ranks at every step, and the guard's checks ran (C moved on the NaN step).
     lrs = [_series(dump, "stablelr/lr-")["stablelr/lr-SGD"] for dump in sharded]
-    assert lrs[0] == lrs[1] and len(lrs[0]) == 24
+    assert lrs[0] == lrs[1] and len(lrs[0]) == 25  # every step, and after the last validation the next step's
     assert [dump["nonfinite_steps"] for dump in sharded] == [1, 1]
     assert sharded[0]["stability_factor"] == sharded[1]["stability_factor"]
     assert all(dump["finite"] for dump in sharded)

@@ -81,4 +81,4 @@ def test_monitor_next_to_stablelr_changes_nothing(tmp_path):
     _assert_identical(reference, observed)
     assert len(series(observed[2], "lyapunov/delta_v")) == 12
     lrs = series(reference[2], "stablelr/lr-SGD")
-    assert len(lrs) == 12 and series(observed[2], "stablelr/lr-SGD") == lrs
+    assert len(lrs) == 13 and series(observed[2], "stablelr/lr-SGD") == lrs  # 12 steps, then the next step's

@@ -97,10 +97,13 @@ def test_default_job_lr_is_the_stablelr_formula_from_the_optimizer_lr(digits_run
         warmup = min(1.0, (step + 1) / 20)  # warmup_steps: 20
         schedule = max(0.01, warmup * decay * scalars["stablelr/gap_factor"][step])  # the floor bounds the schedule
         assert lr == pytest.approx(0.03 * schedule * scalars["stablelr/stability_factor"][step], rel=1e-6)
-        assert scalars["lr"][step] == pytest.approx(lr, rel=1e-6)  # the Classifier's lr chart agrees
+        if step in scalars["lr"]:  # the Classifier's lr chart agrees (it has no point after a validation)
+            assert scalars["lr"][step] == pytest.approx(lr, rel=1e-6)
     trace = json.loads((run_dir / "lr_trace" / "rank0.json").read_text())
     assert [record["step"] for record in trace] == list(range(20))
-    assert trace[-1]["lr"][0] == pytest.approx(lrs[max(lrs)], rel=1e-6)
+    assert max(lrs) == 20  # after the last validation: the lr a further step would use
+    shared = [record for record in trace if record["step"] in lrs]
+    assert len(shared) >= 3 and all(record["lr"][0] == pytest.approx(lrs[record["step"]], rel=1e-6) for record in shared)
 
 
 def test_peer_policy_lr_trajectory_is_exact(tmp_path):

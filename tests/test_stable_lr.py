@@ -365,13 +365,29 @@ def test_metrics_reach_callback_metrics_and_a_csv_logger(tmp_path):
     assert float(metrics["stablelr/nonfinite_steps"]) == 0.0
     with open(logger.log_dir + "/metrics.csv") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("stablelr/lr-SGD")]
-    # log_every_n_steps=2: steps 1, 3, 5, 7, each with the lr that step used
-    assert [int(row["step"]) for row in rows] == [1, 3, 5, 7]
+    # log_every_n_steps=2: steps 1, 3, 5, 7; each validation end (G updated) the next step, 4 and 8; each with the
+    # lr of that step
+    assert [int(row["step"]) for row in rows] == [1, 3, 4, 5, 7, 8]
     for row in rows:
         step = int(row["step"])
         assert float(row["stablelr/lr-SGD"]) == pytest.approx(0.1 * math.exp(-0.5 * step / 4), rel=1e-9)
         assert float(row["stablelr/decay"]) == pytest.approx(math.exp(-0.5 * step / 4), rel=1e-9)
         assert float(row["stablelr/gap_factor"]) == 1.0 and float(row["stablelr/stability_factor"]) == 1.0
+
+
+def test_a_run_shorter_than_log_every_n_steps_still_logs_every_series_after_each_validation(tmp_path):
+    # 5 epochs of 4 steps under Lightning's default log_every_n_steps=50: no logging step at all. Each validation
+    # end writes the lrs of the next step, with the G it just updated (the gap-factor cuts show).
+    callback = StableLR(min_delta=100.0, half_life=2.0, dense_check_steps=0, check_every_n_steps=0)
+    logger = CSVLogger(tmp_path, name="short")
+    trainer = make_trainer(tmp_path, max_epochs=5, callbacks=[callback], logger=logger)
+    trainer.fit(TinyRegression(lr=0.1), regression_loader(32, 8), regression_loader(16, 8, seed=1))
+    with open(logger.log_dir + "/metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("stablelr/gap_factor")]
+    assert [int(row["step"]) for row in rows] == [4, 8, 12, 16, 20]
+    assert float(rows[-1]["stablelr/gap_factor"]) == callback.controller.gap_factor < 1.0
+    # the last point: the lr StableLR set for a further step (the optimizer holds it)
+    assert float(rows[-1]["stablelr/lr-SGD"]) == pytest.approx(trainer.optimizers[0].param_groups[0]["lr"], rel=1e-12)
 
 
 class _Stream(torch.utils.data.IterableDataset):

@@ -125,11 +125,12 @@ def test_nan_loss_and_inf_grad_are_skipped_halve_the_lr_and_are_counted(tmp_path
 
     assert float(trainer.callback_metrics["stablelr/nonfinite_steps"]) == 2.0
     assert float(trainer.callback_metrics["stablelr/stability_factor"]) == pytest.approx(0.25)
-    # The CSV logger got the count at every step: 0 up to the NaN step, 1 up to the Inf step, then 2.
+    # The CSV logger got the count at every step: 0 up to the NaN step, 1 up to the Inf step, then 2 (and at the
+    # epoch's end, step STEPS: the next step's point).
     logged = _logged_by_step(trainer, "stablelr/nonfinite_steps")
-    assert logged == {step: float((step > NAN_LOSS_STEP) + (step > INF_GRAD_STEP)) for step in range(STEPS)}
+    assert logged == {step: float((step > NAN_LOSS_STEP) + (step > INF_GRAD_STEP)) for step in range(STEPS + 1)}
     factors = _logged_by_step(trainer, "stablelr/stability_factor")
-    assert factors == {step: 0.5 ** logged[step] for step in range(STEPS)}
+    assert factors == {step: 0.5 ** logged[step] for step in range(STEPS + 1)}
 
 
 def test_without_skipping_the_nan_reaches_the_weights(tmp_path: Path) -> None:

@@ -154,7 +154,7 @@ def test_a_learning_rate_monitor_listed_first_logs_the_lr_of_the_step(tmp_path):
         rows = list(csv.DictReader(handle))
     monitor = {int(row["step"]): float(row["lr-SGD"]) for row in rows if row.get("lr-SGD")}
     applied = {int(row["step"]): float(row["stablelr/lr-SGD"]) for row in rows if row.get("stablelr/lr-SGD")}
-    assert sorted(monitor) == list(range(8))
-    assert monitor == pytest.approx(applied, rel=1e-12)
+    assert sorted(monitor) == list(range(8)) and sorted(applied) == list(range(9))  # 8: after the last validation
+    assert monitor == pytest.approx({step: applied[step] for step in monitor}, rel=1e-12)
     # warmup over 3 steps, half-life of one epoch (4 steps)
     assert monitor == pytest.approx({s: 0.1 * min(1, (s + 1) / 3) * 0.5 ** (s / 4) for s in range(8)}, rel=1e-12)

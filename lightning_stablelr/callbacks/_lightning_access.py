@@ -59,15 +59,17 @@ def logs_this_step(trainer: pl.Trainer) -> bool:
     return bool(trainer._logger_connector.should_update_logs)
 
 
-def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], *, every_n_steps: bool = True) -> None:
-    """Write ``metrics`` to every logger at :func:`log_step`, as ``LearningRateMonitor`` does.
+def log_to_loggers(
+    trainer: pl.Trainer, metrics: dict[str, float], *, every_n_steps: bool = True, step: int | None = None
+) -> None:
+    """Write ``metrics`` to every logger at ``step`` (default :func:`log_step`), as ``LearningRateMonitor`` does.
 
     ``every_n_steps``: respect ``Trainer(log_every_n_steps)`` (the logger connector's ``should_update_logs``);
     False writes now (the monitor's probes have their own, sparser cadence).
     """
     if not trainer.loggers or (every_n_steps and not logs_this_step(trainer)):
         return
-    step = log_step(trainer)
+    step = log_step(trainer) if step is None else step
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
 

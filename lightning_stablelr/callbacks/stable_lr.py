@@ -37,6 +37,7 @@ from lightning_stablelr.callbacks._inputs import (
     run_length_steps_per_epoch,
 )
 from lightning_stablelr.callbacks._lightning_access import (
+    log_step,
     log_to_loggers,
     logs_this_step,
     put_callback_metrics,
@@ -161,6 +162,7 @@ class StableLR(StableLRState):
         self._inputs = TrainerInputs(self.monitor, self.strict)
         self._pending_state: dict[str, Any] | None = None
         self._metric_cache: dict[str, tuple[float, Tensor]] = {}
+        self._logged: tuple[int, dict[str, float]] | None = None  # the last (log step, metrics) written to the loggers
         #: The line-probe session; the one of the first callback carrying one is shared by all.
         self.line_probe = LineProbeSession()
         self._session: LineProbeSession | None = None
@@ -185,7 +187,7 @@ class StableLR(StableLRState):
         # a checkpoint in on_train_start).
         self._resolved_steps_per_epoch = None
         self._check_step = self._probe_step = self._seen_step = self._next_step = self._applied = None
-        self._applied_factor = None
+        self._applied_factor = self._logged = None
         self._inputs.train_loss.reset()  # a crashed fit's losses are not this fit's (a checkpoint restores its own)
         self.base_lrs = base_learning_rates(trainer.optimizers, self._scheduled)
         self._lr_names = param_group_lr_names(trainer.optimizers)
@@ -236,9 +238,7 @@ class StableLR(StableLRState):
             self._check_step, self._probe_step = step, global_step
             self._shared_probe(trainer).request(global_step)
         if logs:
-            metrics = self._metrics()
-            put_callback_metrics(trainer, metrics, self._metric_cache)
-            log_to_loggers(trainer, metrics, every_n_steps=False)
+            self._publish(trainer, log=True)
         if check:  # last, just before the forward: the probe replays its random draws, its loss may be L0
             self._shared_probe(trainer).watch_forward(global_step, trainer.current_epoch, batch_idx)
 
@@ -283,7 +283,7 @@ class StableLR(StableLRState):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer)
-        put_callback_metrics(trainer, self._metrics(), self._metric_cache)
+        self._publish(trainer, log=True, upcoming=True)  # after the validation's, at the same step: written once
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -298,7 +298,7 @@ class StableLR(StableLRState):
             self.controller.observe_validation(val_loss)
         if self._next_step is not None:
             self._apply_lrs(trainer, self._next_step)
-        put_callback_metrics(trainer, self._metrics(), self._metric_cache)
+        self._publish(trainer, log=True, upcoming=True, ahead=1)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -348,6 +348,24 @@ class StableLR(StableLRState):
         if (last := self._nonfinite.resolve(trainer)) is not None:
             self._applied = None  # C changed: the lrs are set again
         return last
+
+    def _publish(self, trainer: pl.Trainer, log: bool, upcoming: bool = False, ahead: int = 0) -> None:
+        """Put the metrics into ``callback_metrics``; ``log``: also write them to the loggers at :func:`log_step`.
+
+        The point at log step ``k`` holds the lrs of optimizer step ``k``. Logging steps write the step about to
+        run; validation and epoch ends (``upcoming``) the next step's lrs, already set, with the G just updated
+        (``ahead=1`` in a validation: Lightning counts the step that ran only after it),
+        so a run shorter than ``log_every_n_steps`` still has every ``stablelr/*`` series, with a point after
+        each G update (the last point: the lrs a further step would use). A step logs only what changed since.
+        """
+        put_callback_metrics(trainer, self._metrics(), self._metric_cache)
+        if not log:
+            return
+        metrics = controller_metrics(self.controller, self._applied_lrs, self._applied_epochs) if upcoming else self._metrics()
+        logged = (log_step(trainer) + ahead, metrics)
+        if logged != self._logged:
+            self._logged = logged
+            log_to_loggers(trainer, metrics, every_n_steps=False, step=logged[0])
 
     def _metrics(self) -> dict[str, float]:
         return controller_metrics(self.controller, self.last_lrs, self._epochs_elapsed)
