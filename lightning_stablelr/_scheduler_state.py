@@ -1,6 +1,6 @@
 """What :meth:`StableLRScheduler.load_state_dict <lightning_stablelr.StableLRScheduler.load_state_dict>` accepts
-(pure: no Lightning import). Checked before anything is restored, so a refused state leaves the scheduler as
-it was."""
+(pure: no Lightning import; checked before anything is restored, so a refused state leaves the scheduler as it
+was), and what ``check_step`` says once when the checked step moved no parameter."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import warnings
 from collections.abc import Collection, Mapping
 from typing import Any
 
-__all__ = ["checked_scheduler_state"]
+__all__ = ["UNMOVED_STEP_WARNING", "checked_scheduler_state"]
+
+UNMOVED_STEP_WARNING = (
+    "StableLRScheduler.check_step: no parameter moved between snapshot() and check_step() (‖Δθ‖ = 0), so the"
+    " check measured nothing and leaves C unchanged (counted as unresolved). Call scheduler.snapshot() just"
+    " before optimizer.step(), not after it. A step skipped on purpose (zero gradients, a GradScaler overflow)"
+    " moves nothing too: do not check it. (shown once)"
+)
 
 
 def checked_scheduler_state(

@@ -216,10 +216,21 @@ def line_losses(
         evaluated = evaluate([theta_before, theta_after, mirror])
     else:
         evaluated = [loss_before, *evaluate([theta_after, mirror])]
-    losses = [torch.as_tensor(loss).detach().reshape(()) for loss in evaluated]
+    losses = [_scalar_loss(loss) for loss in evaluated]
     dtype = torch.float64 if any(loss.dtype == torch.float64 for loss in losses) else torch.float32
     device = losses[0].device
     return torch.stack([*(loss.to(device, dtype) for loss in losses), norm_sq.to(device, dtype)])
+
+
+def _scalar_loss(loss: Any) -> Tensor:
+    value = torch.as_tensor(loss).detach()
+    if value.numel() != 1:
+        raise ValueError(
+            f"The probed loss must be one number (the batch's mean loss), got a tensor of shape {tuple(value.shape)}."
+            " Reduce it (e.g. `loss.mean()`) in the closure given to StableLRScheduler.check_step, or in"
+            " `training_step`/`probe_loss`."
+        )
+    return value.reshape(())
 
 
 def three_point_losses(

@@ -21,7 +21,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_stablelr._scheduler_state import checked_scheduler_state
+from lightning_stablelr._scheduler_state import UNMOVED_STEP_WARNING, checked_scheduler_state
 from lightning_stablelr._sharded_probe import reshard, restored_in_place
 from lightning_stablelr.config import CheckCadence, StableLRConfig, make_config
 from lightning_stablelr.controller import GapDecision, StableLRController
@@ -155,6 +155,7 @@ class StableLRScheduler(LRScheduler):
         self._last_flagged_step: int | None = None  # the last step protect() flagged and C counted
         #: When ``check_step(..., loss=)`` lets the step's training loss stand in for L0 (verified, see there).
         self.loss_reuse = TrainingLossReuse()
+        self._warned_unmoved = False  # check_step's warning about a step that moved nothing (shown once)
         super().__init__(optimizer, last_epoch)
 
     def should_check(self, step: int | None = None) -> bool:
@@ -335,7 +336,10 @@ class StableLRScheduler(LRScheduler):
         values = torch.cat([values, flags])
         if _world_size() > 1:  # every rank probes its own batch: the decision uses the mean over ranks
             values = _all_reduce(values, "mean")
-        loss_before, loss_plus, loss_minus, _, mismatch, inconclusive = values.tolist()
+        loss_before, loss_plus, loss_minus, norm_sq, mismatch, inconclusive = values.tolist()
+        if norm_sq == 0.0 and not self._warned_unmoved:
+            self._warned_unmoved = True
+            warnings.warn(UNMOVED_STEP_WARNING, UserWarning, stacklevel=2)
         self.loss_reuse.record(training is not None, mismatch, inconclusive, reused=known is not None)
         return self.observe_line(loss_before, loss_plus, loss_minus)
 

@@ -175,6 +175,32 @@ def test_load_state_dict_says_when_the_saved_steps_per_epoch_replaces_the_schedu
     assert target.steps_per_epoch == 8
 
 
+def test_a_snapshot_taken_after_the_step_is_named_once_instead_of_leaving_the_guard_silently_off() -> None:
+    scheduler = _scheduler()
+    parameter = scheduler.optimizer.param_groups[0]["params"][0]
+    with pytest.warns(UserWarning, match=re.escape("no parameter moved between snapshot() and check_step()")) as caught:
+        for _ in range(3):
+            parameter.grad = torch.ones_like(parameter)
+            scheduler.optimizer.step()
+            scheduler.snapshot()  # the wrong order: after the step
+            line = scheduler.check_step(lambda: (parameter**2).sum())
+            scheduler.step()
+    assert (line.first_order, line.curvature) == (0.0, 0.0) and scheduler.controller.stability_factor == 1.0
+    assert sum("no parameter moved" in str(w.message) for w in caught) == 1
+
+
+def test_a_closure_returning_an_unreduced_loss_is_refused_with_its_shape_and_the_step_is_kept() -> None:
+    scheduler = _scheduler()
+    parameter = scheduler.optimizer.param_groups[0]["params"][0]
+    parameter.grad = torch.ones_like(parameter)
+    scheduler.snapshot()
+    scheduler.optimizer.step()
+    after = parameter.detach().clone()
+    with pytest.raises(ValueError, match=re.escape("got a tensor of shape (2,). Reduce it (e.g. `loss.mean()`)")):
+        scheduler.check_step(lambda: parameter**2)
+    assert torch.equal(parameter, after)
+
+
 def test_guard_restores_parameters_bit_exactly_and_shrinks_a_too_large_step() -> None:
     # L(θ) = ½ θᵀAθ with A = diag(1, 10): SGD diverges along the stiff axis for lr > 2/10.
     hessian = torch.tensor([1.0, 10.0], dtype=torch.float64)
