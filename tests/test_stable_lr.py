@@ -12,6 +12,7 @@ import csv
 import inspect
 import math
 import pickle
+import re
 from dataclasses import fields
 
 import pytest
@@ -220,6 +221,9 @@ def test_missing_monitor_non_strict_warns_once_and_keeps_g(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"`val_acc` which is not available.*\(shown once\)") as record:
         _, recorder = _fit(tmp_path, model, callback, epochs=3)
     assert sum("val_acc" in str(warning.message) for warning in record) == 1
+    message = next(str(warning.message) for warning in record if "val_acc" in str(warning.message))
+    assert "With strict=False the gap factor G stays unchanged until it appears." in message
+    assert "Use `StableLR(strict=False)`" not in message  # not advice to set what is set
     assert callback.controller.gap_factor == 1.0 and callback.controller.validations == 0
     assert {lrs[0] for lrs in recorder.lrs} == {0.1}
 
@@ -460,6 +464,31 @@ def test_an_endless_loader_without_max_steps_is_an_unknown_length_not_a_short_ru
         trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[StableLR(monitor="train_loss", strict=False)])
         trainer.fit(TinyRegression(), torch.utils.data.DataLoader(Four(), batch_size=None))
     assert trainer.estimated_stepping_batches == -1 and trainer.global_step == 8
+
+
+class _Endless(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            yield torch.randn(4, 4, generator=generator), torch.randn(4, 1, generator=generator)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"decay_rate": 0.5}, "interval='epoch' counts Lightning's epochs, and the training loader has no length: if it"
+                              " is endless the whole run is one epoch that max_steps ends, and the decay never advances"),
+        ({}, "interval='epoch' and a training loader without length leave the run's length in epochs unknown"
+             " (max_epochs is not set; max_steps counts steps, not epochs), so the default decay"),
+    ],
+)
+def test_interval_epoch_with_a_loader_without_length_says_the_decay_cannot_follow_epochs(tmp_path, arguments, message):
+    callback = StableLR(interval="epoch", monitor="train_loss", strict=False, **arguments)
+    with pytest.warns(UserWarning, match=re.escape(message)) as record:
+        trainer = make_trainer(tmp_path, max_epochs=-1, max_steps=6, callbacks=[callback])
+        trainer.fit(TinyRegression(), torch.utils.data.DataLoader(_Endless(), batch_size=None))
+    assert trainer.global_step == 6 and float(trainer.callback_metrics["stablelr/decay"]) == 1.0  # never advanced
+    assert not any("set max_steps." in str(w.message) for w in record)  # max_steps is set: not the advice
 
 
 def test_state_key_and_duplicate_callbacks(tmp_path):

@@ -158,3 +158,10 @@ def test_a_learning_rate_monitor_listed_first_logs_the_lr_of_the_step(tmp_path):
     assert monitor == pytest.approx({step: applied[step] for step in monitor}, rel=1e-12)
     # warmup over 3 steps, half-life of one epoch (4 steps)
     assert monitor == pytest.approx({s: 0.1 * min(1, (s + 1) / 3) * 0.5 ** (s / 4) for s in range(8)}, rel=1e-12)
+
+
+def test_a_validation_step_without_a_validation_loader_warns_that_g_cannot_act(tmp_path):
+    with pytest.warns(UserWarning, match=r"runs no validation \(.*no validation loader\), so the gap factor G") as record:
+        make_trainer(tmp_path, max_epochs=2, callbacks=[StableLR()]).fit(TinyRegression(), regression_loader(16, 8))
+    assert sum("runs no validation" in str(r.message) for r in record) == 1
+

@@ -81,9 +81,10 @@ class ConnectivityInstrument:
         window = min(self.window, budget // max(one, 1) - 1)
         self.tracker = None
         if window < 1:
+            smaller = "" if self.dtype == torch.float16 else " or store snapshots in `snapshot_dtype='float16'`"
             return (f"StabilityMonitor: connectivity is off: two snapshots take {2 * one} bytes and"
-                    f" `snapshot_memory` allows {budget}; raise `snapshot_memory` (a multiple of the parameters'"
-                    " size, e.g. 2.5) or store snapshots in `snapshot_dtype='float16'`.")  # fmt: skip
+                    f" `snapshot_memory` allows {budget}; raise `snapshot_memory` (a float is a multiple of the"
+                    f" parameters' size, e.g. 2.5; an int is bytes){smaller}.")  # fmt: skip
         self.tracker = ConnectivityTracker(window, self.points, self.tol, self.device, self.dtype)
         if window < self.window:
             return (f"StabilityMonitor: the connectivity window is {window} snapshots, not {self.window}:"

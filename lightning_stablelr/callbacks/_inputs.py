@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_stablelr.callbacks._lightning_access import reducer
+from lightning_stablelr.callbacks._lightning_access import has_val_loader, reducer
 from lightning_stablelr.callbacks._nonfinite_steps import NONFINITE_TESTS
 from lightning_stablelr.callbacks._optimizers import loader_steps_per_epoch
 from lightning_stablelr.collectives import RankMeanAccumulator, reduce_with_flag
@@ -104,7 +104,16 @@ class TrainerInputs:
 
     def apply_run_length(self, trainer: pl.Trainer, controller: StableLRController, steps_per_epoch: int | None) -> None:
         """Give the controller the run's length (``trainer.estimated_stepping_batches``) for its default
-        decay; warn once when the length is unknown (an endless loader without ``max_steps``)."""
+        decay; warn once when the length is unknown (an endless loader without ``max_steps``), or when
+        ``interval="epoch"`` meets a loader without length (its epoch may never end)."""
+        unsized_epoch = controller.config.interval == "epoch" and loader_steps_per_epoch(trainer) is None
+        if unsized_epoch and not controller.config.run_length_decay and controller.decay_rate > 0.0 and not self._warned_endless:
+            self._warned_endless = True
+            rank_zero_warn(
+                "StableLR: interval='epoch' counts Lightning's epochs, and the training loader has no length: if it"
+                " is endless the whole run is one epoch that max_steps ends, and the decay never advances. Use"
+                " interval='step' with `steps_per_epoch` for a decay that follows the steps. (shown once)"
+            )
         if not controller.config.run_length_decay:
             return
         # estimated_stepping_batches: the optimizer steps max_steps and max_epochs allow, whichever ends first
@@ -121,22 +130,26 @@ class TrainerInputs:
             if math.isfinite(total):
                 unit = "epochs" if controller.config.interval == "epoch" else "optimizer steps"
                 reason = f"the run is too short for it (fewer than two {unit})"
+            elif unsized_epoch:
+                reason = ("interval='epoch' and a training loader without length leave the run's length in epochs"
+                          " unknown (max_epochs is not set; max_steps counts steps, not epochs)")
             else:
                 reason = "the run's length is unknown (no max_steps/max_epochs, or an endless loader)"
             rank_zero_warn(
                 f"StableLR: {reason}, so the default decay, which follows the run's length, is off: the lr follows"
-                " only G and C. Pass `decay_rate` or `half_life` for a time decay, or set max_steps. (shown once)"
+                " only G and C. Pass `decay_rate` or `half_life` for a time decay, or set max_steps"
+                f"{' with interval=' + repr('step') if unsized_epoch else ''}. (shown once)"
             )
 
     def warn_about_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Warn once when the fit runs no validation: then ``G`` can never act."""
         if self._warned_no_validation:
             return
-        if trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module):
+        if trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module) or not has_val_loader(trainer):
             self._warned_no_validation = True
             rank_zero_warn(
-                f"StableLR: this fit runs no validation (limit_val_batches={trainer.limit_val_batches!r}, or no"
-                f" `validation_step`), so the gap factor G, which acts on `{self.monitor}` at validation end,"
+                f"StableLR: this fit runs no validation (limit_val_batches={trainer.limit_val_batches!r}, no"
+                f" `validation_step` or no validation loader), so the gap factor G, which acts on `{self.monitor}` at validation end,"
                 " stays 1: only the decay and the guard C move the lr. Give the Trainer validation batches to"
                 " let G act. (shown once)"
             )
@@ -194,7 +207,8 @@ class TrainerInputs:
             how = f"Log it in `validation_step` (self.log), or pass `StableLR(monitor=...)` {keys}"
         message = (
             f"StableLR conditioned on metric `{self.monitor}` which is not available in `trainer.callback_metrics`. {how}."
-            " Use `StableLR(strict=False)` to leave the gap factor unchanged instead."
+            + (" Use `StableLR(strict=False)` to leave the gap factor unchanged instead." if self.strict else
+               " With strict=False the gap factor G stays unchanged until it appears.")
         )
         if self.strict:
             raise RuntimeError(message)

@@ -12,6 +12,8 @@ names it, and this module is the only one to change. Everything else in the call
 - ``trainer.fit_loop.epoch_loop.batch_idx`` next to ``trainer.is_last_batch``: the epoch's last training
   batch, also under ``limit_train_batches`` (:func:`is_last_training_batch`, pinned in
   ``tests/test_monitor_instruments.py``);
+- ``trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined()``: whether the fit has a validation loader,
+  as Lightning's own configuration check asks (:func:`has_val_loader`);
 - ``lightning.pytorch.trainer.call._call_callback_hooks``' body, mirrored by :func:`dispatch_noop_hook` to time
   what Lightning's dispatch of one hook costs (the monitor's standing cost).
 """
@@ -28,7 +30,7 @@ from torch import Tensor
 from lightning_stablelr.collectives import Reduce
 
 __all__ = [
-    "dispatch_noop_hook", "is_last_step_of_fit", "is_last_training_batch", "log_step", "log_to_loggers", "logs_this_step", "put_callback_metrics", "reducer",
+    "dispatch_noop_hook", "has_val_loader", "is_last_step_of_fit", "is_last_training_batch", "log_step", "log_to_loggers", "logs_this_step", "put_callback_metrics", "reducer",
     "schedule_step",
 ]  # fmt: skip
 
@@ -57,6 +59,13 @@ def logs_this_step(trainer: pl.Trainer) -> bool:
     """Whether Lightning writes its logs at this step (``Trainer(log_every_n_steps)``); valid from
     ``on_train_batch_start`` on, as ``LearningRateMonitor`` uses it."""
     return bool(trainer._logger_connector.should_update_logs)
+
+
+def has_val_loader(trainer: pl.Trainer) -> bool:
+    """Whether the fit has a validation loader (a datamodule's or ``fit``'s ``val_dataloaders``), as Lightning's
+    configuration check asks before it skips the validation loop; True when the check is not available."""
+    source = getattr(getattr(trainer.fit_loop.epoch_loop, "val_loop", None), "_data_source", None)
+    return source.is_defined() if source is not None and hasattr(source, "is_defined") else True
 
 
 def log_to_loggers(
