@@ -8,14 +8,35 @@ import warnings
 from collections.abc import Collection, Mapping
 from typing import Any
 
-__all__ = ["UNMOVED_STEP_WARNING", "checked_scheduler_state"]
+__all__ = ["UNMOVED_STEP_WARNING", "UnmovedSteps", "checked_scheduler_state"]
 
 UNMOVED_STEP_WARNING = (
-    "StableLRScheduler.check_step: no parameter moved between snapshot() and check_step() (‖Δθ‖ = 0), so the"
-    " check measured nothing and leaves C unchanged (counted as unresolved). Call scheduler.snapshot() just"
-    " before optimizer.step(), not after it. A step skipped on purpose (zero gradients, a GradScaler overflow)"
-    " moves nothing too: do not check it. (shown once)"
+    "StableLRScheduler.check_step: on two checks in a row no parameter moved between snapshot() and"
+    " check_step() (‖Δθ‖ = 0), so those checks measured nothing and left C unchanged (counted as unresolved)."
+    " Call scheduler.snapshot() just before optimizer.step(), not after it. (One such check alone, e.g. a step"
+    " a GradScaler skipped after an overflow, is not reported.) (shown once)"
 )
+
+
+
+class UnmovedSteps:
+    """Says once (:data:`UNMOVED_STEP_WARNING`) when two guard checks in a row measured ``‖Δθ‖ = 0``: the sign of
+    ``snapshot()`` taken after ``optimizer.step()``. One such check alone is an ordinary skipped step (a GradScaler
+    overflow), and a step ``protect()`` neutralised is expected to move nothing: neither is counted."""
+
+    def __init__(self) -> None:
+        self.in_a_row = 0
+        self.warned = False
+
+    def record(self, norm_sq: float, *, flagged: bool) -> None:
+        """One check's ``‖Δθ‖²``; ``flagged``: ``protect()`` neutralised this step."""
+        if norm_sq != 0.0:
+            self.in_a_row = 0
+        elif not flagged:
+            self.in_a_row += 1
+            if self.in_a_row >= 2 and not self.warned:
+                self.warned = True
+                warnings.warn(UNMOVED_STEP_WARNING, UserWarning, stacklevel=3)
 
 
 def checked_scheduler_state(

@@ -21,7 +21,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_stablelr._scheduler_state import UNMOVED_STEP_WARNING, checked_scheduler_state
+from lightning_stablelr._scheduler_state import UnmovedSteps, checked_scheduler_state
 from lightning_stablelr._sharded_probe import reshard, restored_in_place
 from lightning_stablelr.config import CheckCadence, StableLRConfig, make_config
 from lightning_stablelr.controller import GapDecision, StableLRController
@@ -33,7 +33,7 @@ from lightning_stablelr.validation import check_int_at_least
 
 __all__ = ["StableLRScheduler"]
 
-_NOT_STATE = ("optimizer", "controller", "_snapshot", "cadence", "_nonfinite", "loss_reuse")
+_NOT_STATE = ("optimizer", "controller", "_snapshot", "cadence", "_nonfinite", "loss_reuse", "_unmoved")
 
 
 def _world_size() -> int:
@@ -155,7 +155,7 @@ class StableLRScheduler(LRScheduler):
         self._last_flagged_step: int | None = None  # the last step protect() flagged and C counted
         #: When ``check_step(..., loss=)`` lets the step's training loss stand in for L0 (verified, see there).
         self.loss_reuse = TrainingLossReuse()
-        self._warned_unmoved = False  # check_step's warning about a step that moved nothing (shown once)
+        self._unmoved = UnmovedSteps()  # check_step's warning when snapshot() is taken after the step
         super().__init__(optimizer, last_epoch)
 
     def should_check(self, step: int | None = None) -> bool:
@@ -337,9 +337,8 @@ class StableLRScheduler(LRScheduler):
         if _world_size() > 1:  # every rank probes its own batch: the decision uses the mean over ranks
             values = _all_reduce(values, "mean")
         loss_before, loss_plus, loss_minus, norm_sq, mismatch, inconclusive = values.tolist()
-        if norm_sq == 0.0 and not self._warned_unmoved:
-            self._warned_unmoved = True
-            warnings.warn(UNMOVED_STEP_WARNING, UserWarning, stacklevel=2)
+        self._resolve_nonfinite()  # a check step syncs anyway: learn whether protect() flagged this step
+        self._unmoved.record(norm_sq, flagged=self._last_flagged_step == max(self.last_epoch, 0))
         self.loss_reuse.record(training is not None, mismatch, inconclusive, reused=known is not None)
         return self.observe_line(loss_before, loss_plus, loss_minus)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -187,6 +188,27 @@ def test_a_snapshot_taken_after_the_step_is_named_once_instead_of_leaving_the_gu
             scheduler.step()
     assert (line.first_order, line.curvature) == (0.0, 0.0) and scheduler.controller.stability_factor == 1.0
     assert sum("no parameter moved" in str(w.message) for w in caught) == 1
+
+
+def test_one_skipped_step_and_steps_protect_neutralised_do_not_raise_the_unmoved_warning() -> None:
+    scheduler = _scheduler()
+    parameter = scheduler.optimizer.param_groups[0]["params"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        for step in range(6):
+            scheduler.snapshot()  # the right order: before the step
+            if step == 1:  # a GradScaler overflow: optimizer.step() skipped once
+                pass
+            elif step in (3, 4):  # NaN gradients two steps in a row: protect() zeroes them
+                parameter.grad = torch.full_like(parameter, float("nan"))
+                scheduler.protect()
+                scheduler.optimizer.step()
+            else:
+                parameter.grad = torch.ones_like(parameter)
+                scheduler.optimizer.step()
+            scheduler.check_step(lambda: (parameter**2).sum())
+            scheduler.step()
+    assert torch.isfinite(parameter).all() and scheduler._unmoved.warned is False
 
 
 def test_a_closure_returning_an_unreduced_loss_is_refused_with_its_shape_and_the_step_is_kept() -> None:
