@@ -394,6 +394,40 @@ def test_a_run_shorter_than_log_every_n_steps_still_logs_every_series_after_each
     assert float(rows[-1]["stablelr/lr-SGD"]) == pytest.approx(trainer.optimizers[0].param_groups[0]["lr"], rel=1e-12)
 
 
+def _logged_lrs_match_the_steps(logger, recorder, trainer) -> list[int]:
+    """Assert that the logged lr at log step k is the lr optimizer step k used (past the last step: the lr the
+    optimizer holds for a further one); return the logged steps."""
+    with open(logger.log_dir + "/metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("stablelr/lr-SGD")]
+    final = float(trainer.optimizers[0].param_groups[0]["lr"])
+    for row in rows:
+        step = int(row["step"])
+        used = recorder.lrs[step][0] if step < len(recorder.lrs) else final
+        assert float(row["stablelr/lr-SGD"]) == pytest.approx(used, rel=1e-12), f"log step {step}"
+    return [int(row["step"]) for row in rows]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_point_written_after_a_validation_holds_the_lr_of_its_step_also_mid_accumulation(tmp_path, accumulate):
+    # 8 batches per epoch; a validation every 3 batches: with accumulate=2 the one after batch 3 falls between
+    # two micro-batches of optimizer step 1, whose lr (already set) it must show at log step 1, not 2.
+    callback = StableLR(min_delta=100.0, half_life=2.0, **NO_GUARD)
+    logger = CSVLogger(tmp_path, name=f"acc{accumulate}")
+    trainer, recorder = _fit(tmp_path, TinyRegression(lr=0.1), callback, epochs=2, num_samples=64, logger=logger,
+                             accumulate_grad_batches=accumulate, val_check_interval=3, log_every_n_steps=1000)
+    steps = _logged_lrs_match_the_steps(logger, recorder, trainer)
+    assert len(steps) >= 4 and callback.controller.gap_factor < 1.0
+
+
+def test_with_interval_epoch_a_point_at_an_epoch_end_holds_the_next_epochs_lr(tmp_path):
+    callback = StableLR(half_life=1.0, interval="epoch", min_lr_ratio=0.0, **CLOSED_FORM)
+    logger = CSVLogger(tmp_path, name="epochs")
+    trainer, recorder = _fit(tmp_path, TinyRegression(lr=0.4), callback, epochs=3, logger=logger,
+                             log_every_n_steps=1000)
+    assert _logged_lrs_match_the_steps(logger, recorder, trainer) == [4, 8, 12]
+    assert float(trainer.optimizers[0].param_groups[0]["lr"]) == pytest.approx(0.4 * 0.5**3, rel=1e-12)
+
+
 class _Stream(torch.utils.data.IterableDataset):
     def __iter__(self):
         generator = torch.Generator().manual_seed(0)

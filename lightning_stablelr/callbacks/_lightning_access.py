@@ -31,7 +31,7 @@ from lightning_stablelr.collectives import Reduce
 
 __all__ = [
     "dispatch_noop_hook", "has_val_loader", "is_last_step_of_fit", "is_last_training_batch", "log_step", "log_to_loggers", "logs_this_step", "put_callback_metrics", "reducer",
-    "schedule_step",
+    "schedule_step", "upcoming_log_step",
 ]  # fmt: skip
 
 
@@ -47,6 +47,13 @@ def reducer(trainer: pl.Trainer) -> Reduce:
 def log_step(trainer: pl.Trainer) -> int:
     """The step Lightning's own logging and ``LearningRateMonitor`` write at (batches that stepped)."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def upcoming_log_step(trainer: pl.Trainer) -> int:
+    """The log step of the next optimizer step, from a validation inside the training loop: Lightning counts
+    the batch that just ran only after its validation, and only when it stepped (not while accumulating)."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    return log_step(trainer) + (0 if epoch_loop._should_accumulate() else 1)
 
 
 def schedule_step(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:

@@ -1,7 +1,7 @@
 """StableLR: a Lightning callback that sets every param group's learning rate before every optimizer step.
 
-For each param group ``g`` with base lr ``η0_g`` (its ``initial_lr``, read in ``on_fit_start``; set from the
-group's ``lr`` on first use, as torch's schedulers do, so a second fit on the same optimizer starts from it again):
+For each param group ``g`` with base lr ``η0_g`` (its ``lr`` in ``on_fit_start``; a second fit on the same
+optimizer, whose groups still hold StableLR's last lrs, starts from the same ``η0_g`` again):
 
     η_g(t) = η0_g · max(min_lr_ratio,  warmup(step) · exp(-λ·t) · G) · C
 
@@ -37,11 +37,13 @@ from lightning_stablelr.callbacks._inputs import (
     run_length_steps_per_epoch,
 )
 from lightning_stablelr.callbacks._lightning_access import (
+    is_last_training_batch,
     log_step,
     log_to_loggers,
     logs_this_step,
     put_callback_metrics,
     schedule_step,
+    upcoming_log_step,
 )
 from lightning_stablelr.callbacks._nonfinite_steps import NonfiniteSteps
 from lightning_stablelr.callbacks._optimizers import (
@@ -283,6 +285,8 @@ class StableLR(StableLRState):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer)
+        if self._next_step is not None:  # interval="epoch": the next step is the next epoch's
+            self._apply_lrs(trainer, self._next_step, self._upcoming_epoch(trainer, finished=True))
         self._publish(trainer, log=True, upcoming=True)  # after the validation's, at the same step: written once
 
     @override
@@ -297,8 +301,8 @@ class StableLR(StableLRState):
         if val_loss is not None:
             self.controller.observe_validation(val_loss)
         if self._next_step is not None:
-            self._apply_lrs(trainer, self._next_step)
-        self._publish(trainer, log=True, upcoming=True, ahead=1)
+            self._apply_lrs(trainer, self._next_step, self._upcoming_epoch(trainer, is_last_training_batch(trainer)))
+        self._publish(trainer, log=True, upcoming=True, step=upcoming_log_step(trainer))
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -328,9 +332,14 @@ class StableLR(StableLRState):
         epoch = trainer.current_epoch if epoch is None else epoch
         return self.controller.epochs_elapsed(step, self._resolved_steps_per_epoch or 1, epoch)
 
-    def _apply_lrs(self, trainer: pl.Trainer, step: int) -> None:
-        """Set ``η_g`` on every group (scheduled optimizers: at the step itself, see :meth:`_compose`)."""
-        self._applied = (step, epoch := trainer.current_epoch)
+    def _upcoming_epoch(self, trainer: pl.Trainer, finished: bool) -> int:
+        """The epoch of the next optimizer step: the next one once this epoch's batches are ``finished``."""
+        return trainer.current_epoch + int(finished)
+
+    def _apply_lrs(self, trainer: pl.Trainer, step: int, epoch: int | None = None) -> None:
+        """Set ``η_g`` on every group for optimizer step ``step`` of ``epoch`` (default: the current one;
+        scheduled optimizers: at the step itself, see :meth:`_compose`)."""
+        self._applied = (step, epoch := trainer.current_epoch if epoch is None else epoch)
         self._applied_epochs = epochs = self._epochs(trainer, step, epoch)
         self._rest = rest = self.controller.schedule_factor(step, epochs)
         factor = rest * self.controller.stability_factor  # controller.factor(step, epochs), computed once
@@ -349,12 +358,12 @@ class StableLR(StableLRState):
             self._applied = None  # C changed: the lrs are set again
         return last
 
-    def _publish(self, trainer: pl.Trainer, log: bool, upcoming: bool = False, ahead: int = 0) -> None:
+    def _publish(self, trainer: pl.Trainer, log: bool, upcoming: bool = False, step: int | None = None) -> None:
         """Put the metrics into ``callback_metrics``; ``log``: also write them to the loggers at :func:`log_step`.
 
         The point at log step ``k`` holds the lrs of optimizer step ``k``. Logging steps write the step about to
         run; validation and epoch ends (``upcoming``) the next step's lrs, already set, with the G just updated
-        (``ahead=1`` in a validation: Lightning counts the step that ran only after it),
+        (in a validation ``step`` is :func:`upcoming_log_step`: Lightning counts the batch that ran only after it),
         so a run shorter than ``log_every_n_steps`` still has every ``stablelr/*`` series, with a point after
         each G update (the last point: the lrs a further step would use). A step logs only what changed since.
         """
@@ -362,7 +371,7 @@ class StableLR(StableLRState):
         if not log:
             return
         metrics = controller_metrics(self.controller, self._applied_lrs, self._applied_epochs) if upcoming else self._metrics()
-        logged = (log_step(trainer) + ahead, metrics)
+        logged = (log_step(trainer) if step is None else step, metrics)
         if logged != self._logged:
             self._logged = logged
             log_to_loggers(trainer, metrics, every_n_steps=False, step=logged[0])
