@@ -174,3 +174,25 @@ def test_a_callback_reused_after_a_crash_does_not_carry_the_crashed_fits_losses_
     _fit(tmp_path, "reused", [reused, _TrainMean("reused")], max_epochs=1)
     # 8 losses of this fit's first epoch each, not 13 (G and C do carry over, as documented: the values differ)
     assert [count for _, count in means["reused"]] == [count for _, count in means["fresh"]] == [8.0]
+
+
+def test_an_lr_set_between_fits_is_the_second_fits_base_not_the_first_fits(tmp_path):
+    model = _Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.optimizer = optimizer
+    _fit(tmp_path, "first", [StableLR(half_life=2.0)], model=model)
+    optimizer.param_groups[0]["lr"] = 0.02  # the user lowers the lr for a second fit
+    _, second = _fit(tmp_path, "second", [StableLR(half_life=2.0)], model=model)
+    assert second.lrs[0] == pytest.approx(0.02 / 20)  # the first warmup step of 20
+    assert optimizer.param_groups[0]["stablelr_base_lr"] == 0.02
+
+
+def test_a_stale_initial_lr_left_by_an_earlier_torch_scheduler_is_not_the_base(tmp_path):
+    model = _Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.5, total_steps=10)  # sets initial_lr = 0.5 / 25
+    optimizer.param_groups[0]["lr"] = 0.05  # then dropped for StableLR, with the lr the user wants
+    model.optimizer = optimizer
+    _, run = _fit(tmp_path, "run", [StableLR(half_life=2.0)], model=model)
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.02)
+    assert run.lrs[0] == pytest.approx(0.05 / 20)

@@ -17,7 +17,9 @@ from torch import Tensor
 from lightning_stablelr.metric_names import LR_PREFIX
 
 __all__ = [
+    "BASE_LR_KEY",
     "LR_PREFIX",
+    "WRITTEN_LR_KEY",
     "SchedulerComposition",
     "base_learning_rates",
     "composed_lr",
@@ -197,19 +199,32 @@ class SchedulerComposition:
                 set_group_lr(group, self._scheduler_lrs.pop((index, j)))
 
 
-def base_learning_rates(optimizers: Sequence[torch.optim.Optimizer], scheduled: set[int]) -> dict[str, float]:
-    """``{"i/j": η0}`` for group j of optimizer i: its ``initial_lr``.
+WRITTEN_LR_KEY = "stablelr_lr"
+"""Param-group key: the lr StableLR last wrote into the group (read back by :func:`base_learning_rates`)."""
+BASE_LR_KEY = "stablelr_base_lr"
+"""Param-group key: the base lr ``η0`` StableLR took for the group."""
 
-    A scheduled optimizer's scheduler set it. On the others it is set here from the group's ``lr`` when missing,
-    as torch's schedulers do (``group.setdefault("initial_lr", group["lr"])``): the lr StableLR writes into the
-    group is never read back as a base, so a second fit on the same optimizer object (one kept by
+
+def base_learning_rates(optimizers: Sequence[torch.optim.Optimizer], scheduled: set[int]) -> dict[str, float]:
+    """``{"i/j": η0}`` for group j of optimizer i.
+
+    A scheduled optimizer's: its scheduler's ``initial_lr``. Any other: the group's ``lr``, unless that is still
+    the lr StableLR itself last wrote there (``group["stablelr_lr"]``); then the base it used
+    (``group["stablelr_base_lr"]``). So a second fit on the same optimizer object (one kept by
     ``configure_optimizers``, or a fit retried after a crash) starts from the same ``η0``, not from the first
-    fit's last lr."""
-    return {
-        f"{i}/{j}": float(group.get("initial_lr", group["lr"]) if i in scheduled else group.setdefault("initial_lr", group["lr"]))
-        for i, optimizer in enumerate(optimizers)
-        for j, group in enumerate(optimizer.param_groups)
-    }
+    fit's last lr, while an lr the user set between fits (or a former scheduler's last lr) is taken as given:
+    torch's own ``initial_lr`` is not read there, since a scheduler used earlier (OneCycleLR) leaves it stale."""
+    bases = {}
+    for i, optimizer in enumerate(optimizers):
+        for j, group in enumerate(optimizer.param_groups):
+            if i in scheduled:
+                bases[f"{i}/{j}"] = float(group.get("initial_lr", group["lr"]))
+                continue
+            current = float(group["lr"])
+            if group.get(WRITTEN_LR_KEY) != current or BASE_LR_KEY not in group:
+                group[BASE_LR_KEY] = current
+            bases[f"{i}/{j}"] = float(group[BASE_LR_KEY])
+    return bases
 
 
 def set_learning_rates(
@@ -231,5 +246,6 @@ def set_learning_rates(
             else:
                 value = lr(base)
                 set_group_lr(group, value)
+                group[WRITTEN_LR_KEY] = float(group["lr"])
             lrs[names[(i, j)]] = value
     return lrs
