@@ -135,9 +135,12 @@ class SpawnedGroupTeardown(L.Callback):
     A spawned rank exits as soon as Lightning has collected its results, which needs no collective (rank 0 saves
     its weights to a temporary file), so the recipe's own :func:`finish_distributed` after ``trainer.fit`` runs in
     the main process, where no group exists. Left to the worker's interpreter exit, gloo's threads could abort it
-    (exit status -6 after a fit that succeeded) and ``torch.multiprocessing`` then failed the whole fit. Listed
-    last, so that every other callback's ``teardown`` still has the group. Other strategies are left alone: their
-    ranks go on after the fit (``trainer.test``) in the same group.
+    (exit status -6 after a fit that succeeded) and ``torch.multiprocessing`` then failed the whole fit. The
+    recipes append it after their own callbacks, but that is not the last ``teardown`` to run: Lightning moves
+    checkpoint callbacks to the end of the list, and calls the LightningModule's ``teardown`` after the callbacks'
+    (the datamodule's runs before them) and then finalizes the loggers. None of those in the recipes runs a collective; a module whose
+    ``teardown`` does would find the group gone. Other strategies are left alone: their ranks go on after the fit
+    (``trainer.test``) in the same group.
     """
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
