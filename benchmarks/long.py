@@ -15,7 +15,7 @@ A run **diverges** when its final validation loss is not finite or above 1.5x it
 
 Examples::
 
-    python -m benchmarks.long                          # the full panels (about 30 min on 2 cores)
+    python -m benchmarks.long                          # the full panels (about 2.5 h on 2 cores; resumable)
     python -m benchmarks.long --policies stablelr      # rerun only StableLR (e.g. after a guard change)
     python -m benchmarks.long --quick --out /tmp/long  # < 1 min smoke test
 """
