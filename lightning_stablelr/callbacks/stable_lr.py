@@ -38,13 +38,11 @@ from lightning_stablelr.callbacks._inputs import (
 )
 from lightning_stablelr.callbacks._lightning_access import (
     is_last_training_batch,
-    log_step,
-    log_to_loggers,
     logs_this_step,
-    put_callback_metrics,
     schedule_step,
     upcoming_log_step,
 )
+from lightning_stablelr.callbacks._metric_writer import MetricWriter
 from lightning_stablelr.callbacks._nonfinite_steps import NonfiniteSteps
 from lightning_stablelr.callbacks._optimizers import (
     SchedulerComposition,
@@ -163,8 +161,7 @@ class StableLR(StableLRState):
         self._step_hooks: list[Any] = []
         self._inputs = TrainerInputs(self.monitor, self.strict)
         self._pending_state: dict[str, Any] | None = None
-        self._metric_cache: dict[str, tuple[float, Tensor]] = {}
-        self._logged: tuple[int, dict[str, float]] | None = None  # the last (log step, metrics) written to the loggers
+        self._writer = MetricWriter()  # callback_metrics and the loggers
         #: The line-probe session; the one of the first callback carrying one is shared by all.
         self.line_probe = LineProbeSession()
         self._session: LineProbeSession | None = None
@@ -189,7 +186,8 @@ class StableLR(StableLRState):
         # a checkpoint in on_train_start).
         self._resolved_steps_per_epoch = None
         self._check_step = self._probe_step = self._seen_step = self._next_step = self._applied = None
-        self._applied_factor = self._logged = None
+        self._applied_factor = None
+        self._writer.reset()
         self._inputs.train_loss.reset()  # a crashed fit's losses are not this fit's (a checkpoint restores its own)
         self.base_lrs = base_learning_rates(trainer.optimizers, self._scheduled)
         self._lr_names = param_group_lr_names(trainer.optimizers)
@@ -240,7 +238,7 @@ class StableLR(StableLRState):
             self._check_step, self._probe_step = step, global_step
             self._shared_probe(trainer).request(global_step)
         if logs:
-            self._publish(trainer, log=True)
+            self._publish(trainer)
         if check:  # last, just before the forward: the probe replays its random draws, its loss may be L0
             self._shared_probe(trainer).watch_forward(global_step, trainer.current_epoch, batch_idx)
 
@@ -287,7 +285,7 @@ class StableLR(StableLRState):
         self._flush(trainer)
         if self._next_step is not None:  # interval="epoch": the next step is the next epoch's
             self._apply_lrs(trainer, self._next_step, self._upcoming_epoch(trainer, finished=True))
-        self._publish(trainer, log=True, upcoming=True)  # after the validation's, at the same step: written once
+        self._publish(trainer, upcoming=True)  # after the validation's, at the same step: written once
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -302,7 +300,7 @@ class StableLR(StableLRState):
             self.controller.observe_validation(val_loss)
         if self._next_step is not None:
             self._apply_lrs(trainer, self._next_step, self._upcoming_epoch(trainer, is_last_training_batch(trainer)))
-        self._publish(trainer, log=True, upcoming=True, step=upcoming_log_step(trainer))
+        self._publish(trainer, upcoming=True, step=upcoming_log_step(trainer))
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -358,23 +356,12 @@ class StableLR(StableLRState):
             self._applied = None  # C changed: the lrs are set again
         return last
 
-    def _publish(self, trainer: pl.Trainer, log: bool, upcoming: bool = False, step: int | None = None) -> None:
-        """Put the metrics into ``callback_metrics``; ``log``: also write them to the loggers at :func:`log_step`.
-
-        The point at log step ``k`` holds the lrs of optimizer step ``k``. Logging steps write the step about to
-        run; validation and epoch ends (``upcoming``) the next step's lrs, already set, with the G just updated
-        (in a validation ``step`` is :func:`upcoming_log_step`: Lightning counts the batch that ran only after it),
-        so a run shorter than ``log_every_n_steps`` still has every ``stablelr/*`` series, with a point after
-        each G update (the last point: the lrs a further step would use). A step logs only what changed since.
-        """
-        put_callback_metrics(trainer, self._metrics(), self._metric_cache)
-        if not log:
-            return
-        metrics = controller_metrics(self.controller, self._applied_lrs, self._applied_epochs) if upcoming else self._metrics()
-        logged = (log_step(trainer) if step is None else step, metrics)
-        if logged != self._logged:
-            self._logged = logged
-            log_to_loggers(trainer, metrics, every_n_steps=False, step=logged[0])
+    def _publish(self, trainer: pl.Trainer, upcoming: bool = False, step: int | None = None) -> None:
+        """This step's metrics into ``callback_metrics``; to the loggers this step's, or with ``upcoming`` the
+        next step's lrs, already set (:class:`~lightning_stablelr.callbacks._metric_writer.MetricWriter`)."""
+        current = self._metrics()
+        logged = controller_metrics(self.controller, self._applied_lrs, self._applied_epochs) if upcoming else current
+        self._writer.publish(trainer, current, logged, step)
 
     def _metrics(self) -> dict[str, float]:
         return controller_metrics(self.controller, self.last_lrs, self._epochs_elapsed)
