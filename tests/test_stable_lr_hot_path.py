@@ -64,8 +64,10 @@ class HostSyncs(TorchDispatchMode):
 class Probed(L.LightningModule):
     """``Linear(4, 8) -> tanh -> Linear(8, 1)``, SGD with momentum; a NaN gradient or a NaN loss at given steps."""
 
-    def __init__(self, *, fused: bool, nan_grad_step: int | None = None, nan_loss_step: int | None = None) -> None:
+    def __init__(self, *, fused: bool, nan_grad_step: int | None = None, nan_loss_step: int | None = None,
+                 tensor_lr: bool = False) -> None:
         super().__init__()
+        self.tensor_lr = tensor_lr
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
         self.fused, self.nan_grad_step, self.nan_loss_step = fused, nan_grad_step, nan_loss_step
@@ -86,7 +88,8 @@ class Probed(L.LightningModule):
         self.weights[self.global_step] = [p.detach().clone() for p in self.parameters()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, fused=self.fused)
+        lr = torch.tensor(0.05) if self.tensor_lr else 0.05  # a Tensor lr: on an accelerator, reading it is a sync
+        return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9, fused=self.fused)
 
 
 def _instrument(callback: StableLR) -> tuple[dict[int, list[int]], set[int]]:
@@ -218,3 +221,14 @@ def test_the_loss_test_reads_no_gradient_on_quiet_steps_and_the_gradients_on_che
     assert StableLR().nonfinite_test == "loss"
     with pytest.raises(ValueError, match=r"`nonfinite_test` must be one of 'loss', 'gradients', got 'grads'"):
         StableLR(nonfinite_test="grads")
+
+
+def test_a_tensor_lr_is_written_every_step_without_being_read_back(tmp_path, monkeypatch):
+    # decay_rate > 0: the lr changes at every step, so StableLR writes it on every quiet step too.
+    monkeypatch.setattr(NonfiniteTracker, "read_cpu_flags", False)
+    model = Probed(fused=False, tensor_lr=True)
+    _, syncs, read_steps, _ = _fit(tmp_path, model, monkeypatch, "loss")
+    quiet = [step for step in range(STEPS) if step not in read_steps]
+    assert len(quiet) >= 6 and {step: syncs[step] for step in quiet} == {step: [0, 0] for step in quiet}
+    group = model.trainer.optimizers[0].param_groups[0]
+    assert isinstance(group["lr"], Tensor) and float(group["lr"]) == pytest.approx(group["stablelr_lr"], rel=1e-6)

@@ -185,6 +185,9 @@ def test_an_lr_set_between_fits_is_the_second_fits_base_not_the_first_fits(tmp_p
     _, second = _fit(tmp_path, "second", [StableLR(half_life=2.0)], model=model)
     assert second.lrs[0] == pytest.approx(0.02 / 20)  # the first warmup step of 20
     assert optimizer.param_groups[0]["stablelr_base_lr"] == 0.02
+    # a torch scheduler built after the fit starts from the base lr, not from StableLR's last lr
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+    assert scheduler.base_lrs == [0.02]
 
 
 def test_a_stale_initial_lr_left_by_an_earlier_torch_scheduler_is_not_the_base(tmp_path):
@@ -194,5 +197,6 @@ def test_a_stale_initial_lr_left_by_an_earlier_torch_scheduler_is_not_the_base(t
     optimizer.param_groups[0]["lr"] = 0.05  # then dropped for StableLR, with the lr the user wants
     model.optimizer = optimizer
     _, run = _fit(tmp_path, "run", [StableLR(half_life=2.0)], model=model)
-    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.02)
     assert run.lrs[0] == pytest.approx(0.05 / 20)
+    # and the stale initial_lr is replaced by the base: a torch scheduler built next starts from 0.05, not 0.02
+    assert optimizer.param_groups[0]["initial_lr"] == 0.05

@@ -205,6 +205,16 @@ BASE_LR_KEY = "stablelr_base_lr"
 """Param-group key: the base lr ``η0`` StableLR took for the group."""
 
 
+def _still_written(group: dict[str, Any], current: float) -> bool:
+    """Whether the group's lr ``current`` is the one StableLR last wrote (a Tensor lr up to its dtype's rounding)."""
+    written = group.get(WRITTEN_LR_KEY)
+    if written is None:
+        return False
+    lr = group["lr"]
+    rounding = torch.finfo(lr.dtype).eps * abs(written) if isinstance(lr, Tensor) and lr.is_floating_point() else 0.0
+    return abs(current - written) <= rounding
+
+
 def base_learning_rates(optimizers: Sequence[torch.optim.Optimizer], scheduled: set[int]) -> dict[str, float]:
     """``{"i/j": η0}`` for group j of optimizer i.
 
@@ -213,17 +223,19 @@ def base_learning_rates(optimizers: Sequence[torch.optim.Optimizer], scheduled: 
     (``group["stablelr_base_lr"]``). So a second fit on the same optimizer object (one kept by
     ``configure_optimizers``, or a fit retried after a crash) starts from the same ``η0``, not from the first
     fit's last lr, while an lr the user set between fits (or a former scheduler's last lr) is taken as given:
-    torch's own ``initial_lr`` is not read there, since a scheduler used earlier (OneCycleLR) leaves it stale."""
+    torch's own ``initial_lr`` is not read there, since a scheduler used earlier (OneCycleLR) leaves it stale;
+    it is written instead (``η0``), so that a torch scheduler built on the optimizer later starts from ``η0``."""
     bases = {}
     for i, optimizer in enumerate(optimizers):
         for j, group in enumerate(optimizer.param_groups):
             if i in scheduled:
                 bases[f"{i}/{j}"] = float(group.get("initial_lr", group["lr"]))
                 continue
-            current = float(group["lr"])
-            if group.get(WRITTEN_LR_KEY) != current or BASE_LR_KEY not in group:
+            current = float(group["lr"])  # once per fit
+            if not _still_written(group, current) or BASE_LR_KEY not in group:
                 group[BASE_LR_KEY] = current
-            bases[f"{i}/{j}"] = float(group[BASE_LR_KEY])
+            # A torch scheduler built on this optimizer later starts from η0 too (it reads initial_lr if set).
+            group["initial_lr"] = bases[f"{i}/{j}"] = float(group[BASE_LR_KEY])
     return bases
 
 
@@ -240,12 +252,13 @@ def set_learning_rates(
     lrs = {}
     for i, optimizer in enumerate(optimizers):
         for j, group in enumerate(optimizer.param_groups):
-            base = base_lrs.get(f"{i}/{j}", float(group["lr"]))
+            key = f"{i}/{j}"
+            base = base_lrs[key] if key in base_lrs else float(group["lr"])
             if i in scheduled:
                 value = composed(base, float(group["lr"]))
             else:
                 value = lr(base)
                 set_group_lr(group, value)
-                group[WRITTEN_LR_KEY] = float(group["lr"])
+                group[WRITTEN_LR_KEY] = value  # not read back from a Tensor lr: that would be a device sync
             lrs[names[(i, j)]] = value
     return lrs
