@@ -8,35 +8,42 @@ import warnings
 from collections.abc import Collection, Mapping
 from typing import Any
 
-__all__ = ["UNMOVED_STEP_WARNING", "UnmovedSteps", "checked_scheduler_state"]
+__all__ = ["UNMOVED_STEP_WARNING", "StepOrder", "checked_scheduler_state"]
 
 UNMOVED_STEP_WARNING = (
-    "StableLRScheduler.check_step: on two checks in a row no parameter moved between snapshot() and"
-    " check_step() (‖Δθ‖ = 0), so those checks measured nothing and left C unchanged (counted as unresolved)."
-    " Call scheduler.snapshot() just before optimizer.step(), not after it. (One such check alone, e.g. a step"
-    " a GradScaler skipped after an overflow, is not reported.) (shown once)"
+    "StableLRScheduler.check_step: snapshot() was called after optimizer.step(), so no parameter moved between"
+    " snapshot() and check_step() (‖Δθ‖ = 0): the check measured nothing and left C unchanged (counted as"
+    " unresolved). Call scheduler.snapshot() just before optimizer.step(), then check_step() after it. (shown once)"
 )
 
 
+class StepOrder:
+    """Tells a ``snapshot()`` taken after ``optimizer.step()`` (the caller's mistake, said once with
+    :data:`UNMOVED_STEP_WARNING`) from a checked step that moved nothing on purpose: one a GradScaler skipped
+    after an overflow (``optimizer.step()`` never ran), or one ``protect()`` neutralised. An optimizer
+    step post-hook notes each step; ``scheduler.step()`` closes the step, so a ``snapshot()`` with a step noted
+    since the last ``scheduler.step()`` came after ``optimizer.step()``."""
 
-class UnmovedSteps:
-    """Says once (:data:`UNMOVED_STEP_WARNING`) when two guard checks in a row measured ``‖Δθ‖ = 0``: the sign of
-    ``snapshot()`` taken after ``optimizer.step()``. One such check alone is an ordinary skipped step (a GradScaler
-    overflow), and a step ``protect()`` neutralised is expected to move nothing: neither is counted."""
-
-    def __init__(self) -> None:
-        self.in_a_row = 0
+    def __init__(self, optimizer: Any) -> None:
+        self.stepped = False  # optimizer.step() ran since the last scheduler.step()
+        self.snapshot_after_step = False
         self.warned = False
+        self.handle = optimizer.register_step_post_hook(self._on_optimizer_step)
 
-    def record(self, norm_sq: float, *, flagged: bool) -> None:
-        """One check's ``‖Δθ‖²``; ``flagged``: ``protect()`` neutralised this step."""
-        if norm_sq != 0.0:
-            self.in_a_row = 0
-        elif not flagged:
-            self.in_a_row += 1
-            if self.in_a_row >= 2 and not self.warned:
-                self.warned = True
-                warnings.warn(UNMOVED_STEP_WARNING, UserWarning, stacklevel=3)
+    def _on_optimizer_step(self, *args: Any) -> None:
+        self.stepped = True
+
+    def scheduler_stepped(self) -> None:
+        self.stepped = False
+
+    def snapshot_taken(self) -> None:
+        self.snapshot_after_step = self.stepped
+
+    def checked(self, norm_sq: float) -> None:
+        """One check's ``‖Δθ‖²``: warn once when it is 0 because the snapshot came after the step."""
+        if norm_sq == 0.0 and self.snapshot_after_step and not self.warned:
+            self.warned = True
+            warnings.warn(UNMOVED_STEP_WARNING, UserWarning, stacklevel=3)
 
 
 def checked_scheduler_state(

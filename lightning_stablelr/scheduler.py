@@ -21,7 +21,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_stablelr._scheduler_state import UnmovedSteps, checked_scheduler_state
+from lightning_stablelr._scheduler_state import StepOrder, checked_scheduler_state
 from lightning_stablelr._sharded_probe import reshard, restored_in_place
 from lightning_stablelr.config import CheckCadence, StableLRConfig, make_config
 from lightning_stablelr.controller import GapDecision, StableLRController
@@ -33,7 +33,7 @@ from lightning_stablelr.validation import check_int_at_least
 
 __all__ = ["StableLRScheduler"]
 
-_NOT_STATE = ("optimizer", "controller", "_snapshot", "cadence", "_nonfinite", "loss_reuse", "_unmoved")
+_NOT_STATE = ("optimizer", "controller", "_snapshot", "cadence", "_nonfinite", "loss_reuse", "_order")
 
 
 def _world_size() -> int:
@@ -155,8 +155,16 @@ class StableLRScheduler(LRScheduler):
         self._last_flagged_step: int | None = None  # the last step protect() flagged and C counted
         #: When ``check_step(..., loss=)`` lets the step's training loss stand in for L0 (verified, see there).
         self.loss_reuse = TrainingLossReuse()
-        self._unmoved = UnmovedSteps()  # check_step's warning when snapshot() is taken after the step
+        self._order = StepOrder(optimizer)  # check_step's warning when snapshot() is taken after the step
         super().__init__(optimizer, last_epoch)
+
+    def step(self, epoch: int | None = None) -> None:
+        """torch's ``LRScheduler.step``; it also closes the optimizer step for :meth:`check_step`'s order check."""
+        if epoch is None:
+            super().step()
+        else:
+            super().step(epoch)
+        self._order.scheduler_stepped()
 
     def should_check(self, step: int | None = None) -> bool:
         """Whether optimizer step ``step`` (default: the next one, ``last_epoch``) runs the guard, by the
@@ -262,6 +270,7 @@ class StableLRScheduler(LRScheduler):
         """Copy ``θ_before`` (every parameter of the optimizer); call it just before ``optimizer.step()``."""
         with torch.no_grad():
             self._snapshot = [param.detach().clone() for param in self._parameters()]
+        self._order.snapshot_taken()
 
     def check_step(
         self,
@@ -337,8 +346,7 @@ class StableLRScheduler(LRScheduler):
         if _world_size() > 1:  # every rank probes its own batch: the decision uses the mean over ranks
             values = _all_reduce(values, "mean")
         loss_before, loss_plus, loss_minus, norm_sq, mismatch, inconclusive = values.tolist()
-        self._resolve_nonfinite()  # a check step syncs anyway: learn whether protect() flagged this step
-        self._unmoved.record(norm_sq, flagged=self._last_flagged_step == max(self.last_epoch, 0))
+        self._order.checked(norm_sq)
         self.loss_reuse.record(training is not None, mismatch, inconclusive, reused=known is not None)
         return self.observe_line(loss_before, loss_plus, loss_minus)
 
