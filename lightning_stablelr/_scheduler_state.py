@@ -5,6 +5,7 @@ was), and what ``check_step`` says once when the checked step moved no parameter
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -28,10 +29,18 @@ class StepOrder:
         self.stepped = False  # optimizer.step() ran since the last scheduler.step()
         self.snapshot_after_step = False
         self.warned = False
-        self.handle = optimizer.register_step_post_hook(self._on_optimizer_step)
+        # The hook holds the order weakly and removes itself once the scheduler is gone, so an optimizer that
+        # outlives its scheduler (a rebuilt scheduler, a notebook) keeps no dead hooks.
+        order = weakref.ref(self)
 
-    def _on_optimizer_step(self, *args: Any) -> None:
-        self.stepped = True
+        def on_optimizer_step(*args: Any) -> None:
+            live = order()
+            if live is None:
+                handle.remove()
+            else:
+                live.stepped = True
+
+        self.handle = handle = optimizer.register_step_post_hook(on_optimizer_step)
 
     def scheduler_stepped(self) -> None:
         self.stepped = False

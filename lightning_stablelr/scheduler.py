@@ -21,6 +21,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from lightning_stablelr._process_group import all_reduce, check_step_training_loss, world_size
 from lightning_stablelr._scheduler_state import StepOrder, checked_scheduler_state
 from lightning_stablelr._sharded_probe import reshard, restored_in_place
 from lightning_stablelr.config import CheckCadence, StableLRConfig, make_config
@@ -34,40 +35,6 @@ from lightning_stablelr.validation import check_int_at_least
 __all__ = ["StableLRScheduler"]
 
 _NOT_STATE = ("optimizer", "controller", "_snapshot", "cadence", "_nonfinite", "loss_reuse", "_order")
-
-
-def _world_size() -> int:
-    """Processes of the default ``torch.distributed`` group (1 when it is not initialized)."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_world_size() if distributed else 1
-
-
-def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
-    """``tensor`` averaged (``"mean"``) or maximised (``"max"``) over the default group; a collective."""
-    reduced = tensor.clone()
-    max_op, sum_op = torch.distributed.ReduceOp.MAX, torch.distributed.ReduceOp.SUM
-    torch.distributed.all_reduce(reduced, op=max_op if op == "max" else sum_op)
-    return reduced / _world_size() if op == "mean" else reduced
-def _training_loss(loss: torch.Tensor | float | None, device: torch.device) -> torch.Tensor | None:
-    """``check_step``'s ``loss`` as a 0-d tensor; under torch.distributed every rank must pass it or none must
-    (one small all-reduce on ``device``: otherwise ranks would run different numbers of forwards)."""
-    training = None
-    if loss is not None:
-        training = torch.as_tensor(loss).detach()
-        if training.numel() != 1:
-            raise ValueError(
-                f"check_step(loss=...) takes the step's scalar training loss, got a tensor of shape"
-                f" {tuple(training.shape)}. Pass the reduced loss your backward used (e.g. loss.mean().detach())."
-            )
-        training = training.reshape(())
-    if _world_size() > 1:
-        given = _all_reduce(torch.tensor([float(training is not None)], device=device), "mean").item()
-        if 0.0 < given < 1.0:
-            raise ValueError(
-                f"check_step(loss=...) was given on {given:.0%} of the ranks; pass it on every rank or on none:"
-                " the ranks must run the same forward passes (their collectives would hang otherwise)."
-            )
-    return training
 
 
 _CADENCE = CheckCadence()
@@ -160,10 +127,7 @@ class StableLRScheduler(LRScheduler):
 
     def step(self, epoch: int | None = None) -> None:
         """torch's ``LRScheduler.step``; it also closes the optimizer step for :meth:`check_step`'s order check."""
-        if epoch is None:
-            super().step()
-        else:
-            super().step(epoch)
+        super().step(epoch)
         self._order.scheduler_stepped()
 
     def should_check(self, step: int | None = None) -> bool:
@@ -188,7 +152,7 @@ class StableLRScheduler(LRScheduler):
         """
         if loss is not None:
             self._nonfinite.record_loss(loss)
-        reduce_flag = (lambda flag: _all_reduce(flag, "max")) if _world_size() > 1 else None
+        reduce_flag = (lambda flag: all_reduce(flag, "max")) if world_size() > 1 else None
         self._nonfinite.protect(self.optimizer, max(self.last_epoch, 0), reduce_flag=reduce_flag)
 
     def _resolve_nonfinite(self) -> None:
@@ -310,7 +274,7 @@ class StableLRScheduler(LRScheduler):
                 "optimizer.step(), then scheduler.check_step(closure) after it."
             )
         params = self._parameters()
-        training = _training_loss(loss, params[0].device)  # checked before the snapshot is used
+        training = check_step_training_loss(loss, params[0].device)  # checked before the snapshot is used
         before, self._snapshot = self._snapshot, None
         if len(before) != len(params):
             raise RuntimeError(
@@ -343,8 +307,8 @@ class StableLRScheduler(LRScheduler):
             values = line_losses(evaluate, dict(zip(keys, before)), dict(zip(keys, after)), loss_before=known)
         flags = TrainingLossReuse.flags(values[0], training, verify)
         values = torch.cat([values, flags])
-        if _world_size() > 1:  # every rank probes its own batch: the decision uses the mean over ranks
-            values = _all_reduce(values, "mean")
+        if world_size() > 1:  # every rank probes its own batch: the decision uses the mean over ranks
+            values = all_reduce(values, "mean")
         loss_before, loss_plus, loss_minus, norm_sq, mismatch, inconclusive = values.tolist()
         self._order.checked(norm_sq)
         self.loss_reuse.record(training is not None, mismatch, inconclusive, reused=known is not None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import math
 import re
@@ -209,6 +210,21 @@ def test_one_skipped_step_and_steps_protect_neutralised_do_not_raise_the_unmoved
             scheduler.check_step(lambda: (parameter**2).sum())
             scheduler.step()
     assert torch.isfinite(parameter).all() and scheduler._order.warned is False
+
+
+def test_the_step_order_hook_leaves_the_optimizer_once_its_scheduler_is_gone() -> None:
+    scheduler = _scheduler()
+    optimizer = scheduler.optimizer
+    parameter = optimizer.param_groups[0]["params"][0]
+    parameter.grad = torch.ones_like(parameter)
+    hooks = optimizer._optimizer_step_post_hooks
+    assert len(hooks) == 1
+    optimizer.step()
+    assert scheduler._order.stepped is True
+    del scheduler
+    gc.collect()
+    optimizer.step()  # the dead scheduler's hook removes itself on the next step
+    assert len(hooks) == 0
 
 
 def test_a_closure_returning_an_unreduced_loss_is_refused_with_its_shape_and_the_step_is_kept() -> None:
