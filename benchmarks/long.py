@@ -18,6 +18,9 @@ Examples::
     python -m benchmarks.long                          # the full panels (about 2.5 h on 2 cores; resumable)
     python -m benchmarks.long --policies stablelr      # rerun only StableLR (e.g. after a guard change)
     python -m benchmarks.long --quick --out /tmp/long  # < 1 min smoke test
+    python -m benchmarks.long --panels cnn --lrs 0.1 0.3 --policies stablelr --stablelr anneal_to=0.01 \
+        --results /tmp/variant.jsonl --no-report          # a variant's cells, then:
+    python -m benchmarks.long_paired /tmp/variant.jsonl   # paired by seed against the panel's rows
 """
 
 from __future__ import annotations
@@ -195,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--panels", nargs="+", default=None, choices=PANELS)
     parser.add_argument("--policies", nargs="+", default=None, choices=POLICIES)
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--lrs", nargs="+", type=float, default=None,
+                        help="run only these lrs of every chosen panel (a variant's cells; with --no-report, "
+                             "then compare with python -m benchmarks.long_paired)")
     parser.add_argument("--no-report", action="store_true", help="only run; do not write RESULTS.md or the PNG")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--report-only", action="store_true",
@@ -220,7 +226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ[OVERRIDES_ENV] = json.dumps(parse_overrides(args.stablelr))
     base = QUICK_GRID if args.quick else GRID
     # Explicit --seeds apply to every panel; by default each panel has its own (GRID.panel_seeds).
-    grid = LongGrid(panels=tuple(args.panels or base.panels), lrs=base.lrs,
+    if args.lrs is not None and not args.no_report:
+        raise SystemExit("--lrs runs a part of the grid: add --no-report (and compare the cells with "
+                         "python -m benchmarks.long_paired), or drop --lrs to run and report the whole grid.")
+    lrs = base.lrs if args.lrs is None else {panel: tuple(args.lrs) for panel in base.lrs}
+    grid = LongGrid(panels=tuple(args.panels or base.panels), lrs=lrs,
                     seeds=tuple(args.seeds if args.seeds is not None else base.seeds), steps=base.steps,
                     eval_every=base.eval_every, panel_seeds={} if args.seeds is not None else base.panel_seeds)
     out = args.out or (WORK_DIR if args.quick else BENCH_DIR)
