@@ -63,12 +63,13 @@ def _finals(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, float,
 
 def paired_cells(variant: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]],
                  policy: str = "stablelr") -> list[PairedCell]:
-    """The variant's cells paired with ``policy``'s rows of ``reference`` (see :class:`PairedCell`).
+    """``policy``'s cells of ``variant`` paired with ``policy``'s rows of ``reference`` (see :class:`PairedCell`);
+    other policies' lines in ``variant`` (peers run alongside) are ignored.
 
     Raises:
         ValueError: no line of ``variant`` has a reference row of the same panel, lr and seed.
     """
-    ours = {(task, lr, seed): value for (task, _, lr, seed), value in _finals(variant).items()}
+    ours = {(task, lr, seed): value for (task, name, lr, seed), value in _finals(variant).items() if name == policy}
     theirs = _finals(reference)
     cells: dict[tuple[str, float], list[int]] = {}
     for task, lr, seed in ours:
@@ -76,7 +77,7 @@ def paired_cells(variant: Sequence[Mapping[str, Any]], reference: Sequence[Mappi
             cells.setdefault((task, lr), []).append(seed)
     if not cells:
         raise ValueError(
-            f"None of the variant's {len(ours)} runs has a {policy!r} row of the same panel, lr and seed in the "
+            f"None of the variant's {len(ours)} {policy!r} runs has a {policy!r} row of the same panel, lr and seed in the "
             "reference file: run the variant on the grid's lrs and seeds, or pass the right --reference.")
     out = []
     for (task, lr), seeds in sorted(cells.items()):

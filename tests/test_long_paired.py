@@ -37,6 +37,12 @@ def test_cells_are_paired_by_seed_with_the_standard_error_and_the_best_peer_over
     assert "| cnn | 0.1 | 3 | 0.0190 | 0.0200 | -0.0010 ± 0.0015 | wsd (0.1): 0.0140, +35.7% |" in table
 
 
+def test_peers_run_beside_the_variant_are_not_taken_for_it() -> None:
+    variant = [_row("stablelr", 0.1, 0, 0.018), _row("wsd", 0.1, 0, 0.5)]  # the wsd line comes last
+    (cell,) = paired_cells(variant, REFERENCE)
+    assert cell.variant == pytest.approx(0.018) and cell.difference == pytest.approx(-0.002)
+
+
 def test_a_diverged_variant_run_counts_as_infinite_instead_of_being_paired_away() -> None:
     variant = [_row("stablelr", 0.1, 0, None), _row("stablelr", 0.1, 1, 0.03)]
     (cell,) = paired_cells(variant, REFERENCE)
@@ -44,7 +50,7 @@ def test_a_diverged_variant_run_counts_as_infinite_instead_of_being_paired_away(
 
 
 def test_no_matching_run_is_a_clear_error_naming_what_to_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(ValueError, match="None of the variant's 1 runs has a 'stablelr' row of the same panel"):
+    with pytest.raises(ValueError, match="None of the variant's 1 'stablelr' runs has a 'stablelr' row of the same panel"):
         paired_cells([_row("stablelr", 0.05, 0, 0.02)], REFERENCE)
     variant, reference = tmp_path / "variant.jsonl", tmp_path / "reference.jsonl"
     variant.write_text(json.dumps(_row("stablelr", 0.05, 0, 0.02)) + "\n")
