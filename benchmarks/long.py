@@ -225,11 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.environ[OVERRIDES_ENV] = json.dumps(parse_overrides(args.stablelr))
     base = QUICK_GRID if args.quick else GRID
-    # Explicit --seeds apply to every panel; by default each panel has its own (GRID.panel_seeds).
     if args.lrs is not None and not args.no_report:
         raise SystemExit("--lrs runs a part of the grid: add --no-report (and compare the cells with "
                          "python -m benchmarks.long_paired), or drop --lrs to run and report the whole grid.")
     lrs = base.lrs if args.lrs is None else {panel: tuple(args.lrs) for panel in base.lrs}
+    # Explicit --seeds apply to every panel; by default each panel has its own (GRID.panel_seeds).
     grid = LongGrid(panels=tuple(args.panels or base.panels), lrs=lrs,
                     seeds=tuple(args.seeds if args.seeds is not None else base.seeds), steps=base.steps,
                     eval_every=base.eval_every, panel_seeds={} if args.seeds is not None else base.panel_seeds)

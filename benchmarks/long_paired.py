@@ -13,7 +13,7 @@ Run the variant's cells first, e.g.::
         --results /tmp/variant.jsonl --no-report
     python -m benchmarks.long_paired /tmp/variant.jsonl
 
-Lines are matched by ``(task, lr, seed)``; the last line per run wins in each file, and fingerprints are not
+Lines are matched by run (``benchmarks.robustness.record_key``: task, optimizer, policy, lr, seed); the last line per run wins in each file, and fingerprints are not
 checked (the variant's differ from the reference's by construction).
 """
 
@@ -22,14 +22,15 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import BENCH_DIR
 from benchmarks.long_engine import SINGLE_POINT
-from benchmarks.robustness import load_results
+from benchmarks.robustness import load_results, record_key
+from benchmarks.robustness_report import _value, summarize
 
 __all__ = ["PairedCell", "main", "paired_cells", "render"]
 
@@ -50,61 +51,56 @@ class PairedCell:
     best_peer: tuple[str, float, float] | None  # (policy, lr, mean)
 
 
-def _finals(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, float, int], float]:
-    """``{(task, policy, lr, seed): final_val_loss}``, the last line per run winning; non-finite finals
-    (``null``) count as infinite so that a variant that diverges is not paired away."""
-    finals: dict[tuple[str, str, float, int], float] = {}
-    for record in records:
-        value = record.get("final_val_loss")
-        finals[(record["task"], record["policy"], float(record["lr"]), int(record["seed"]))] = (
-            math.inf if value is None else float(value))
-    return finals
+def _latest(records: Sequence[Mapping[str, Any]]) -> dict[tuple[Any, ...], Mapping[str, Any]]:
+    """``{record_key: line}``, the last line per run winning (a results file keeps stale lines of reruns)."""
+    return {record_key(record): record for record in records}
 
 
 def paired_cells(variant: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]],
                  policy: str = "stablelr") -> list[PairedCell]:
     """``policy``'s cells of ``variant`` paired with ``policy``'s rows of ``reference`` (see :class:`PairedCell`);
-    other policies' lines in ``variant`` (peers run alongside) are ignored.
+    other policies' lines in ``variant`` (peers run alongside) are ignored. A non-finite final (``null``) counts
+    as infinite, so that a variant that diverges is not paired away.
 
     Raises:
         ValueError: no line of ``variant`` has a reference row of the same panel, lr and seed.
     """
-    ours = {(task, lr, seed): value for (task, name, lr, seed), value in _finals(variant).items() if name == policy}
-    theirs = _finals(reference)
-    cells: dict[tuple[str, float], list[int]] = {}
-    for task, lr, seed in ours:
-        if (task, policy, lr, seed) in theirs:
-            cells.setdefault((task, lr), []).append(seed)
-    if not cells:
+    ours = [r for r in _latest(variant).values() if r["policy"] == policy]
+    theirs = _latest(reference)
+    pairs: dict[tuple[str, float], list[tuple[Mapping[str, Any], Mapping[str, Any]]]] = {}
+    for record in ours:
+        match = theirs.get(record_key(record))
+        if match is not None:
+            pairs.setdefault((record["task"], float(record["lr"])), []).append((record, match))
+    if not pairs:
         raise ValueError(
             f"None of the variant's {len(ours)} {policy!r} runs has a {policy!r} row of the same panel, lr and seed in the "
             "reference file: run the variant on the grid's lrs and seeds, or pass the right --reference.")
     out = []
-    for (task, lr), seeds in sorted(cells.items()):
-        seeds = sorted(seeds)
-        mine = [ours[(task, lr, s)] for s in seeds]
-        ref = [theirs[(task, policy, lr, s)] for s in seeds]
+    for (task, lr), matched in sorted(pairs.items()):
+        mine = [_value(a, "final_val_loss") for a, _ in matched]
+        ref = [_value(b, "final_val_loss") for _, b in matched]
         diffs = [a - b for a, b in zip(mine, ref)]
         finite = len(diffs) > 1 and all(math.isfinite(d) for d in diffs)
         stderr = statistics.stdev(diffs) / math.sqrt(len(diffs)) if finite else None
-        out.append(PairedCell(task, lr, len(seeds), statistics.fmean(mine), statistics.fmean(ref),
-                              statistics.fmean(diffs), stderr, _best_peer(theirs, task, policy, seeds)))
+        seeds = {int(a["seed"]) for a, _ in matched}
+        out.append(PairedCell(task, lr, len(matched), statistics.fmean(mine), statistics.fmean(ref),
+                              statistics.fmean(diffs), stderr, _best_peer(theirs.values(), task, policy, seeds)))
     return out
 
 
-def _best_peer(finals: Mapping[tuple[str, str, float, int], float], task: str, policy: str,
-               seeds: Sequence[int]) -> tuple[str, float, float] | None:
-    """The lowest per-lr mean over ``seeds`` among the other grid policies of ``task`` (all seeds present)."""
-    best = None
-    cells = {(p, lr) for t, p, lr, _ in finals if t == task and p != policy and p not in SINGLE_POINT}
-    for peer, lr in cells:
-        values = [finals.get((task, peer, lr, s)) for s in seeds]
-        if any(v is None for v in values):
-            continue
-        mean = statistics.fmean(values)  # type: ignore[arg-type]
-        if best is None or mean < best[2]:
-            best = (peer, lr, mean)
-    return best
+def _best_peer(reference: Iterable[Mapping[str, Any]], task: str, policy: str,
+               seeds: set[int]) -> tuple[str, float, float] | None:
+    """The lowest per-lr mean over ``seeds`` (:func:`~benchmarks.robustness_report.summarize`) among the other
+    grid policies of ``task``, over the (policy, lr) cells that ran all of ``seeds``."""
+    peers = [r for r in reference if r["task"] == task and r["policy"] not in (policy, *SINGLE_POINT)
+             and int(r["seed"]) in seeds]
+    ran: dict[tuple[str, float], set[int]] = {}
+    for record in peers:
+        ran.setdefault((record["policy"], float(record["lr"])), set()).add(int(record["seed"]))
+    complete = [r for r in peers if ran[(r["policy"], float(r["lr"]))] == seeds]
+    best = min(summarize(complete), key=lambda summary: summary.best, default=None)
+    return None if best is None else (best.policy, best.best_lr, best.best)
 
 
 def render(cells: Sequence[PairedCell]) -> str:

@@ -40,7 +40,7 @@ class StepOrder:
             else:
                 live.stepped = True
 
-        self.handle = handle = optimizer.register_step_post_hook(on_optimizer_step)
+        handle = optimizer.register_step_post_hook(on_optimizer_step)
 
     def scheduler_stepped(self) -> None:
         self.stepped = False
